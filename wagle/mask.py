@@ -16,8 +16,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from wagle_kernels.bitpack import pack_bits, packed_size, popcount, unpack_bits
 
@@ -73,7 +73,9 @@ class WeightMask(Mapping):
     :meth:`load`.
     """
 
-    def __init__(self, entries: Mapping[str, tuple[ShapeLike, torch.Tensor]], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self, entries: Mapping[str, tuple[ShapeLike, torch.Tensor]], metadata: Mapping[str, str] | None = None
+    ):
         self._entries: dict[str, _Entry] = {}
         for name, (shape, packed) in entries.items():
             shape = tuple(int(d) for d in shape)
@@ -168,8 +170,10 @@ class WeightMask(Mapping):
 
     def summary_rows(self) -> list[tuple[str, ShapeLike, int, int, float]]:
         """``(name, shape, selected, numel, density)`` per parameter, for a summary table."""
-        return [(n, e.shape, e.num_selected, e.numel, e.num_selected / e.numel if e.numel else 0.0)
-                for n, e in self._entries.items()]
+        return [
+            (n, e.shape, e.num_selected, e.numel, e.num_selected / e.numel if e.numel else 0.0)
+            for n, e in self._entries.items()
+        ]
 
     def summary(self, max_rows: int | None = None) -> str:
         """A readable table of per-parameter densities and the total."""
@@ -181,7 +185,9 @@ class WeightMask(Mapping):
             lines.append(f"{name:<{width}}  {str(tuple(shape)):>18}  {sel:>12}  {numel:>12}  {dens:7.4f}")
         if len(shown) < len(rows):
             lines.append(f"... {len(rows) - len(shown)} more parameters")
-        lines.append(f"{'total':<{width}}  {'':>18}  {self.num_selected:>12}  {self.numel:>12}  {self.density:7.4f}")
+        lines.append(
+            f"{'total':<{width}}  {'':>18}  {self.num_selected:>12}  {self.numel:>12}  {self.density:7.4f}"
+        )
         return "\n".join(lines)
 
     # ---- compatibility ----------------------------------------------------------------------
@@ -210,7 +216,9 @@ class WeightMask(Mapping):
 
     # ---- conversion ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, masks: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> WeightMask:
+    def from_dict(
+        cls, masks: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    ) -> WeightMask:
         """From ``{name: tensor}`` where nonzero means selected (bool, or 0/1 of any dtype, as released
         by the reference implementation)."""
         entries = {}

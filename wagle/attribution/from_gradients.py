@@ -1,0 +1,216 @@
+"""``mask_from_gradients``: the public entry point from (weights, g_f, g_r) to a :class:`WeightMask`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from wagle.mask import WeightMask
+from wagle_kernels._runtime import require_triton, triton_supports
+from wagle_kernels.scores import METHOD_INPUTS, METHODS, inverse_gamma
+from wagle_kernels.select import (
+    ScoreSource,
+    ScoreSpec,
+    SelectionStats,
+    TorchSelector,
+    TritonSelector,
+    select_top_k,
+)
+
+SCOPES = ("global", "per_tensor")
+BACKENDS = ("auto", "triton", "torch")
+NONFINITE_POLICIES = ("error", "lowest")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+TensorMap = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+def num_to_select(ratio: float, numel: int) -> int:
+    """k = floor(ratio * N), computed in float64 (exact for N < 2^53 up to the rounding of ``ratio``)."""
+    return min(numel, max(0, math.floor(ratio * numel)))
+
+
+def _as_dict(tensors: TensorMap | None, argument: str) -> dict[str, torch.Tensor | None] | None:
+    if tensors is None:
+        return None
+    if isinstance(tensors, torch.nn.Module):
+        raise TypeError(f"{argument}: pass a mapping name -> tensor (e.g. dict(model.named_parameters()))")
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    out: dict[str, torch.Tensor | None] = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"{argument}: expected a mapping name -> tensor or (name, tensor) pairs")
+        name, value = item
+        if name in out:
+            raise ValueError(f"{argument}: duplicate name {name!r}")
+        out[name] = value
+    return out
+
+
+def _check_tensor(value, argument: str, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+    if value is None:
+        raise ValueError(f"{argument}[{name!r}] is missing (None): did that parameter receive a gradient?")
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{argument}[{name!r}]: expected a tensor, got {type(value).__name__}")
+    if value.is_sparse or value.layout != torch.strided:
+        raise TypeError(f"{argument}[{name!r}]: sparse tensors are not supported")
+    if value.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{argument}[{name!r}]: dtype {value.dtype} is not supported; "
+            "expected float32, bfloat16 or float16"
+        )
+    if shape is not None and tuple(value.shape) != shape:
+        raise ValueError(
+            f"{argument}[{name!r}]: shape {tuple(value.shape)} does not match params[{name!r}] shape {shape}"
+        )
+    return value
+
+
+def _same_keys(reference: dict, other: dict, argument: str) -> None:
+    if list(other) == list(reference):
+        return
+    missing = [n for n in reference if n not in other]
+    extra = [n for n in other if n not in reference]
+    if missing or extra:
+        raise ValueError(
+            f"{argument}: names differ from params (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().reshape(-1).contiguous()
+
+
+def mask_from_gradients(
+    params: TensorMap,
+    grad_forget: TensorMap | None,
+    grad_retain: TensorMap | None = None,
+    *,
+    ratio: float,
+    method: str = "wagle",
+    gamma: float = 1e-6,
+    scope: str = "global",
+    backend: str = "auto",
+    seed: int | None = None,
+    nonfinite: str = "error",
+    return_stats: bool = False,
+) -> WeightMask | tuple[WeightMask, SelectionStats]:
+    """Select the top ``ratio`` fraction of weights by attribution score and return a bit-packed mask.
+
+    Scores (fp32, see :mod:`wagle_kernels.scores`): ``wagle`` S = |(w - g_r/gamma) * g_f|,
+    ``snip`` |w * g_f|, ``gradient`` |g_f|, ``magnitude`` |w|, ``random`` a counter-based hash of
+    ``(seed, global position)``.
+
+    Exactly k = floor(ratio * N) weights are selected (N = all weights over all tensors for
+    ``scope="global"``; per tensor for ``scope="per_tensor"``). Ties are broken by global position:
+    tensors in the order of ``params``, then flat index, lower position wins.
+
+    Args:
+        params: name -> weight tensor (or ``(name, tensor)`` pairs, e.g. ``model.named_parameters()``).
+        grad_forget: name -> forget-set gradient g_f (same names and shapes); unused by magnitude/random.
+        grad_retain: name -> retain-set gradient g_r; required by ``wagle`` only.
+        ratio: fraction of weights to select, in [0, 1]; 0 selects nothing, 1 everything.
+        method: one of ``wagle``, ``snip``, ``gradient``, ``magnitude``, ``random``.
+        gamma: the Hessian approximation gamma * I of the retain loss (``wagle`` only), > 0.
+        scope: ``global`` (one ranking over all tensors) or ``per_tensor``.
+        backend: ``triton`` (kernels; CUDA, or CPU under TRITON_INTERPRET=1), ``torch`` (reference), or
+            ``auto`` (triton for CUDA tensors, torch otherwise). Both give bit-identical masks.
+        seed: seed of ``random`` (None draws one from torch's default generator).
+        nonfinite: ``error`` (raise, naming the tensor, when a score is NaN/Inf) or ``lowest``
+            (non-finite scores rank below every finite score).
+        return_stats: also return a :class:`SelectionStats` (passes over the inputs, non-finite counts).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: unknown method {method!r}; expected one of {list(METHODS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope: unknown scope {scope!r}; expected one of {list(SCOPES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
+        raise ValueError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+    ratio = float(ratio)
+    uses_weight, uses_forget, uses_retain = METHOD_INPUTS[method]
+    if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+
+    weights = _as_dict(params, "params")
+    forget = _as_dict(grad_forget, "grad_forget")
+    retain = _as_dict(grad_retain, "grad_retain")
+    if uses_forget and forget is None:
+        raise ValueError(f"grad_forget: method={method!r} needs the forget-set gradients")
+    if uses_retain and retain is None:
+        raise ValueError(f"grad_retain: method={method!r} needs the retain-set gradients")
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, value in weights.items():
+        shapes[name] = tuple(_check_tensor(value, "params", name, None).shape)
+    for argument, mapping in (("grad_forget", forget), ("grad_retain", retain)):
+        if mapping is not None:
+            _same_keys(weights, mapping, argument)
+            for name in weights:
+                _check_tensor(mapping[name], argument, name, shapes[name])
+
+    used = [
+        weights if uses_weight else None,
+        forget if uses_forget else None,
+        retain if uses_retain else None,
+    ]
+    devices = {
+        t.device for mapping in (weights, forget, retain) if mapping is not None for t in mapping.values()
+    }
+    if len(devices) > 1:
+        raise ValueError(
+            f"params/grad_forget/grad_retain: tensors are on different devices {sorted(map(str, devices))}"
+        )
+    device = devices.pop() if devices else torch.device("cpu")
+
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
+
+    sources, start = [], 0
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        w, gf, gr = (None if m is None else _flat(m[name]) for m in used)
+        sources.append(ScoreSource(name, numel, start, w, gf, gr))
+        start += numel
+
+    probe = [t for s in sources for t in (s.weight, s.grad_forget, s.grad_retain) if t is not None]
+    if backend == "auto":
+        use_triton = device.type == "cuda" and triton_supports(probe or [torch.empty(0, device=device)])
+    else:
+        use_triton = backend == "triton"
+        if use_triton:
+            require_triton(probe or [torch.empty(0, device=device)], "mask_from_gradients(backend='triton')")
+
+    spec = ScoreSpec(method, inverse_gamma(gamma) if method == "wagle" else 1.0, seed)
+    groups = [sources] if scope == "global" else [[s] for s in sources]
+    stats = SelectionStats(nonfinite={})
+    packed: dict[str, torch.Tensor] = {}
+    for group in groups:
+        n = sum(s.numel for s in group)
+        k = num_to_select(ratio, n)
+        selector = TritonSelector(group, spec) if use_triton else TorchSelector(group, spec)
+        if nonfinite == "error" and method != "random":
+            counts = selector.count_nonfinite() if use_triton else selector.nonfinite
+            bad = {name: c for name, c in counts.items() if c}
+            if bad:
+                name, count = next(iter(bad.items()))
+                raise ValueError(
+                    f"non-finite attribution score: {count} NaN/Inf score(s) in tensor {name!r}"
+                    + (f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else "")
+                    + f" (method={method!r}); check the weights/gradients, or pass nonfinite='lowest'"
+                )
+        packed.update(select_top_k(selector, k, n, stats))
+        stats.nonfinite.update(selector.nonfinite)
+
+    metadata = {"method": method, "ratio": repr(ratio), "scope": scope, "seed": str(seed)}
+    if method == "wagle":
+        metadata["gamma"] = repr(float(gamma))
+    mask = WeightMask({name: (shapes[name], packed[name]) for name in shapes}, metadata)
+    return (mask, stats) if return_stats else mask

@@ -1,0 +1,447 @@
+"""Exact top-k selection over many tensors by radix select on score keys, and bit-packed mask output.
+
+Problem. Given score sources (tensors in a fixed order, each with a global start position), select
+exactly ``k`` elements with the largest scores; ties are broken by global position (lower wins).
+
+Algorithm (no sort, no materialised global score vector). Scores map to int32 keys in ``[0, 2^31)``
+(:mod:`wagle_kernels.scores`). The threshold key ``T`` is found digit by digit, most significant
+first (digits of 11, 10 and 10 bits): each pass histograms the next digit of the keys that share the
+prefix found so far, and the cumulative count from the top tells which bin holds the k-th largest key.
+Passes stop early when the whole bin is selected. Then:
+
+* ``key > T`` is selected; of the keys equal to ``T`` only the first ``ties`` by global position are
+  (a tie pass counts equal keys per block to give each block its rank offset; it only runs when the
+  equal keys do not all fit);
+* the mask pass writes 1 bit per weight, packed little-endian (:mod:`wagle_kernels.bitpack`).
+
+Passes over the inputs: 1-3 histogram passes + 0-1 tie pass + 1 mask pass. The Triton backend
+recomputes scores in every pass from (w, g_f, g_r) instead of storing them; the torch backend keeps one
+int32 key per weight (the size of one fp32 score buffer) and histograms with ``torch.bincount``.
+Both backends produce bit-identical masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._runtime import HAS_TRITON, launch_options
+from .bitpack import pack_bits, packed_size
+from .scores import KEY_BITS, METHOD_IDS, keys_torch, scores_torch
+
+RADIX_DIGITS: tuple[tuple[int, int], ...] = ((20, 11), (10, 10), (0, 10))  # (shift, bits), top first
+assert sum(bits for _, bits in RADIX_DIGITS) == KEY_BITS
+
+
+@dataclass
+class ScoreSource:
+    """One tensor's flat inputs to the score (``None`` where the method does not read it)."""
+
+    name: str
+    numel: int
+    start: int  # global position of element 0 (for ``random`` and tie-breaking)
+    weight: torch.Tensor | None
+    grad_forget: torch.Tensor | None
+    grad_retain: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    method: str
+    inv_gamma: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Select ``key > key_threshold``, plus the first ``ties`` elements (by position) with key equal to it."""
+
+    key_threshold: int
+    ties: int = 0
+
+    @classmethod
+    def everything(cls) -> Threshold:
+        return cls(-1, 0)
+
+    @classmethod
+    def nothing(cls) -> Threshold:
+        return cls((1 << KEY_BITS) - 1, 0)
+
+
+@dataclass
+class SelectionStats:
+    """What a selection did: passes over the inputs and the threshold it found."""
+
+    histogram_passes: int = 0
+    tie_passes: int = 0
+    mask_passes: int = 0
+    nonfinite: dict[str, int] | None = None
+
+    @property
+    def input_passes(self) -> int:
+        return self.histogram_passes + self.tie_passes + self.mask_passes
+
+
+def find_threshold(
+    histogram: Callable[[int, int, int, int], torch.Tensor], k: int, n: int
+) -> tuple[Threshold, int]:
+    """Radix-select the threshold of the top ``k`` of ``n`` keys.
+
+    ``histogram(prefix, prefix_shift, digit_shift, digit_bits)`` returns int64 counts of the digit
+    ``(key >> digit_shift) & (2^digit_bits - 1)`` over keys with ``key >> prefix_shift == prefix``.
+    Returns the threshold and the number of histogram passes used.
+    """
+    if k <= 0:
+        return Threshold.nothing(), 0
+    if k >= n:
+        return Threshold.everything(), 0
+    prefix, need, passes = 0, k, 0
+    for shift, bits in RADIX_DIGITS:
+        counts = histogram(prefix, shift + bits, shift, bits).to(torch.int64).cpu()
+        passes += 1
+        at_or_above = counts.flip(0).cumsum(0).flip(0)  # at_or_above[b] = #keys with digit >= b
+        candidates = (at_or_above >= need).nonzero()
+        if candidates.numel() == 0:
+            raise RuntimeError(
+                f"radix select lost elements: need {need} more but only "
+                f"{int(at_or_above[0])} share the prefix"
+            )
+        digit = int(candidates.max())
+        in_bin = int(counts[digit])
+        need -= int(at_or_above[digit]) - in_bin
+        prefix = (prefix << bits) | digit
+        if need == in_bin:  # the whole bin is selected: select every key >= its lower bound
+            return Threshold((prefix << shift) - 1, 0), passes
+    return Threshold(prefix, need), passes
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend
+# ---------------------------------------------------------------------------------------------
+class TorchSelector:
+    """Reference backend: int32 keys per tensor, ``bincount`` histograms, chunked to bound temporaries."""
+
+    def __init__(self, sources: Sequence[ScoreSource], spec: ScoreSpec, chunk: int = 1 << 22):
+        self.sources = list(sources)
+        self.chunk = max(8, chunk - chunk % 8)
+        self.keys: list[torch.Tensor] = []
+        self.nonfinite: dict[str, int] = {}
+        self.histogram_passes = 0  # passes over the int32 keys
+        for src in self.sources:
+            keys = torch.empty(src.numel, dtype=torch.int32, device=self._device(src))
+            for lo in range(0, src.numel, self.chunk):
+                hi = min(lo + self.chunk, src.numel)
+                part = [
+                    t[lo:hi] if t is not None else None
+                    for t in (src.weight, src.grad_forget, src.grad_retain)
+                ]
+                scores = scores_torch(
+                    spec.method,
+                    *part,
+                    inv_gamma=spec.inv_gamma,
+                    seed=spec.seed,
+                    start=src.start + lo,
+                    numel=hi - lo,
+                )
+                keys[lo:hi] = keys_torch(scores)
+            self.nonfinite[src.name] = int((keys == 0).sum())
+            self.keys.append(keys)
+
+    @staticmethod
+    def _device(src: ScoreSource) -> torch.device:
+        for t in (src.weight, src.grad_forget, src.grad_retain):
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
+
+    def _chunks(self, keys: torch.Tensor):
+        for lo in range(0, keys.numel(), self.chunk):
+            yield keys[lo : lo + self.chunk]
+
+    def histogram(self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
+        counts = torch.zeros(1 << digit_bits, dtype=torch.int64)
+        self.histogram_passes += 1
+        for keys in self.keys:
+            for part in self._chunks(keys):
+                if prefix_shift < KEY_BITS:
+                    part = part[(part >> prefix_shift) == prefix]
+                digits = ((part >> digit_shift) & ((1 << digit_bits) - 1)).long()
+                counts += torch.bincount(digits, minlength=1 << digit_bits).cpu()
+        return counts
+
+    def write_masks(self, threshold: Threshold) -> tuple[dict[str, torch.Tensor], int]:
+        ties_left = threshold.ties
+        t = threshold.key_threshold
+        out = {}
+        for src, keys in zip(self.sources, self.keys, strict=True):
+            packed = torch.empty(packed_size(src.numel), dtype=torch.uint8, device=keys.device)
+            for index, part in enumerate(self._chunks(keys)):
+                selected = part > t
+                if ties_left > 0:
+                    equal = part == t
+                    count = int(equal.sum())
+                    if count <= ties_left:
+                        selected |= equal
+                    else:
+                        selected |= equal & (equal.cumsum(0) <= ties_left)
+                    ties_left -= min(count, ties_left)
+                lo = index * self.chunk // 8
+                packed[lo : lo + packed_size(part.numel())] = pack_bits(selected)
+            out[src.name] = packed
+        return out, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backend
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .scores import key_block, score_block
+
+    _NO_SPECIALIZE = ["n", "start", "inv_gamma", "seed", "prefix", "threshold", "ties"]
+
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    def _histogram_kernel(
+        w_ptr,
+        gf_ptr,
+        gr_ptr,
+        hist_ptr,
+        nonfinite_ptr,
+        n,
+        start,
+        inv_gamma,
+        seed,
+        prefix,
+        PREFIX_SHIFT: tl.constexpr,
+        DIGIT_SHIFT: tl.constexpr,
+        DIGIT_BITS: tl.constexpr,
+        METHOD: tl.constexpr,
+        COUNT_NONFINITE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """hist[d] += #{i : key_i >> PREFIX_SHIFT == prefix and (key_i >> DIGIT_SHIFT) & (2^B - 1) == d}.
+
+        key_i = bits(S_i) + 1 (0 when S_i is not finite), S_i recomputed from the inputs. Keys outside
+        the prefix are counted in bin 0 by ``tl.histogram`` and subtracted again, so no masked
+        histogram is needed.
+        """
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
+        inside = valid & ((key >> PREFIX_SHIFT) == prefix)
+        digit = tl.where(inside, (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1), 0)
+        hist = tl.histogram(digit, 1 << DIGIT_BITS)
+        outside = tl.sum((~inside).to(tl.int32), axis=0)
+        bins = tl.arange(0, 1 << DIGIT_BITS)
+        hist = hist - tl.where(bins == 0, outside, 0)
+        tl.atomic_add(hist_ptr + bins, hist.to(tl.int64))
+        if COUNT_NONFINITE:
+            bad = tl.sum((valid & (key == 0)).to(tl.int64), axis=0)
+            tl.atomic_add(nonfinite_ptr, bad)
+
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    def _tie_count_kernel(
+        w_ptr,
+        gf_ptr,
+        gr_ptr,
+        counts_ptr,
+        n,
+        start,
+        inv_gamma,
+        seed,
+        threshold,
+        METHOD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """counts[block] = #{i in block : key_i == threshold} (the block's share of the tied keys)."""
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
+        tl.store(counts_ptr + pid, tl.sum((valid & (key == threshold)).to(tl.int64), axis=0))
+
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    def _mask_kernel(
+        w_ptr,
+        gf_ptr,
+        gr_ptr,
+        out_ptr,
+        tie_offset_ptr,
+        n,
+        start,
+        inv_gamma,
+        seed,
+        threshold,
+        ties,
+        METHOD: tl.constexpr,
+        HAS_TIES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """bit_i = key_i > T or (key_i == T and rank_i < ties); bit i % 8 of byte i // 8.
+
+        rank_i = (# keys equal to T before this block, over all tensors in order) + (# before i in block).
+        """
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
+        selected = valid & (key > threshold)
+        if HAS_TIES:
+            equal = valid & (key == threshold)
+            equal_count = equal.to(tl.int32)
+            before = tl.cumsum(equal_count, axis=0) - equal_count
+            rank = tl.load(tie_offset_ptr + pid) + before.to(tl.int64)
+            selected = selected | (equal & (rank < ties))
+        bits = tl.reshape(selected.to(tl.int32), (BLOCK // 8, 8))
+        weights = 1 << tl.arange(0, 8)
+        packed = tl.sum(bits * weights[None, :], axis=1).to(tl.uint8)
+        byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
+
+
+class TritonSelector:
+    """Kernel backend: every pass recomputes scores from the inputs; one launch per tensor per pass."""
+
+    def __init__(
+        self, sources: Sequence[ScoreSource], spec: ScoreSpec, block: int = 4096, num_warps: int = 8
+    ):
+        if not HAS_TRITON:
+            raise RuntimeError("TritonSelector: triton is not installed")
+        self.sources = list(sources)
+        self.spec = spec
+        self.block = block
+        self.num_warps = num_warps
+        self.method_id = METHOD_IDS[spec.method]
+        self.device = self._device()
+        self.nonfinite: dict[str, int] = {}
+        self._counted_nonfinite = False
+        self._cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
+        self.histogram_passes = 0  # passes over the inputs (w, g_f, g_r)
+
+    def _device(self) -> torch.device:
+        for src in self.sources:
+            for t in (src.weight, src.grad_forget, src.grad_retain):
+                if t is not None:
+                    return t.device
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def _inputs(self, src: ScoreSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        present = [t for t in (src.weight, src.grad_forget, src.grad_retain) if t is not None]
+        placeholder = present[0] if present else torch.empty(1, dtype=torch.float32, device=self.device)
+        return tuple(
+            t if t is not None else placeholder for t in (src.weight, src.grad_forget, src.grad_retain)
+        )
+
+    def _grid(self, src: ScoreSource) -> tuple[int]:
+        return (triton.cdiv(src.numel, self.block),)
+
+    def histogram(self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
+        args = (prefix, prefix_shift, digit_shift, digit_bits)
+        if self._cache is not None and self._cache[0] == args:
+            return self._cache[1].clone()
+        hist = torch.zeros(1 << digit_bits, dtype=torch.int64, device=self.device)
+        self.histogram_passes += 1
+        count_nonfinite = not self._counted_nonfinite
+        nonfinite = torch.zeros(max(1, len(self.sources)), dtype=torch.int64, device=self.device)
+        for index, src in enumerate(self.sources):
+            if src.numel == 0:
+                continue
+            _histogram_kernel[self._grid(src)](
+                *self._inputs(src),
+                hist,
+                nonfinite[index:],
+                src.numel,
+                src.start,
+                self.spec.inv_gamma,
+                self.spec.seed,
+                prefix,
+                PREFIX_SHIFT=prefix_shift,
+                DIGIT_SHIFT=digit_shift,
+                DIGIT_BITS=digit_bits,
+                METHOD=self.method_id,
+                COUNT_NONFINITE=count_nonfinite,
+                BLOCK=self.block,
+                num_warps=self.num_warps,
+                **launch_options(),
+            )
+        if count_nonfinite:
+            counts = nonfinite.tolist()
+            self.nonfinite = {src.name: int(counts[i]) for i, src in enumerate(self.sources)}
+            self._counted_nonfinite = True
+        result = hist.cpu()
+        self._cache = (args, result.clone())
+        return result
+
+    def count_nonfinite(self) -> dict[str, int]:
+        """Run one histogram pass if none ran yet (it also counts non-finite scores per tensor)."""
+        if not self._counted_nonfinite:
+            self.histogram(0, KEY_BITS, RADIX_DIGITS[0][0], RADIX_DIGITS[0][1])
+        return self.nonfinite
+
+    def write_masks(self, threshold: Threshold) -> tuple[dict[str, torch.Tensor], int]:
+        tie_offsets: list[torch.Tensor | None] = [None] * len(self.sources)
+        tie_passes = 0
+        if threshold.ties > 0:
+            tie_passes = 1
+            per_block = []
+            for src in self.sources:
+                counts = torch.zeros(max(1, self._grid(src)[0]), dtype=torch.int64, device=self.device)
+                if src.numel:
+                    _tie_count_kernel[self._grid(src)](
+                        *self._inputs(src),
+                        counts,
+                        src.numel,
+                        src.start,
+                        self.spec.inv_gamma,
+                        self.spec.seed,
+                        threshold.key_threshold,
+                        METHOD=self.method_id,
+                        BLOCK=self.block,
+                        num_warps=self.num_warps,
+                        **launch_options(),
+                    )
+                per_block.append(counts[: self._grid(src)[0]])
+            flat = torch.cat(per_block)
+            exclusive = flat.cumsum(0) - flat
+            offset = 0
+            for index, counts in enumerate(per_block):
+                tie_offsets[index] = exclusive[offset : offset + counts.numel()]
+                offset += counts.numel()
+        out = {}
+        for index, src in enumerate(self.sources):
+            packed = torch.empty(packed_size(src.numel), dtype=torch.uint8, device=self.device)
+            if src.numel:
+                has_ties = tie_offsets[index] is not None
+                _mask_kernel[self._grid(src)](
+                    *self._inputs(src),
+                    packed,
+                    tie_offsets[index] if has_ties else packed,
+                    src.numel,
+                    src.start,
+                    self.spec.inv_gamma,
+                    self.spec.seed,
+                    threshold.key_threshold,
+                    threshold.ties,
+                    METHOD=self.method_id,
+                    HAS_TIES=has_ties,
+                    BLOCK=self.block,
+                    num_warps=self.num_warps,
+                    **launch_options(),
+                )
+            out[src.name] = packed
+        return out, tie_passes
+
+
+def select_top_k(selector, k: int, n: int, stats: SelectionStats) -> dict[str, torch.Tensor]:
+    """Run radix select with ``selector`` (Torch/TritonSelector) and return packed masks per tensor."""
+    threshold, _ = find_threshold(selector.histogram, k, n)
+    stats.histogram_passes += selector.histogram_passes
+    masks, tie_passes = selector.write_masks(threshold)
+    stats.tie_passes += tie_passes
+    stats.mask_passes += 1
+    return masks
