@@ -1,0 +1,243 @@
+"""End-to-end mask generation benchmark: score + exact global top-k + bit-packed mask.
+
+Compares, in one run and on the same synthetic tensors (Llama-2 parameter shapes, random, bf16 by
+default):
+
+* ``triton``    - wagle's kernels (CUDA; on CPU only with ``--interpreter``, which is slow);
+* ``torch``     - wagle's torch reference path;
+* ``reference`` - the reference implementation's procedure: eager per-tensor scores, one concatenated
+  vector on the CPU, ``argsort`` (positions) + ``argsort`` (ranks), mask = rank above the cut.
+
+The floor is one read of w, g_f, g_r plus one write of the 1-bit mask at the copy bandwidth measured
+in the same run. Each method runs in a fresh process so its peak memory is its own.
+
+    python benchmarks/bench_mask.py --shapes llama2-50m            # CPU: torch vs reference
+    python benchmarks/bench_mask.py --shapes llama2-7b             # GPU: triton vs torch (+ reference)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import resource
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHAPE_SETS, copy_bandwidth, environment, results_path, synchronize, write_json  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_inputs(shapes, dtype, device, seed=0):
+    """Random weights ~N(0, 0.02), forget grads ~N(0, 1e-3), retain grads ~N(0, 1e-9) (never zeros)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    params, gf, gr = {}, {}, {}
+    for name, shape in shapes.items():
+        params[name] = torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(0.02)
+        gf[name] = torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(1e-3)
+        gr[name] = torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(1e-9)
+    return params, gf, gr
+
+
+def reference_procedure(params, gf, gr, ratio, gamma):
+    """The reference implementation's mask procedure (re-implemented here for timing)."""
+    scores = {n: ((params[n] - gr[n] / gamma) * gf[n]).abs() for n in params}
+    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
+    del scores
+    positions = torch.argsort(flat)
+    ranks = torch.argsort(positions)
+    del positions
+    cut = int(flat.numel() * (1 - ratio))
+    masks, start = {}, 0
+    for name, w in params.items():
+        masks[name] = (ranks[start : start + w.numel()] >= cut).view(w.shape)
+        start += w.numel()
+    return masks
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+class RssSampler:
+    """Peak resident memory of this process while running, sampled every millisecond."""
+
+    def __init__(self):
+        self.peak = _current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _current_rss_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss_bytes())
+
+
+def _worker(method, args, queue):
+    if method == "triton" and args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    from wagle.attribution import mask_from_gradients
+
+    shapes = SHAPE_SETS[args.shapes]()
+    params, gf, gr = make_inputs(shapes, DTYPES[args.dtype], args.device)
+    synchronize(args.device)
+    cuda = args.device == "cuda"
+    base_rss = _current_rss_bytes()
+    peak_rss = base_rss
+    times, stats = [], None
+    for repeat in range(args.repeats + 1):  # the first run warms up (compiles kernels)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base_alloc = torch.cuda.memory_allocated()
+        with RssSampler() as sampler:
+            start = time.perf_counter()
+            if method == "reference":
+                result = reference_procedure(params, gf, gr, args.ratio, args.gamma)
+            else:
+                result, stats = mask_from_gradients(
+                    params, gf, gr, ratio=args.ratio, gamma=args.gamma, backend=method, return_stats=True
+                )
+            synchronize(args.device)
+            elapsed = time.perf_counter() - start
+        peak_rss = max(peak_rss, sampler.peak)
+        if repeat > 0 or args.repeats == 0:
+            times.append(elapsed)
+        selected = (
+            result.num_selected if method != "reference" else int(sum(int(m.sum()) for m in result.values()))
+        )
+        del result
+    times.sort()
+    peak = (torch.cuda.max_memory_allocated() - base_alloc) if cuda else (peak_rss - base_rss)
+    queue.put(
+        {
+            "method": method,
+            "seconds": times[len(times) // 2],
+            "all_seconds": times,
+            "selected": selected,
+            "input_passes": None if stats is None else stats.input_passes,
+            "histogram_passes": None if stats is None else stats.histogram_passes,
+            "tie_passes": None if stats is None else stats.tie_passes,
+            "peak_extra_bytes": int(peak),
+            "peak_kind": "cuda max_memory_allocated above inputs" if cuda else "host peak RSS above inputs",
+        }
+    )
+
+
+def run_isolated(method, args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(method, args, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        return {"method": method, "error": f"worker exited with code {proc.exitcode} (out of memory?)"}
+    return queue.get()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="llama2-50m")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--gamma", type=float, default=1e-6)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", default=None, help="comma list of triton,torch,reference")
+    parser.add_argument("--interpreter", action="store_true", help="also run triton on CPU (interpreter)")
+    parser.add_argument(
+        "--reference-max-numel",
+        type=float,
+        default=1.5e9,
+        help="skip the reference procedure above this many weights (host RAM)",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+
+    shapes = SHAPE_SETS[args.shapes]()
+    numel = sum(math.prod(s) for s in shapes.values())
+    elem = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    methods = args.methods.split(",") if args.methods else ["triton", "torch", "reference"]
+    if args.device == "cpu" and not args.interpreter and "triton" in methods and not args.methods:
+        methods.remove("triton")
+    if numel > args.reference_max_numel and "reference" in methods and not args.methods:
+        methods.remove("reference")
+
+    info = environment()
+    bandwidth = copy_bandwidth(args.device)
+    input_bytes = 3 * numel * elem
+    floor_bytes = input_bytes + math.ceil(numel / 8)
+    floor_seconds = floor_bytes / bandwidth
+    rows = []
+    for method in methods:
+        row = run_isolated(method, args)
+        if "seconds" in row:
+            row["x_floor"] = row["seconds"] / floor_seconds
+            row["effective_GBps"] = floor_bytes / row["seconds"] / 1e9
+            if row.get("input_passes"):
+                moved = row["input_passes"] * input_bytes + math.ceil(numel / 8)
+                row["bytes_moved"] = moved
+                row["achieved_GBps"] = moved / row["seconds"] / 1e9
+        rows.append(row)
+
+    payload = {
+        "benchmark": "mask generation (score + exact global top-k + bit-packed mask)",
+        "environment": info,
+        "config": {
+            "shapes": args.shapes,
+            "numel": numel,
+            "dtype": args.dtype,
+            "ratio": args.ratio,
+            "gamma": args.gamma,
+            "device": args.device,
+        },
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "floor": {"bytes": floor_bytes, "seconds": floor_seconds},
+        "results": rows,
+    }
+    path = args.out or results_path(f"mask-{args.shapes}", info)
+    write_json(path, payload)
+
+    print(
+        f"{args.shapes}: {numel / 1e6:.1f}M weights, {args.dtype}, ratio {args.ratio}, device {info['device']}"
+    )
+    print(
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; floor {floor_bytes / 1e9:.2f} GB -> {floor_seconds * 1e3:.1f} ms"
+    )
+    print(f"{'method':<10} {'time':>10} {'x floor':>8} {'passes':>7} {'GB/s':>8} {'peak extra':>12} selected")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['method']:<10} {row['error']}")
+            continue
+        passes = row["input_passes"] if row["input_passes"] is not None else "-"
+        gbps = row.get("achieved_GBps", row["effective_GBps"])
+        print(
+            f"{row['method']:<10} {row['seconds'] * 1e3:>8.1f}ms {row['x_floor']:>8.1f} {passes!s:>7} "
+            f"{gbps:>8.1f} {row['peak_extra_bytes'] / 2**20:>10.0f}MB {row['selected']}"
+        )
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
