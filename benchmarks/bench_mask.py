@@ -218,11 +218,10 @@ def main(argv=None) -> int:
     path = args.out or results_path(f"mask-{args.shapes}", info)
     write_json(path, payload)
 
+    print(f"{args.shapes}: {numel / 1e6:.1f}M weights, {args.dtype}, ratio {args.ratio}, {info['device']}")
     print(
-        f"{args.shapes}: {numel / 1e6:.1f}M weights, {args.dtype}, ratio {args.ratio}, device {info['device']}"
-    )
-    print(
-        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; floor {floor_bytes / 1e9:.2f} GB -> {floor_seconds * 1e3:.1f} ms"
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"floor {floor_bytes / 1e9:.2f} GB -> {floor_seconds * 1e3:.1f} ms"
     )
     print(f"{'method':<10} {'time':>10} {'x floor':>8} {'passes':>7} {'GB/s':>8} {'peak extra':>12} selected")
     for row in rows:
