@@ -1,8 +1,8 @@
 """wagle: Triton-accelerated WAGLE weight attribution and masked unlearning for LLMs."""
 
-from .attribution import mask_from_gradients
+from .attribution import attribute, mask_from_gradients
 from .mask import MaskMismatchError, WeightMask
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskMismatchError", "WeightMask", "mask_from_gradients", "__version__"]
+__all__ = ["MaskMismatchError", "WeightMask", "__version__", "attribute", "mask_from_gradients"]

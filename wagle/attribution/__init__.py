@@ -1,5 +1,13 @@
 """Weight attribution: scores per weight and the masks of the top-scoring weights."""
 
-from .from_gradients import mask_from_gradients
+from .from_gradients import mask_from_gradients, num_to_select
+from .from_model import accumulate_gradients, attribute, select_parameters, wanda_mask
 
-__all__ = ["mask_from_gradients"]
+__all__ = [
+    "accumulate_gradients",
+    "attribute",
+    "mask_from_gradients",
+    "num_to_select",
+    "select_parameters",
+    "wanda_mask",
+]

@@ -1,0 +1,245 @@
+"""Attribution from a model: accumulate g_f and g_r over data, then score and select weights.
+
+As in the reference implementation, gradients are of the plain next-token NLL (the model's own loss
+on batches with ``labels``; prompt tokens labelled -100), SUMMED over the batches of one pass. Memory:
+the forget gradient is moved out of ``.grad`` before the retain pass, so at most one model-sized
+gradient buffer exists beside ``.grad``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from wagle.mask import WeightMask
+from wagle_kernels.bitpack import pack_bits
+
+from .from_gradients import METHODS, mask_from_gradients, num_to_select
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTION_METHODS = (*METHODS, "wanda")
+Batch = Mapping[str, torch.Tensor]
+
+
+def select_parameters(
+    model: torch.nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> dict[str, torch.nn.Parameter]:
+    """Parameters whose names match any ``include`` glob (all when None) and no ``exclude`` glob."""
+    chosen = {}
+    for name, param in model.named_parameters():
+        if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            continue
+        chosen[name] = param
+    if not chosen:
+        raise ValueError(f"include/exclude: no parameter matches (include={include}, exclude={exclude})")
+    return chosen
+
+
+def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError("batches must be mappings with 'input_ids' (and 'labels'), e.g. from make_dataloader")
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    labels = batch.get("labels", batch["input_ids"])
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    return model(**inputs, labels=labels).loss
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    params: Mapping[str, torch.nn.Parameter],
+    *,
+    max_batches: int | None = None,
+    progress: bool = True,
+    desc: str = "gradients",
+) -> int:
+    """Add d(NLL)/d(theta) of every batch into ``param.grad`` (summed over batches, as the reference
+    implementation does). Returns the number of batches; raises if a loss is not finite."""
+    device = next(iter(params.values())).device
+    count = 0
+    total = None if max_batches is None else max_batches
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
+        if max_batches is not None and count >= max_batches:
+            break
+        loss = _batch_loss(model, _to_device(batch, device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {float(loss)} on batch {count}")
+        loss.backward()
+        count += 1
+    if count == 0:
+        raise ValueError(f"{desc}: no batches (the data set is empty)")
+    return count
+
+
+def _take_grads(params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    grads = {}
+    for name, param in params.items():
+        grad = param.grad
+        if grad is None:  # a parameter that the loss does not reach has a zero gradient
+            grad = torch.zeros_like(param)
+        grads[name] = grad
+        param.grad = None
+    return grads
+
+
+def wanda_mask(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    params: Mapping[str, torch.nn.Parameter],
+    *,
+    ratio: float,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> WeightMask:
+    """Wanda baseline: S_ij = |W_ij| * ||X_j||_2 (input-activation norm over all tokens of ``batches``),
+    ranked per output row (each row keeps floor(ratio * in_features)); ``nn.Linear`` weights only.
+    Ties in a row go to the lower column index."""
+    linear = {
+        f"{module_name}.weight" if module_name else "weight": module
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    targets = {name: linear[name] for name in params if name in linear}
+    if not targets:
+        raise ValueError("method='wanda': no nn.Linear weight among the selected parameters")
+    sq_norms = {
+        name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+        for name, m in targets.items()
+    }
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().float().reshape(-1, module.in_features)
+            sq_norms[name] += (x * x).sum(0)
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in targets.items()]
+    device = next(iter(params.values())).device
+    try:
+        with torch.no_grad():
+            for count, batch in enumerate(tqdm(batches, desc="wanda activations", disable=not progress)):
+                if max_batches is not None and count >= max_batches:
+                    break
+                batch = _to_device(batch, device)
+                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+    finally:
+        for handle in handles:
+            handle.remove()
+    entries = {}
+    for name, module in targets.items():
+        scores = module.weight.detach().float().abs() * sq_norms[name].sqrt()[None, :]
+        keep = num_to_select(ratio, module.in_features)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        chosen.scatter_(1, order, True)
+        entries[name] = (tuple(module.weight.shape), pack_bits(chosen))
+    return WeightMask(entries, {"method": "wanda", "ratio": repr(float(ratio)), "scope": "per_row"})
+
+
+def attribute(
+    model: torch.nn.Module,
+    forget: Iterable[Batch] | None,
+    retain: Iterable[Batch] | None = None,
+    *,
+    ratio: float,
+    method: str = "wagle",
+    gamma: float = 1e-6,
+    scope: str = "global",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    backend: str = "auto",
+    seed: int | None = None,
+    nonfinite: str = "error",
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> WeightMask:
+    """Compute a weight mask for ``model`` from forget/retain batches.
+
+    ``forget``/``retain`` are iterables of batches with ``input_ids``, ``attention_mask`` and
+    ``labels`` (e.g. :func:`wagle.data.make_dataloader`). g_f and g_r are sums over the batches of the
+    mean-token NLL gradient. Methods: ``wagle`` |(w - g_r/gamma) * g_f|, ``snip`` |w * g_f|,
+    ``gradient`` |g_f| (SalUn-style), ``magnitude`` |w|, ``random``, and ``wanda`` (|W| * ||X_j||,
+    per output row, Linear weights only; activations from the forget batches). Other options are as
+    in :func:`wagle.mask_from_gradients`. Existing ``.grad`` values are left untouched.
+    """
+    if method not in ATTRIBUTION_METHODS:
+        raise ValueError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
+        raise ValueError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+    params = select_parameters(model, include, exclude)
+    needs_forget = method in ("wagle", "snip", "gradient", "wanda")
+    needs_retain = method == "wagle"
+    if needs_forget and forget is None:
+        raise ValueError(f"forget: method={method!r} needs forget-set batches")
+    if needs_retain and retain is None:
+        raise ValueError(f"retain: method={method!r} needs retain-set batches")
+    if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "wanda":
+            return wanda_mask(model, forget, params, ratio=ratio, max_batches=max_batches, progress=progress)
+        if method in ("magnitude", "random"):
+            return mask_from_gradients(
+                params,
+                None,
+                None,
+                ratio=ratio,
+                method=method,
+                scope=scope,
+                backend=backend,
+                seed=seed,
+                nonfinite=nonfinite,
+            )
+        saved = {name: p.grad for name, p in model.named_parameters()}
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        try:
+            for name, p in model.named_parameters():
+                p.grad = None
+                p.requires_grad_(name in params)
+            accumulate_gradients(
+                model, forget, params, max_batches=max_batches, progress=progress, desc="forget gradients"
+            )
+            grad_forget = _take_grads(params)
+            grad_retain = None
+            if needs_retain:
+                accumulate_gradients(
+                    model, retain, params, max_batches=max_batches, progress=progress, desc="retain gradients"
+                )
+                grad_retain = _take_grads(params)
+            logger.info("scoring %d tensors with method=%s", len(params), method)
+            mask = mask_from_gradients(
+                params,
+                grad_forget,
+                grad_retain,
+                ratio=ratio,
+                method=method,
+                gamma=gamma,
+                scope=scope,
+                backend=backend,
+                seed=seed,
+                nonfinite=nonfinite,
+            )
+        finally:
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags[name])
+                p.grad = saved[name]
+        return mask
+    finally:
+        model.train(was_training)
