@@ -214,3 +214,12 @@ def test_gpu_deterministic_and_matches_torch_backend():
     for name in shapes:
         for m in masks:
             assert torch.equal(m.packed(name), ref.packed(name))
+
+
+@pytest.mark.parametrize("seed", [0, 2**31 - 1, 2**31, 2**32 - 1])
+def test_random_hash_identical_across_backends_for_any_seed(seed):
+    params = {"a": torch.zeros(5000, device=DEVICE), "b": torch.zeros(17, device=DEVICE)}
+    ref = mask_from_gradients(params, None, ratio=0.3, method="random", seed=seed, backend="torch")
+    got = mask_from_gradients(params, None, ratio=0.3, method="random", seed=seed, backend="triton")
+    for name in params:
+        assert torch.equal(ref.packed(name).cpu(), got.packed(name).cpu())
