@@ -223,3 +223,40 @@ def test_random_hash_identical_across_backends_for_any_seed(seed):
     got = mask_from_gradients(params, None, ratio=0.3, method="random", seed=seed, backend="triton")
     for name in params:
         assert torch.equal(ref.packed(name).cpu(), got.packed(name).cpu())
+
+
+@pytest.mark.parametrize("tie_heavy", [False, True])
+@pytest.mark.parametrize("ratio", [0.05, 0.5, 0.97])
+def test_triton_compaction_and_full_radix_paths_agree(tie_heavy, ratio):
+    """The 2-pass candidate path and the full radix path (candidates disabled) give the torch masks."""
+    from wagle_kernels.scores import inverse_gamma
+    from wagle_kernels.select import (
+        ScoreSource,
+        ScoreSpec,
+        SelectionStats,
+        TorchSelector,
+        TritonSelector,
+        select_top_k,
+    )
+
+    params, gf, gr = make_inputs(SHAPES, dtypes=(torch.bfloat16,), seed=12, tie_heavy=tie_heavy)
+    sources, start = [], 0
+    for name, w in params.items():
+        sources.append(
+            ScoreSource(name, w.numel(), start, w.reshape(-1), gf[name].reshape(-1), gr[name].reshape(-1))
+        )
+        start += w.numel()
+    spec = ScoreSpec("wagle", inverse_gamma(1e-6), 0)
+    k = math.floor(ratio * start)
+    expected = select_top_k(TorchSelector(sources, spec), k, start, SelectionStats())
+    for fraction, block in ((1 / 32, 4096), (0.0, 4096), (1.0, 256)):
+        stats = SelectionStats()
+        got = select_top_k(
+            TritonSelector(sources, spec, block=block, candidate_fraction=fraction), k, start, stats
+        )
+        if fraction == 0.0:
+            assert not stats.compacted
+        if fraction == 1.0:  # always fits: two input passes (or one histogram when the bin is taken whole)
+            assert stats.histogram_passes == 1 and stats.input_passes == 2
+        for name in params:
+            assert torch.equal(got[name].cpu(), expected[name].cpu()), (fraction, name)

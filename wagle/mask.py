@@ -239,7 +239,8 @@ class WeightMask(Mapping):
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file atomically (temp file in the same folder, then rename)."""
         path = os.fspath(path)
-        tensors = {name: e.packed.detach().cpu().contiguous() for name, e in self._entries.items()}
+        # copies: packed bits may be views into one shared buffer, which safetensors refuses
+        tensors = {name: e.packed.detach().to("cpu", copy=True) for name, e in self._entries.items()}
         metadata = {
             **{k: str(v) for k, v in self.metadata.items()},
             "format": FORMAT_NAME,

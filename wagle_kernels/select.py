@@ -14,10 +14,16 @@ Passes stop early when the whole bin is selected. Then:
   equal keys do not all fit);
 * the mask pass writes 1 bit per weight, packed little-endian (:mod:`wagle_kernels.bitpack`).
 
-Passes over the inputs: 1-3 histogram passes + 0-1 tie pass + 1 mask pass. The Triton backend
-recomputes scores in every pass from (w, g_f, g_r) instead of storing them; the torch backend keeps one
-int32 key per weight (the size of one fp32 score buffer) and histograms with ``torch.bincount``.
-Both backends produce bit-identical masks.
+Triton backend, two passes in the common case: pass 1 histograms the top digit; pass 2 writes the
+bits of every key above the threshold bin and appends the keys inside it, with their positions, to a
+candidate buffer (at most ``candidate_fraction`` of the weights, 12 bytes each); the lower digits and
+the tie-break are then resolved on the candidates alone and their bits set with atomic ORs. When the
+bin is larger than the buffer (e.g. a huge block of tied scores) it falls back to the full passes:
+1-3 histogram passes + 0-1 tie pass + 1 mask pass. Every pass recomputes scores from (w, g_f, g_r)
+instead of storing them.
+
+Torch backend: one int32 key per weight (the size of one fp32 score buffer), ``torch.bincount``
+histograms over the keys. Both backends produce bit-identical masks.
 """
 
 from __future__ import annotations
@@ -77,11 +83,26 @@ class SelectionStats:
     histogram_passes: int = 0
     tie_passes: int = 0
     mask_passes: int = 0
+    compacted: bool = False  # the threshold bin was resolved on collected candidates (2 input passes)
     nonfinite: dict[str, int] | None = None
 
     @property
     def input_passes(self) -> int:
         return self.histogram_passes + self.tie_passes + self.mask_passes
+
+
+def pick_bin(counts: torch.Tensor, need: int) -> tuple[int, int, int]:
+    """The bin holding the ``need``-th largest key: (digit, keys still needed inside it, keys in it)."""
+    counts = counts.to(torch.int64).cpu()
+    at_or_above = counts.flip(0).cumsum(0).flip(0)  # at_or_above[b] = #keys with digit >= b
+    candidates = (at_or_above >= need).nonzero()
+    if candidates.numel() == 0:
+        raise RuntimeError(
+            f"radix select lost elements: need {need} more but only {int(at_or_above[0])} share the prefix"
+        )
+    digit = int(candidates.max())
+    in_bin = int(counts[digit])
+    return digit, need - (int(at_or_above[digit]) - in_bin), in_bin
 
 
 def find_threshold(
@@ -99,22 +120,33 @@ def find_threshold(
         return Threshold.everything(), 0
     prefix, need, passes = 0, k, 0
     for shift, bits in RADIX_DIGITS:
-        counts = histogram(prefix, shift + bits, shift, bits).to(torch.int64).cpu()
+        counts = histogram(prefix, shift + bits, shift, bits)
         passes += 1
-        at_or_above = counts.flip(0).cumsum(0).flip(0)  # at_or_above[b] = #keys with digit >= b
-        candidates = (at_or_above >= need).nonzero()
-        if candidates.numel() == 0:
-            raise RuntimeError(
-                f"radix select lost elements: need {need} more but only "
-                f"{int(at_or_above[0])} share the prefix"
-            )
-        digit = int(candidates.max())
-        in_bin = int(counts[digit])
-        need -= int(at_or_above[digit]) - in_bin
+        digit, need, in_bin = pick_bin(counts, need)
         prefix = (prefix << bits) | digit
         if need == in_bin:  # the whole bin is selected: select every key >= its lower bound
             return Threshold((prefix << shift) - 1, 0), passes
     return Threshold(prefix, need), passes
+
+
+def bincount_histogram(
+    keys: Sequence[torch.Tensor],
+    prefix: int,
+    prefix_shift: int,
+    digit_shift: int,
+    digit_bits: int,
+    chunk: int = 1 << 22,
+) -> torch.Tensor:
+    """The ``histogram`` of :func:`find_threshold` over int32 key tensors, with ``torch.bincount``."""
+    counts = torch.zeros(1 << digit_bits, dtype=torch.int64)
+    for key in keys:
+        for lo in range(0, key.numel(), chunk):
+            part = key[lo : lo + chunk]
+            if prefix_shift < KEY_BITS:
+                part = part[(part >> prefix_shift) == prefix]
+            digits = ((part >> digit_shift) & ((1 << digit_bits) - 1)).long()
+            counts += torch.bincount(digits, minlength=1 << digit_bits).cpu()
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,15 +193,8 @@ class TorchSelector:
             yield keys[lo : lo + self.chunk]
 
     def histogram(self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
-        counts = torch.zeros(1 << digit_bits, dtype=torch.int64)
         self.histogram_passes += 1
-        for keys in self.keys:
-            for part in self._chunks(keys):
-                if prefix_shift < KEY_BITS:
-                    part = part[(part >> prefix_shift) == prefix]
-                digits = ((part >> digit_shift) & ((1 << digit_bits) - 1)).long()
-                counts += torch.bincount(digits, minlength=1 << digit_bits).cpu()
-        return counts
+        return bincount_histogram(self.keys, prefix, prefix_shift, digit_shift, digit_bits, self.chunk)
 
     def write_masks(self, threshold: Threshold) -> tuple[dict[str, torch.Tensor], int]:
         ties_left = threshold.ties
@@ -303,12 +328,70 @@ if HAS_TRITON:
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
 
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["low", "high", "capacity"])
+    def _mask_compact_kernel(
+        w_ptr,
+        gf_ptr,
+        gr_ptr,
+        out_ptr,
+        cand_key_ptr,
+        cand_pos_ptr,
+        counter_ptr,
+        n,
+        start,
+        inv_gamma,
+        seed,
+        low,
+        high,
+        capacity,
+        METHOD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One pass that settles every key outside the threshold bin [low, high] and collects the rest.
+
+        bit_i = key_i > high (packed as in ``_mask_kernel``); keys with low <= key_i <= high are appended
+        as (key_i, start + i) to the candidate buffers at slots reserved per block with one atomic add.
+        """
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
+        selected = valid & (key > high)
+        candidate = valid & (key >= low) & (key <= high)
+        flags = candidate.to(tl.int32)
+        count = tl.sum(flags, axis=0)
+        base = tl.atomic_add(counter_ptr, count.to(tl.int64))
+        slot = base + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+        keep = candidate & (slot < capacity)
+        tl.store(cand_key_ptr + slot, key, mask=keep)
+        tl.store(cand_pos_ptr + slot, start + offs, mask=keep)
+        bits = tl.reshape(selected.to(tl.int32), (BLOCK // 8, 8))
+        weights = 1 << tl.arange(0, 8)
+        packed = tl.sum(bits * weights[None, :], axis=1).to(tl.uint8)
+        byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
+
+    @triton.jit
+    def _set_bits_kernel(words_ptr, bit_ptr, m, BLOCK: tl.constexpr):
+        """words[b >> 5] |= 1 << (b & 31) for each bit index b (int32 words, little-endian bytes)."""
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < m
+        bit = tl.load(bit_ptr + offs, mask=valid, other=0)
+        value = (tl.full(offs.shape, 1, tl.uint32) << (bit & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
+        tl.atomic_or(words_ptr + (bit >> 5), value, mask=valid)
+
 
 class TritonSelector:
     """Kernel backend: every pass recomputes scores from the inputs; one launch per tensor per pass."""
 
     def __init__(
-        self, sources: Sequence[ScoreSource], spec: ScoreSpec, block: int = 4096, num_warps: int = 8
+        self,
+        sources: Sequence[ScoreSource],
+        spec: ScoreSpec,
+        block: int = 4096,
+        num_warps: int = 8,
+        candidate_fraction: float = 1 / 32,
     ):
         if not HAS_TRITON:
             raise RuntimeError("TritonSelector: triton is not installed")
@@ -322,6 +405,8 @@ class TritonSelector:
         self._counted_nonfinite = False
         self._cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
         self.histogram_passes = 0  # passes over the inputs (w, g_f, g_r)
+        self.candidate_fraction = candidate_fraction
+        self.compacted = False
 
     def _device(self) -> torch.device:
         for src in self.sources:
@@ -383,6 +468,82 @@ class TritonSelector:
             self.histogram(0, KEY_BITS, RADIX_DIGITS[0][0], RADIX_DIGITS[0][1])
         return self.nonfinite
 
+    def _packed_regions(self) -> tuple[torch.Tensor, list[int]]:
+        """One uint8 buffer for all packed masks, each region starting at a multiple of 4 bytes."""
+        offsets, total = [], 0
+        for src in self.sources:
+            offsets.append(total)
+            total += (packed_size(src.numel) + 3) // 4 * 4
+        return torch.zeros(max(total, 4), dtype=torch.uint8, device=self.device), offsets
+
+    def select_compact(self, k: int, n: int) -> dict[str, torch.Tensor] | None:
+        """Two passes over the inputs when the threshold bin of the first digit is small.
+
+        Pass 1 histograms the top digit; pass 2 writes the bits of keys above the threshold bin and
+        collects the keys inside it (at most ``candidate_fraction * n``) with their positions; the
+        remaining digits and the tie-break are resolved on the candidates alone. Returns None (and
+        the caller falls back to the full radix passes) when the bin is larger than that.
+        """
+        if not 0 < k < n or self.candidate_fraction <= 0:
+            return None
+        shift, bits = RADIX_DIGITS[0]
+        digit, need, in_bin = pick_bin(self.histogram(0, KEY_BITS, shift, bits), k)
+        capacity = int(self.candidate_fraction * n) + 1024
+        if need == in_bin or in_bin > capacity:
+            return None
+        low, high = digit << shift, ((digit + 1) << shift) - 1
+        buffer, offsets = self._packed_regions()
+        cand_keys = torch.empty(max(in_bin, 1), dtype=torch.int32, device=self.device)
+        cand_pos = torch.empty(max(in_bin, 1), dtype=torch.int64, device=self.device)
+        counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+        views = {}
+        for src, offset in zip(self.sources, offsets, strict=True):
+            view = buffer[offset : offset + packed_size(src.numel)]
+            views[src.name] = view
+            if src.numel == 0:
+                continue
+            _mask_compact_kernel[self._grid(src)](
+                *self._inputs(src),
+                view,
+                cand_keys,
+                cand_pos,
+                counter,
+                src.numel,
+                src.start,
+                self.spec.inv_gamma,
+                self.spec.seed,
+                low,
+                high,
+                in_bin,
+                METHOD=self.method_id,
+                BLOCK=self.block,
+                num_warps=self.num_warps,
+                **launch_options(),
+            )
+        found = int(counter.item())
+        if found != in_bin:
+            raise RuntimeError(f"candidate pass found {found} keys in the threshold bin, expected {in_bin}")
+        cand_keys, cand_pos = cand_keys[:in_bin], cand_pos[:in_bin]
+        threshold, _ = find_threshold(lambda *args: bincount_histogram([cand_keys], *args), need, in_bin)
+        chosen = cand_pos[cand_keys > threshold.key_threshold]
+        if threshold.ties:
+            tied = cand_pos[cand_keys == threshold.key_threshold]
+            chosen = torch.cat([chosen, torch.topk(tied, threshold.ties, largest=False).values])
+        starts = torch.tensor([src.start for src in self.sources], dtype=torch.int64, device=self.device)
+        regions = torch.tensor(offsets, dtype=torch.int64, device=self.device)
+        owner = torch.searchsorted(starts, chosen, right=True) - 1
+        bit_index = regions[owner] * 8 + (chosen - starts[owner])
+        if bit_index.numel():
+            _set_bits_kernel[(triton.cdiv(bit_index.numel(), self.block),)](
+                buffer.view(torch.int32),
+                bit_index,
+                bit_index.numel(),
+                BLOCK=self.block,
+                num_warps=self.num_warps,
+            )
+        self.compacted = True
+        return views
+
     def write_masks(self, threshold: Threshold) -> tuple[dict[str, torch.Tensor], int]:
         tie_offsets: list[torch.Tensor | None] = [None] * len(self.sources)
         tie_passes = 0
@@ -439,6 +600,13 @@ class TritonSelector:
 
 def select_top_k(selector, k: int, n: int, stats: SelectionStats) -> dict[str, torch.Tensor]:
     """Run radix select with ``selector`` (Torch/TritonSelector) and return packed masks per tensor."""
+    compact = getattr(selector, "select_compact", None)
+    masks = compact(k, n) if compact is not None else None
+    if masks is not None:
+        stats.histogram_passes += selector.histogram_passes
+        stats.mask_passes += 1
+        stats.compacted = True
+        return masks
     threshold, _ = find_threshold(selector.histogram, k, n)
     stats.histogram_passes += selector.histogram_passes
     masks, tie_passes = selector.write_masks(threshold)
