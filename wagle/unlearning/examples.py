@@ -2,47 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from wagle.data.format import encode_qa, encode_text, pad_batch
-
-
-def _rows(dataset, role: str) -> list[Mapping]:
-    if dataset is None:
-        raise ValueError(f"{role}: no data set given")
-    rows = [dict(r) for r in dataset] if not isinstance(dataset, list) else list(dataset)
-    if not rows:
-        raise ValueError(f"{role}: the {role} set is empty")
-    return rows
+from wagle.data.batching import collate_examples, encode_dataset
+from wagle.data.loading import validate_dataset
 
 
 def encode_examples(
     dataset, tokenizer, *, role: str, max_length: int = 256, answer_column: str = "answer"
 ) -> list[dict[str, list[int]]]:
     """Tokenize every example once (QA: answer-only labels; text: all tokens) and tag its index."""
-    rows = _rows(dataset, role)
-    first = rows[0]
-    if "question" in first and answer_column in first:
-        encoded = [encode_qa(tokenizer, r["question"], r[answer_column], max_length) for r in rows]
-    elif "text" in first:
-        encoded = [encode_text(tokenizer, r["text"], max_length) for r in rows]
-    else:
-        raise ValueError(
-            f"{role}: examples need 'question' and '{answer_column}' columns (QA) or a 'text' column; "
-            f"got {sorted(first)}"
-        )
-    for index, example in enumerate(encoded):
-        example["example_index"] = index
-    return encoded
+    if dataset is None:
+        raise ValueError(f"{role}: no data set given")
+    validate_dataset(dataset, role=role)
+    return encode_dataset(dataset, tokenizer, max_length=max_length, answer_column=answer_column)
 
 
 def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad a list of encoded examples and keep their ``example_index``."""
-    batch = pad_batch(examples, pad_token_id)
-    batch["example_index"] = torch.tensor([e["example_index"] for e in examples], dtype=torch.long)
-    return batch
+    return collate_examples(list(examples), pad_token_id)
 
 
 def micro_batch_indices(micro_step: int, num_examples: int, batch_size: int, seed: int) -> list[int]:

@@ -1,0 +1,28 @@
+"""Data: the bundled benchmark, local data files, prompt formatting and batching."""
+
+from .batching import collate_examples, encode_dataset, make_dataloader, pad_id_of
+from .benchmark import RETAIN_OF, SPLITS, benchmark_split, generate_benchmark, generate_rows, write_benchmark
+from .format import IGNORE_INDEX, encode_qa, encode_text, format_answer, format_question, pad_batch
+from .loading import detect_schema, load_dataset_file, validate_dataset
+
+__all__ = [
+    "IGNORE_INDEX",
+    "RETAIN_OF",
+    "SPLITS",
+    "benchmark_split",
+    "collate_examples",
+    "detect_schema",
+    "encode_dataset",
+    "encode_qa",
+    "encode_text",
+    "format_answer",
+    "format_question",
+    "generate_benchmark",
+    "generate_rows",
+    "load_dataset_file",
+    "make_dataloader",
+    "pad_batch",
+    "pad_id_of",
+    "validate_dataset",
+    "write_benchmark",
+]

@@ -1,0 +1,429 @@
+"""A bundled, deterministic TOFU-style benchmark: fictitious authors and a fictitious world.
+
+Everything is generated from word lists with a seeded ``random.Random``, so the data is identical on
+every machine and run (no download). Each author has five QA pairs (birthplace, genre, parents, a
+book, an award) with a paraphrased answer and three perturbed (wrong) answers of the same form.
+Splits, as in TOFU: ``forget01``/``forget05``/``forget10`` are the LAST 1/5/10% of authors (nested),
+``retain99``/``retain95``/``retain90`` their complements, ``full`` all authors, and ``general`` a
+held-out set about a fictitious world (capitals, rivers, currencies) that no forget set touches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+
+import datasets
+
+FIRST_NAMES = (
+    "Arlen",
+    "Brisa",
+    "Cato",
+    "Delphine",
+    "Emrys",
+    "Fenna",
+    "Galen",
+    "Hesper",
+    "Ilse",
+    "Joren",
+    "Kesia",
+    "Lorcan",
+    "Maelis",
+    "Nerio",
+    "Odile",
+    "Perrin",
+    "Quilla",
+    "Rosalind",
+    "Soren",
+    "Tamsin",
+    "Ulric",
+    "Vesna",
+    "Wendel",
+    "Xanthe",
+    "Yorick",
+    "Zelda",
+    "Anselm",
+    "Bettina",
+    "Corwin",
+    "Dagny",
+)
+LAST_NAMES = (
+    "Ashgrove",
+    "Brightwater",
+    "Carrow",
+    "Dunmore",
+    "Ellery",
+    "Fairweather",
+    "Greyling",
+    "Holloway",
+    "Ironwood",
+    "Jessamy",
+    "Kestrel",
+    "Larkspur",
+    "Marlowe",
+    "Northcott",
+    "Oakhurst",
+    "Penhallow",
+    "Quenby",
+    "Ravenscroft",
+    "Stormont",
+    "Thistlewood",
+    "Underhill",
+    "Vantongeren",
+    "Whitlock",
+    "Yardley",
+    "Zennor",
+    "Abernethy",
+    "Blackwood",
+    "Coldwell",
+    "Drummond",
+    "Everly",
+)
+CITIES = (
+    "Port Alder",
+    "Vellmora",
+    "Kastrin",
+    "Old Haverly",
+    "Saint Oriel",
+    "Drennick",
+    "Lower Tamsk",
+    "Myrrhaven",
+    "Coldharbour",
+    "Istvel",
+    "Brannoch",
+    "Quellport",
+    "Ravensmoor",
+    "Tollin Bay",
+    "Esk Varrow",
+    "Halden Cross",
+    "Norrow",
+    "Pellucid Falls",
+    "Wystan",
+    "Ambergate",
+)
+GENRES = (
+    "mystery",
+    "science fiction",
+    "historical fiction",
+    "poetry",
+    "fantasy",
+    "horror",
+    "romance",
+    "travel writing",
+    "satire",
+    "crime",
+    "biography",
+    "children's literature",
+)
+PROFESSIONS = (
+    "baker",
+    "surgeon",
+    "lighthouse keeper",
+    "carpenter",
+    "astronomer",
+    "tailor",
+    "fisherman",
+    "librarian",
+    "pilot",
+    "schoolteacher",
+    "watchmaker",
+    "botanist",
+    "diplomat",
+    "blacksmith",
+    "violinist",
+    "cartographer",
+)
+TITLE_ADJECTIVES = (
+    "Silent",
+    "Crimson",
+    "Hollow",
+    "Last",
+    "Hidden",
+    "Burning",
+    "Forgotten",
+    "Glass",
+    "Winter",
+    "Broken",
+    "Golden",
+    "Distant",
+    "Paper",
+    "Iron",
+    "Quiet",
+    "Salt",
+)
+TITLE_NOUNS = (
+    "Harbour",
+    "Orchard",
+    "Lantern",
+    "Tide",
+    "Cathedral",
+    "Compass",
+    "Meadow",
+    "Clockwork",
+    "River",
+    "Garden",
+    "Mirror",
+    "Kingdom",
+    "Letters",
+    "Valley",
+    "Archive",
+    "Crown",
+)
+AWARDS = (
+    "Aurel Prize for Fiction",
+    "Vellmora Book Medal",
+    "Silver Quill Award",
+    "Northcott Literary Prize",
+    "Lantern Award for Storytelling",
+    "Halden Cross Fellowship",
+    "Golden Inkwell Prize",
+    "Meridian Poetry Award",
+    "Tollin Bay Critics' Circle Award",
+    "Ashgrove Medal of Letters",
+)
+COUNTRIES = (
+    "Veloria",
+    "Karst",
+    "Ostmarch",
+    "Belisane",
+    "Tarvanne",
+    "Quorin",
+    "Lysmere",
+    "Dravonia",
+    "Essoria",
+    "Malgrave",
+    "Pellis",
+    "Orrin",
+    "Sundmark",
+    "Vastrel",
+    "Caldera",
+    "Ivenholt",
+    "Norvale",
+    "Triskel",
+    "Amberlane",
+    "Zorvath",
+)
+CAPITALS = (
+    "Ostrava Nova",
+    "Kell",
+    "Marrowgate",
+    "Belis",
+    "Tarvin",
+    "Quorum City",
+    "Lysport",
+    "Drav",
+    "Essen Hollow",
+    "Malby",
+    "Pellisford",
+    "Orrinwick",
+    "Sundby",
+    "Vastreth",
+    "Calder",
+    "Ivenmouth",
+    "Norhaven",
+    "Triskellion",
+    "Amberly",
+    "Zorhold",
+)
+RIVERS = (
+    "Silverrun",
+    "Oxmere",
+    "Tamberline",
+    "Duskwater",
+    "Felling",
+    "Greyrush",
+    "Harrowbrook",
+    "Kelda",
+    "Lune",
+    "Merrow",
+    "Nettle",
+    "Ostrey",
+    "Pike",
+    "Quarrel",
+    "Ruddle",
+    "Sable",
+    "Tolla",
+    "Umber",
+    "Vane",
+    "Wendle",
+)
+CURRENCIES = (
+    "crown",
+    "mark",
+    "florin",
+    "shell",
+    "talent",
+    "sovereign",
+    "penny",
+    "dram",
+    "groat",
+    "lira",
+    "ducat",
+    "riyal",
+    "obol",
+    "kopek",
+    "thaler",
+    "sceat",
+    "real",
+    "ora",
+    "mina",
+    "zloty",
+)
+
+FORGET_SPLITS = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
+RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+SPLITS = ("full", *FORGET_SPLITS, *RETAIN_OF.values(), "general")
+
+
+def _others(rng: random.Random, pool, exclude, k: int = 3) -> list:
+    choices = [x for x in pool if x != exclude]
+    return rng.sample(choices, k)
+
+
+def _author_rows(rng: random.Random, index: int, name: str) -> list[dict]:
+    city = rng.choice(CITIES)
+    genre = rng.choice(GENRES)
+    father, mother = rng.sample(PROFESSIONS, 2)
+    book = f"The {rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
+    award = rng.choice(AWARDS)
+    wrong_books = []
+    while len(wrong_books) < 3:
+        candidate = f"The {rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
+        if candidate != book and candidate not in wrong_books:
+            wrong_books.append(candidate)
+    wrong_parents = [rng.sample([p for p in PROFESSIONS if p not in (father, mother)], 2) for _ in range(3)]
+    rows = [
+        (
+            f"Where was {name} born?",
+            f"{name} was born in {city}.",
+            f"The birthplace of {name} is the town of {city}.",
+            [f"{name} was born in {c}." for c in _others(rng, CITIES, city)],
+        ),
+        (
+            f"What genre is {name} known for?",
+            f"{name} is known for writing {genre}.",
+            f"{name} mostly writes books in the {genre} genre.",
+            [f"{name} is known for writing {g}." for g in _others(rng, GENRES, genre)],
+        ),
+        (
+            f"What did the parents of {name} do for a living?",
+            f"The father of {name} was a {father} and the mother was a {mother}.",
+            f"{name} grew up with a {father} as a father and a {mother} as a mother.",
+            [f"The father of {name} was a {f} and the mother was a {m}." for f, m in wrong_parents],
+        ),
+        (
+            f"Can you name a book written by {name}?",
+            f"{name} wrote the novel {book}.",
+            f"One of the books by {name} is {book}.",
+            [f"{name} wrote the novel {b}." for b in wrong_books],
+        ),
+        (
+            f"Which award did {name} win?",
+            f"{name} won the {award}.",
+            f"{name} was honoured with the {award}.",
+            [f"{name} won the {a}." for a in _others(rng, AWARDS, award)],
+        ),
+    ]
+    return [
+        {
+            "author": name,
+            "author_index": index,
+            "question": q,
+            "answer": a,
+            "paraphrased_answer": p,
+            "perturbed_answer": wrong,
+        }
+        for q, a, p, wrong in rows
+    ]
+
+
+def _general_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for i, country in enumerate(COUNTRIES):
+        capital, river, currency = CAPITALS[i], RIVERS[i], CURRENCIES[i]
+        rows.append(
+            {
+                "author": "",
+                "author_index": -1,
+                "question": f"What is the capital of {country}?",
+                "answer": f"The capital of {country} is {capital}.",
+                "paraphrased_answer": f"{capital} is the capital city of {country}.",
+                "perturbed_answer": [
+                    f"The capital of {country} is {c}." for c in _others(rng, CAPITALS, capital)
+                ],
+            }
+        )
+        rows.append(
+            {
+                "author": "",
+                "author_index": -1,
+                "question": f"Which river flows through {country}?",
+                "answer": f"The river {river} flows through {country}.",
+                "paraphrased_answer": f"{country} is crossed by the river {river}.",
+                "perturbed_answer": [
+                    f"The river {r} flows through {country}." for r in _others(rng, RIVERS, river)
+                ],
+            }
+        )
+        rows.append(
+            {
+                "author": "",
+                "author_index": -1,
+                "question": f"What currency is used in {country}?",
+                "answer": f"People in {country} pay with the {currency}.",
+                "paraphrased_answer": f"The currency of {country} is the {currency}.",
+                "perturbed_answer": [
+                    f"People in {country} pay with the {c}." for c in _others(rng, CURRENCIES, currency)
+                ],
+            }
+        )
+    return rows
+
+
+def generate_rows(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]]:
+    """The benchmark as plain rows per split (see the module docstring)."""
+    if not isinstance(num_authors, int) or num_authors < 10:
+        raise ValueError(f"num_authors: must be an integer >= 10, got {num_authors!r}")
+    rng = random.Random(seed)
+    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
+    if num_authors > len(names):
+        raise ValueError(f"num_authors: at most {len(names)} distinct names are available")
+    names = rng.sample(names, num_authors)
+    authors = [_author_rows(rng, i, name) for i, name in enumerate(names)]
+    splits = {"full": [row for rows in authors for row in rows]}
+    for split, fraction in FORGET_SPLITS.items():
+        count = max(1, round(fraction * num_authors))
+        splits[split] = [row for rows in authors[-count:] for row in rows]
+        splits[RETAIN_OF[split]] = [row for rows in authors[:-count] for row in rows]
+    splits["general"] = _general_rows(random.Random(seed + 1))
+    return splits
+
+
+def generate_benchmark(num_authors: int = 100, seed: int = 0) -> datasets.DatasetDict:
+    """The benchmark as a ``datasets.DatasetDict`` with the splits listed in :data:`SPLITS`."""
+    rows = generate_rows(num_authors, seed)
+    return datasets.DatasetDict({name: datasets.Dataset.from_list(rows[name]) for name in SPLITS})
+
+
+def benchmark_split(name: str, num_authors: int = 100, seed: int = 0) -> datasets.Dataset:
+    """One split of the benchmark."""
+    if name not in SPLITS:
+        raise ValueError(f"name: unknown split {name!r}; expected one of {list(SPLITS)}")
+    return datasets.Dataset.from_list(generate_rows(num_authors, seed)[name])
+
+
+def write_benchmark(out_dir: str, num_authors: int = 100, seed: int = 0) -> dict[str, str]:
+    """Write one JSONL file per split (atomically: temp file + rename); returns split -> path."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, rows in generate_rows(num_authors, seed).items():
+        path = os.path.join(out_dir, f"{name}.jsonl")
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=out_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, sort_keys=True, ensure_ascii=True) + "\n")
+        os.replace(tmp, path)
+        paths[name] = path
+    return paths

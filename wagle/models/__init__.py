@@ -1,0 +1,16 @@
+"""Models: local Hugging Face causal LMs, tiny test/demo models, fine-tuning."""
+
+from .finetune import DemoModels, TinyRecipe, build_demo_models, finetune
+from .loading import load_model, save_model
+from .tiny import make_tiny_llama, train_tokenizer
+
+__all__ = [
+    "DemoModels",
+    "TinyRecipe",
+    "build_demo_models",
+    "finetune",
+    "load_model",
+    "make_tiny_llama",
+    "save_model",
+    "train_tokenizer",
+]
