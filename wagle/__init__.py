@@ -1,8 +1,30 @@
-"""wagle: Triton-accelerated WAGLE weight attribution and masked unlearning for LLMs."""
+"""wagle: Triton-accelerated WAGLE weight attribution and masked unlearning for LLMs.
+
+mask = wagle.attribute(model, forget_batches, retain_batches, ratio=0.5)        # WAGLE mask
+wagle.unlearn(model, forget, retain, tokenizer=tok, method="npo", mask=mask)    # masked NPO
+result = wagle.evaluate(model, tok, splits, reference=retain_model)             # TOFU metrics
+"""
 
 from .attribution import attribute, mask_from_gradients
+from .evaluation import EvaluationResult, evaluate
 from .mask import MaskMismatchError, WeightMask
+from .optim import MaskedAdamW, MaskedSGD, StepInBackward
+from .unlearning import UnlearningDiverged, UnlearnResult, unlearn
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskMismatchError", "WeightMask", "__version__", "attribute", "mask_from_gradients"]
+__all__ = [
+    "EvaluationResult",
+    "MaskMismatchError",
+    "MaskedAdamW",
+    "MaskedSGD",
+    "StepInBackward",
+    "UnlearnResult",
+    "UnlearningDiverged",
+    "WeightMask",
+    "__version__",
+    "attribute",
+    "evaluate",
+    "mask_from_gradients",
+    "unlearn",
+]

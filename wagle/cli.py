@@ -1,0 +1,180 @@
+"""The ``wagle`` command line: ``demo``, ``mask``, ``unlearn``, ``eval``.
+
+Every user mistake ends with a one-line ``wagle: error: ...`` on stderr and exit status 2 (bad
+arguments or inputs) or 1 (a run that failed, e.g. diverged); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_data_options(parser: argparse.ArgumentParser, *, retain_required: bool = False) -> None:
+    parser.add_argument(
+        "--forget", required=True, help="forget set: .json/.jsonl/.csv/.parquet or a saved dataset dir"
+    )
+    parser.add_argument("--retain", required=retain_required, help="retain set (same formats)")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per batch (default 4)")
+    parser.add_argument("--max-length", type=int, default=256, help="max tokens per example (default 256)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="load the model in this dtype"
+    )
+
+
+def _add_mask_options(parser: argparse.ArgumentParser) -> None:
+    from wagle.attribution.from_model import ATTRIBUTION_METHODS
+
+    parser.add_argument("--ratio", type=float, required=True, help="fraction of weights selected, in [0, 1]")
+    parser.add_argument(
+        "--method", choices=ATTRIBUTION_METHODS, default="wagle", help="scoring method (default wagle)"
+    )
+    parser.add_argument("--gamma", type=float, default=1e-6, help="WAGLE's gamma (default 1e-6)")
+    parser.add_argument("--scope", choices=["global", "per_tensor"], default="global")
+    parser.add_argument(
+        "--include", action="append", default=None, help="parameter-name glob to include (repeatable)"
+    )
+    parser.add_argument(
+        "--exclude", action="append", default=None, help="parameter-name glob to exclude (repeatable)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wagle",
+        description="WAGLE weight attribution and masked LLM unlearning (Triton-accelerated).",
+    )
+    parser.add_argument("--version", action="version", version=f"wagle {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="end-to-end demo on the bundled benchmark and a tiny model",
+        description="Build tiny target/retain models on the bundled benchmark, compute a WAGLE "
+        "mask, unlearn with NPO (dense, WAGLE mask, random mask) and compare them.",
+    )
+    demo.add_argument("--out", default="wagle-demo", help="output directory (default ./wagle-demo)")
+    demo.add_argument(
+        "--ratio", type=float, default=0.5, help="mask ratio for WAGLE and random (default 0.5)"
+    )
+    demo.add_argument(
+        "--steps", type=int, default=None, help="unlearning steps (default: the demo's setting)"
+    )
+    demo.add_argument("--forget-split", choices=["forget01", "forget05", "forget10"], default="forget10")
+    demo.add_argument("--quick", action="store_true", help="a much smaller configuration (for tests)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default=None)
+
+    mask = sub.add_parser(
+        "mask",
+        parents=[common],
+        help="compute a weight mask for a model",
+        description="Compute a weight mask "
+        "(top --ratio of weights by attribution score) and save it as safetensors.",
+    )
+    _add_model_options(mask)
+    _add_data_options(mask)
+    _add_mask_options(mask)
+    mask.add_argument("--out", required=True, help="output mask file (.safetensors)")
+
+    unl = sub.add_parser(
+        "unlearn",
+        parents=[common],
+        help="unlearn a forget set from a model",
+        description="Unlearn the forget "
+        "set, updating only the weights a mask selects (all weights without --mask).",
+    )
+    _add_model_options(unl)
+    _add_data_options(unl)
+    unl.add_argument("--mask", default=None, help="mask file from 'wagle mask' (default: no mask, dense)")
+    unl.add_argument(
+        "--method", default="npo", help="grad_ascent, grad_diff, npo, simnpo, po, rmu (default npo)"
+    )
+    unl.add_argument("--steps", type=int, default=100)
+    unl.add_argument("--lr", type=float, default=1e-5)
+    unl.add_argument("--grad-accum", type=int, default=1)
+    unl.add_argument("--warmup-ratio", type=float, default=0.1)
+    unl.add_argument("--weight-decay", type=float, default=0.0)
+    unl.add_argument("--max-grad-norm", type=float, default=1.0)
+    unl.add_argument("--state-layout", choices=["compact", "dense"], default="compact")
+    unl.add_argument("--beta", type=float, default=None, help="beta of NPO/SimNPO")
+    unl.add_argument("--checkpoint-every", type=int, default=0)
+    unl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
+    unl.add_argument("--seed", type=int, default=0)
+    unl.add_argument("--out", required=True, help="output directory for the unlearned model and checkpoints")
+
+    ev = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="TOFU-style evaluation of a model",
+        description="Evaluate answer probability, "
+        "ROUGE-L, truth ratio, forget quality (vs --reference-model) and model utility.",
+    )
+    _add_model_options(ev)
+    ev.add_argument("--forget", required=True, help="forget split (TOFU QA schema)")
+    ev.add_argument("--retain", required=True, help="retain split (TOFU QA schema)")
+    ev.add_argument("--general", default=None, help="held-out general QA split (optional)")
+    ev.add_argument("--reference-model", default=None, help="retain model directory (for forget quality)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--out", required=True, help="output report (.json)")
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wagle")
+    except PackageNotFoundError:  # running from a source tree
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from wagle import commands  # the heavy imports happen only after --help/usage errors
+
+    handlers = {
+        "demo": commands.run_demo,
+        "mask": commands.run_mask,
+        "unlearn": commands.run_unlearn,
+        "eval": commands.run_eval,
+    }
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("wagle: interrupted", file=sys.stderr)
+        return 130
+    except commands.RUN_FAILURES as exc:
+        print(f"wagle: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except commands.USER_ERRORS as exc:
+        print(f"wagle: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = text.strip("'\"")
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

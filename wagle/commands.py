@@ -1,0 +1,194 @@
+"""Implementations of the ``wagle`` CLI commands (argument parsing lives in :mod:`wagle.cli`).
+
+These functions are the edge of the library: they print results and choose exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import torch
+
+from wagle.mask import MaskMismatchError, WeightMask
+from wagle.unlearning import UnlearningDiverged
+
+logger = logging.getLogger("wagle")
+
+# exceptions that mean "the user asked for something impossible" (exit 2) or "the run failed" (exit 1)
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    KeyError,
+    MaskMismatchError,
+    PermissionError,
+)
+RUN_FAILURES = (UnlearningDiverged, FloatingPointError, RuntimeError, MemoryError)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name} requested but no CUDA device is available")
+    return device
+
+
+def _check_range(option: str, value, low, high=None, *, inclusive_low=True) -> None:
+    bad = value < low if inclusive_low else value <= low
+    if bad or (high is not None and value > high):
+        span = f"[{low}, {high}]" if high is not None else (f">= {low}" if inclusive_low else f"> {low}")
+        raise ValueError(f"{option}: must be {span}, got {value}")
+
+
+def _load(args: argparse.Namespace):
+    from wagle.models import load_model
+
+    return load_model(
+        args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=_device(args.device)
+    )
+
+
+def run_mask(args: argparse.Namespace) -> int:
+    from wagle.attribution import attribute
+    from wagle.data import load_dataset_file, make_dataloader
+
+    _check_range("--ratio", args.ratio, 0.0, 1.0)
+    _check_range("--batch-size", args.batch_size, 1)
+    needs_retain = args.method == "wagle"
+    if needs_retain and not args.retain:
+        raise ValueError("--retain: method 'wagle' needs a retain set")
+    forget = load_dataset_file(args.forget, role="forget")
+    retain = load_dataset_file(args.retain, role="retain") if args.retain else None
+    model, tokenizer = _load(args)
+    loader_kw = {"batch_size": args.batch_size, "max_length": args.max_length}
+    started = time.perf_counter()
+    mask = attribute(
+        model,
+        make_dataloader(forget, tokenizer, **loader_kw),
+        make_dataloader(retain, tokenizer, **loader_kw) if retain is not None else None,
+        ratio=args.ratio,
+        method=args.method,
+        gamma=args.gamma,
+        scope=args.scope,
+        include=args.include,
+        exclude=args.exclude,
+        backend=args.backend,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    mask.save(args.out)
+    print(mask.summary(max_rows=40))
+    print(
+        f"saved {args.out}: {mask.num_selected}/{mask.numel} weights selected ({mask.density:.2%}), "
+        f"{mask.nbytes / 2**20:.2f} MiB, {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+def run_unlearn(args: argparse.Namespace) -> int:
+    from wagle.data import load_dataset_file
+    from wagle.models import save_model
+    from wagle.unlearning import unlearn
+
+    forget = load_dataset_file(args.forget, role="forget")
+    retain = load_dataset_file(args.retain, role="retain") if args.retain else None
+    model, tokenizer = _load(args)
+    mask = WeightMask.load(args.mask, model) if args.mask else None
+    objective_kwargs = {"beta": args.beta} if args.beta is not None else None
+    result = unlearn(
+        model,
+        forget,
+        retain,
+        tokenizer=tokenizer,
+        method=args.method,
+        mask=mask,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length,
+        state_layout=args.state_layout,
+        objective_kwargs=objective_kwargs,
+        checkpoint_dir=os.path.join(args.out, "checkpoints"),
+        checkpoint_every=args.checkpoint_every,
+        resume=not args.no_resume,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    save_model(model, tokenizer, os.path.join(args.out, "model"))
+    last = result.history[-1] if result.history else {}
+    final_loss = last.get("loss", float("nan"))
+    print(
+        f"unlearned {args.steps} steps ({result.seconds:.1f}s); final loss {final_loss:.4f}; "
+        f"model saved to {os.path.join(args.out, 'model')}"
+    )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from wagle.data import load_dataset_file
+    from wagle.evaluation import evaluate, format_table, write_json
+
+    splits = {
+        "forget": load_dataset_file(args.forget, schema="qa", role="forget"),
+        "retain": load_dataset_file(args.retain, schema="qa", role="retain"),
+    }
+    if args.general:
+        splits["general"] = load_dataset_file(args.general, schema="qa", role="general")
+    model, tokenizer = _load(args)
+    reference = None
+    if args.reference_model:
+        from wagle.models import load_model
+
+        reference, _ = load_model(args.reference_model, device=_device(args.device))
+    utility = tuple(name for name in ("retain", "general") if name in splits)
+    result = evaluate(
+        model,
+        tokenizer,
+        splits,
+        reference=reference,
+        utility_splits=utility,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    write_json(args.out, result.to_dict())
+    print(format_table({os.path.basename(os.path.normpath(args.model)): result}))
+    print(f"report written to {args.out}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from wagle.demo import DemoConfig, run
+
+    _check_range("--ratio", args.ratio, 0.0, 1.0, inclusive_low=False)
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config.ratio = args.ratio
+    config.forget_split = args.forget_split
+    config.seed = args.seed
+    if args.steps is not None:
+        _check_range("--steps", args.steps, 1)
+        config.steps = args.steps
+    report = run(config, out_dir=args.out, device=_device(args.device), progress=not args.no_progress)
+    print(report["table"])
+    print(
+        f"\nreport: {os.path.join(args.out, 'report.json')}\nplot:   {os.path.join(args.out, 'tradeoff.png')}"
+    )
+    return 0
+
+
+__all__ = ["RUN_FAILURES", "USER_ERRORS", "run_demo", "run_eval", "run_mask", "run_unlearn"]
