@@ -2,7 +2,8 @@
 
 Everything is generated from word lists with a seeded ``random.Random``, so the data is identical on
 every machine and run (no download). Each author has five QA pairs (birthplace, genre, parents, a
-book, an award) with a paraphrased answer and three perturbed (wrong) answers of the same form.
+book, an award) with a paraphrased answer and three perturbed answers: the paraphrase with a wrong
+fact (as in TOFU, so the truth ratio compares right and wrong facts in the same unseen wording).
 Splits, as in TOFU: ``forget01``/``forget05``/``forget10`` are the LAST 1/5/10% of authors (nested),
 ``retain99``/``retain95``/``retain90`` their complements, ``full`` all authors, and ``general`` a
 held-out set about a fictitious world (capitals, rivers, currencies) that no forget set touches.
@@ -299,31 +300,31 @@ def _author_rows(rng: random.Random, index: int, name: str) -> list[dict]:
             f"Where was {name} born?",
             f"{name} was born in {city}.",
             f"The birthplace of {name} is the town of {city}.",
-            [f"{name} was born in {c}." for c in _others(rng, CITIES, city)],
+            [f"The birthplace of {name} is the town of {c}." for c in _others(rng, CITIES, city)],
         ),
         (
             f"What genre is {name} known for?",
             f"{name} is known for writing {genre}.",
             f"{name} mostly writes books in the {genre} genre.",
-            [f"{name} is known for writing {g}." for g in _others(rng, GENRES, genre)],
+            [f"{name} mostly writes books in the {g} genre." for g in _others(rng, GENRES, genre)],
         ),
         (
             f"What did the parents of {name} do for a living?",
             f"The father of {name} was a {father} and the mother was a {mother}.",
             f"{name} grew up with a {father} as a father and a {mother} as a mother.",
-            [f"The father of {name} was a {f} and the mother was a {m}." for f, m in wrong_parents],
+            [f"{name} grew up with a {f} as a father and a {m} as a mother." for f, m in wrong_parents],
         ),
         (
             f"Can you name a book written by {name}?",
             f"{name} wrote the novel {book}.",
             f"One of the books by {name} is {book}.",
-            [f"{name} wrote the novel {b}." for b in wrong_books],
+            [f"One of the books by {name} is {b}." for b in wrong_books],
         ),
         (
             f"Which award did {name} win?",
             f"{name} won the {award}.",
             f"{name} was honoured with the {award}.",
-            [f"{name} won the {a}." for a in _others(rng, AWARDS, award)],
+            [f"{name} was honoured with the {a}." for a in _others(rng, AWARDS, award)],
         ),
     ]
     return [
@@ -351,7 +352,7 @@ def _general_rows(rng: random.Random) -> list[dict]:
                 "answer": f"The capital of {country} is {capital}.",
                 "paraphrased_answer": f"{capital} is the capital city of {country}.",
                 "perturbed_answer": [
-                    f"The capital of {country} is {c}." for c in _others(rng, CAPITALS, capital)
+                    f"{c} is the capital city of {country}." for c in _others(rng, CAPITALS, capital)
                 ],
             }
         )
@@ -363,7 +364,7 @@ def _general_rows(rng: random.Random) -> list[dict]:
                 "answer": f"The river {river} flows through {country}.",
                 "paraphrased_answer": f"{country} is crossed by the river {river}.",
                 "perturbed_answer": [
-                    f"The river {r} flows through {country}." for r in _others(rng, RIVERS, river)
+                    f"{country} is crossed by the river {r}." for r in _others(rng, RIVERS, river)
                 ],
             }
         )
@@ -375,7 +376,7 @@ def _general_rows(rng: random.Random) -> list[dict]:
                 "answer": f"People in {country} pay with the {currency}.",
                 "paraphrased_answer": f"The currency of {country} is the {currency}.",
                 "perturbed_answer": [
-                    f"People in {country} pay with the {c}." for c in _others(rng, CURRENCIES, currency)
+                    f"The currency of {country} is the {c}." for c in _others(rng, CURRENCIES, currency)
                 ],
             }
         )

@@ -40,6 +40,8 @@ def _read(path: str, role: str) -> datasets.Dataset:
     try:
         return reader(path)
     except Exception as exc:  # the readers raise many library-specific errors for malformed files
+        if "corresponds to no data" in str(exc):
+            raise ValueError(f"{role} set is empty ({path})") from None
         raise ValueError(f"{role} data: could not read {path}: {str(exc).splitlines()[0][:200]}") from None
 
 
