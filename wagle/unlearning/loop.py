@@ -237,7 +237,7 @@ def unlearn(
                         else "no checkpoint was saved"
                     )
                     raise UnlearningDiverged(
-                        f"loss became {float(loss)} at step {step} (micro-batch {micro}); stopped before "
+                        f"loss became {float(loss.detach())} at step {step} (micro-batch {micro}); stopped before "
                         f"applying it; {where}. Lower lr or check the data."
                     )
                 (loss / grad_accum).backward()
