@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from wagle import commands  # the heavy imports happen only after --help/usage errors
 
+    commands.configure_libraries(progress=not args.no_progress, verbose=args.verbose)
+
     handlers = {
         "demo": commands.run_demo,
         "mask": commands.run_mask,

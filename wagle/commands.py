@@ -33,6 +33,19 @@ RUN_FAILURES = (UnlearningDiverged, FloatingPointError, RuntimeError, MemoryErro
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def configure_libraries(*, progress: bool, verbose: bool) -> None:
+    """Quiet the libraries' own progress bars and warnings unless asked for."""
+    import datasets
+    import transformers
+
+    if not progress:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    if not verbose:
+        datasets.logging.set_verbosity_error()
+        transformers.logging.set_verbosity_error()
+
+
 def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,7 +29,7 @@ class DemoConfig:
     ratio: float = 0.5
     method: str = "npo"
     steps: int = 40
-    lr: float = 1e-4
+    lr: float = 1e-3
     batch_size: int = 8
     grad_accum: int = 1
     beta: float = 0.1

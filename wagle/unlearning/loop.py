@@ -237,8 +237,8 @@ def unlearn(
                         else "no checkpoint was saved"
                     )
                     raise UnlearningDiverged(
-                        f"loss became {float(loss.detach())} at step {step} (micro-batch {micro}); stopped before "
-                        f"applying it; {where}. Lower lr or check the data."
+                        f"loss became {float(loss.detach())} at step {step} (micro-batch {micro}); "
+                        f"stopped before applying it; {where}. Lower lr or check the data."
                     )
                 (loss / grad_accum).backward()
                 step_loss += float(loss.detach()) / grad_accum
