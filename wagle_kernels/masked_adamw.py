@@ -79,15 +79,15 @@ def masked_adamw_step_torch(
         p, m, v = adamw_update_torch(p_flat, g_flat, m_flat, v_flat, s)
         p_flat.copy_(p), m_flat.copy_(m), v_flat.copy_(v)
         return
-    m_sel = m_flat if compact else m_flat[selected]
-    v_sel = v_flat if compact else v_flat[selected]
-    p, m, v = adamw_update_torch(p_flat[selected], g_flat[selected], m_sel, v_sel, s)
+    if not compact:  # update everything, keep the old values where unselected (no gathers)
+        p, m, v = adamw_update_torch(p_flat, g_flat, m_flat, v_flat, s)
+        p_flat.copy_(torch.where(selected, p.to(p_flat.dtype), p_flat))
+        m_flat.copy_(torch.where(selected, m.to(m_flat.dtype), m_flat))
+        v_flat.copy_(torch.where(selected, v.to(v_flat.dtype), v_flat))
+        return
+    p, m, v = adamw_update_torch(p_flat[selected], g_flat[selected], m_flat, v_flat, s)
     p_flat[selected] = p.to(p_flat.dtype)
-    if compact:
-        m_flat.copy_(m), v_flat.copy_(v)
-    else:
-        m_flat[selected] = m.to(m_flat.dtype)
-        v_flat[selected] = v.to(v_flat.dtype)
+    m_flat.copy_(m), v_flat.copy_(v)
 
 
 if HAS_TRITON:
