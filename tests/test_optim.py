@@ -36,7 +36,7 @@ def run_masked(opt_cls, params, mask, steps, dtype=torch.float32, **kw):
     opt = opt_cls(list(params.items()), mask, **kw)
     for step in range(steps):
         for name, g in grads(step, dtype).items():
-            params[name].grad = g.clone()
+            params[name].grad = g.clone().to(params[name].dtype)
         opt.step()
     return opt
 
@@ -267,3 +267,37 @@ def test_param_groups_and_lr_scheduler():
     )
     opt.zero_grad()
     assert all(p.grad is None for p in params.values())
+
+
+def test_fused_step_is_one_launch_per_dtype_bucket(monkeypatch):
+    import wagle.optim.adamw as adamw_module
+    from wagle_kernels.multi_tensor import address_table, block_tables
+
+    calls = []
+    original = adamw_module.masked_adamw_multi_step_triton
+
+    def counting(params, *args, **kw):
+        calls.append(len(params))
+        return original(params, *args, **kw)
+
+    monkeypatch.setattr(adamw_module, "masked_adamw_multi_step_triton", counting)
+    params = make_params()
+    params["b"] = params["b"].detach().to(torch.bfloat16).requires_grad_()
+    mask = make_mask(0.5)
+    reference = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
+    run_masked(MaskedAdamW, params, mask, 2, fused=True, state_layout="compact")
+    run_masked(MaskedAdamW, reference, mask, 2, fused=False, state_layout="compact")
+    # fp32 tensors share one launch per step, the bf16 one gets its own; unselected/empty ones none
+    fp32 = sum(1 for n, p in params.items() if p.dtype == torch.float32 and mask.selected(n) > 0)
+    assert fp32 >= 2 and mask.selected("b") > 0
+    assert sorted(calls) == sorted([1, 1, fp32, fp32])
+    for name in SHAPES:
+        # bf16 storage: the fused and torch paths may round the last bit differently (torch's bf16 tolerance)
+        tol = {} if params[name].dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(params[name], reference[name], **tol)
+    a, b = torch.zeros(3), torch.zeros(5)
+    base, offsets = address_table([b, a])
+    assert base.data_ptr() == min(a.data_ptr(), b.data_ptr()) and min(offsets) == 0
+    assert address_table([a, torch.zeros(2, dtype=torch.float16)]) is None
+    owners, indices = block_tables([5, 0, 9], 4, torch.device("cpu"))
+    assert owners.tolist() == [0, 0, 2, 2, 2] and indices.tolist() == [0, 1, 0, 1, 2]

@@ -16,6 +16,7 @@ mask bit for every weight.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -179,3 +180,124 @@ def masked_adamw_step_triton(
         num_warps=num_warps,
         **launch_options(),
     )
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["decay", "beta1", "beta2", "eps"])
+    def _masked_adamw_multi_kernel(
+        p_base,
+        g_base,
+        m_base,
+        v_base,
+        bits_base,
+        prefix_base,
+        offsets_ptr,
+        numel_ptr,
+        block_owner_ptr,
+        block_index_ptr,
+        step_size_ptr,
+        inv_sqrt_bc2_ptr,
+        num_tensors,
+        decay,
+        beta1,
+        beta2,
+        eps,
+        MASKED: tl.constexpr,
+        COMPACT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """The kernel above over many tensors in one launch (see :mod:`wagle_kernels.multi_tensor`).
+
+        ``offsets`` is an int64 [6, num_tensors] table: element offsets of p, g, m, v, mask bytes and
+        compact prefix of each tensor from their base pointers; step size and 1/sqrt(bias correction 2)
+        are per tensor (each parameter has its own step count).
+        """
+        pid = tl.program_id(0)
+        t = tl.load(block_owner_ptr + pid)
+        j = tl.load(block_index_ptr + pid).to(tl.int64)
+        n = tl.load(numel_ptr + t)
+        local = j * BLOCK + tl.arange(0, BLOCK)
+        valid = local < n
+        if MASKED:
+            selected = load_mask_bits(bits_base + tl.load(offsets_ptr + 4 * num_tensors + t), local, valid)
+        else:
+            selected = valid
+        if COMPACT:
+            state = compact_index(prefix_base + tl.load(offsets_ptr + 5 * num_tensors + t), j, selected)
+        else:
+            state = local
+        p_ptr = p_base + tl.load(offsets_ptr + t) + local
+        g_ptr = g_base + tl.load(offsets_ptr + num_tensors + t) + local
+        m_ptr = m_base + tl.load(offsets_ptr + 2 * num_tensors + t) + state
+        v_ptr = v_base + tl.load(offsets_ptr + 3 * num_tensors + t) + state
+        step_size = tl.load(step_size_ptr + t)
+        inv_sqrt_bc2 = tl.load(inv_sqrt_bc2_ptr + t)
+        p = tl.load(p_ptr, mask=selected, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr, mask=selected, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr, mask=selected, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr, mask=selected, other=0.0).to(tl.float32)
+        p = p * decay
+        m = m + (1.0 - beta1) * (g - m)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        tl.store(p_ptr, p.to(p_base.dtype.element_ty), mask=selected)
+        tl.store(m_ptr, m.to(m_base.dtype.element_ty), mask=selected)
+        tl.store(v_ptr, v.to(v_base.dtype.element_ty), mask=selected)
+
+
+def masked_adamw_multi_step_triton(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    packed: Sequence[torch.Tensor] | None,
+    prefixes: Sequence[torch.Tensor] | None,
+    scalars: Sequence[AdamWScalars],
+    *,
+    num_warps: int = 8,
+) -> bool:
+    """One launch for many same-dtype tensors (same decay/betas/eps). Returns False when the tensors
+    cannot share base pointers (the caller then launches per tensor)."""
+    from .multi_tensor import address_table, block_tables
+
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return True
+    pick = lambda seq: [seq[i] for i in keep]  # noqa: E731
+    params, grads, exp_avgs, exp_avg_sqs, scalars = map(pick, (params, grads, exp_avgs, exp_avg_sqs, scalars))
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    groups = [params, grads, exp_avgs, exp_avg_sqs]
+    groups.append(pick(packed) if packed is not None else params)
+    groups.append(pick(prefixes) if prefixes is not None else params)
+    tables = [address_table(g) for g in groups]
+    if any(t is None for t in tables):
+        return False
+    device = params[0].device
+    first = scalars[0]
+    offsets = torch.tensor([t[1] for t in tables], dtype=torch.int64, device=device)
+    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
+    owners, indices = block_tables([p.numel() for p in params], STATE_BLOCK, device)
+    step_sizes = torch.tensor([s.step_size for s in scalars], dtype=torch.float32, device=device)
+    inv_sqrt = torch.tensor([s.inv_sqrt_bc2 for s in scalars], dtype=torch.float32, device=device)
+    _masked_adamw_multi_kernel[(owners.numel(),)](
+        *(t[0] for t in tables),
+        offsets,
+        numels,
+        owners,
+        indices,
+        step_sizes,
+        inv_sqrt,
+        len(params),
+        first.decay,
+        first.beta1,
+        first.beta2,
+        first.eps,
+        MASKED=packed is not None,
+        COMPACT=prefixes is not None,
+        BLOCK=STATE_BLOCK,
+        num_warps=num_warps,
+        **launch_options(),
+    )
+    return True

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from wagle.mask import WeightMask
-from wagle_kernels.masked_adamw import AdamWScalars, masked_adamw_step_torch, masked_adamw_step_triton
+from wagle_kernels.masked_adamw import (
+    AdamWScalars,
+    masked_adamw_multi_step_triton,
+    masked_adamw_step_torch,
+    masked_adamw_step_triton,
+)
 
 from .masked import MaskedOptimizer, ParamPlan
 
@@ -72,16 +77,58 @@ class MaskedAdamW(MaskedOptimizer):
     def _touches_unselected(self) -> bool:
         return self.decay_unselected
 
-    def _step_param(self, group: dict, param: torch.Tensor, plan: ParamPlan) -> None:
+    def _advance(self, group: dict, param: torch.Tensor, plan: ParamPlan) -> AdamWScalars:
+        """Create the state on first use, count the step, and return this step's scalars."""
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = self.new_state_tensor(param, plan)
             state["exp_avg_sq"] = self.new_state_tensor(param, plan)
         state["step"] += 1
-        scalars = AdamWScalars.make(
+        return AdamWScalars.make(
             group["lr"], group["betas"], group["eps"], group["weight_decay"], int(state["step"].item())
         )
+
+    def _step_group(self, group: dict, items: list[tuple[torch.Tensor, ParamPlan]]) -> None:
+        """Fused parameters go out in one multi-tensor launch per (layout, dtypes, device) bucket."""
+        buckets: dict[tuple, list[tuple[torch.Tensor, ParamPlan]]] = {}
+        rest = []
+        for param, plan in items:
+            if self.decay_unselected or not self.use_fused(param):
+                rest.append((param, plan))
+                continue
+            masked = plan.kind == "masked"
+            key = (
+                masked,
+                masked and self.state_layout == "compact",
+                param.dtype,
+                param.grad.dtype,
+                param.device,
+            )
+            buckets.setdefault(key, []).append((param, plan))
+        for (masked, compact, *_), members in buckets.items():
+            scalars = [self._advance(group, p, plan) for p, plan in members]
+            states = [self.state[p] for p, _ in members]
+            launched = masked_adamw_multi_step_triton(
+                [p.data for p, _ in members],
+                [p.grad for p, _ in members],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [plan.packed for _, plan in members] if masked else None,
+                [plan.prefix() for _, plan in members] if compact else None,
+                scalars,
+            )
+            if not launched:  # addresses not element-aligned: one launch per tensor
+                for (param, plan), step_scalars in zip(members, scalars, strict=True):
+                    self._apply(param, plan, step_scalars)
+        for param, plan in rest:
+            self._step_param(group, param, plan)
+
+    def _step_param(self, group: dict, param: torch.Tensor, plan: ParamPlan) -> None:
+        self._apply(param, plan, self._advance(group, param, plan))
+
+    def _apply(self, param: torch.Tensor, plan: ParamPlan, scalars: AdamWScalars) -> None:
+        state = self.state[param]
         masked = plan.kind == "masked"
         compact = masked and self.state_layout == "compact"
         grad = param.grad

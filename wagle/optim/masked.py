@@ -214,6 +214,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            items = []
             for name, param in zip(group["param_names"], group["params"], strict=True):
                 if param.grad is None:
                     continue
@@ -223,8 +224,14 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 ):
                     continue
                 self.check_grad(name, param.grad, param)
-                self._step_param(group, param, plan)
+                items.append((param, plan))
+            self._step_group(group, items)
         return loss
+
+    def _step_group(self, group: dict, items: list[tuple[torch.Tensor, ParamPlan]]) -> None:
+        """Step the parameters of one group (subclasses may batch them into multi-tensor launches)."""
+        for param, plan in items:
+            self._step_param(group, param, plan)
 
     @torch.no_grad()
     def step_param(self, param: torch.Tensor) -> None:
