@@ -80,14 +80,14 @@ def plot_tradeoff(results: Mapping[str, EvaluationResult], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
-    for label, result in results.items():
+    markers = "os^DvP*X"
+    for index, (label, result) in enumerate(results.items()):
         if result.forget_quality is None or result.model_utility is None:
             continue
         quality = max(result.forget_quality, 1e-30)
-        ax.scatter(result.model_utility, quality, s=60)
-        ax.annotate(
-            label, (result.model_utility, quality), textcoords="offset points", xytext=(6, 4), fontsize=9
-        )
+        marker = markers[index % len(markers)]
+        ax.scatter(result.model_utility, quality, s=70, marker=marker, label=label, alpha=0.85)
+    ax.legend(loc="best", fontsize=9)
     ax.set_yscale("log")
     ax.set_xlabel("model utility (higher keeps more)")
     ax.set_ylabel("forget quality, KS p-value (higher forgets better)")
