@@ -66,7 +66,11 @@ def run(
     started = time.perf_counter()
 
     built = build_demo_models(
-        forget_split=config.forget_split, seed=config.seed, progress=progress, quick=config.quick_models
+        forget_split=config.forget_split,
+        seed=config.seed,
+        progress=progress,
+        quick=config.quick_models,
+        device=device,
     )
     tokenizer = built.tokenizer
     target, retain_model = built.target.to(device), built.retain.to(device)

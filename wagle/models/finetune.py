@@ -123,9 +123,10 @@ def build_demo_models(
     progress: bool = True,
     quick: bool = False,
     recipe: TinyRecipe | None = None,
+    device: torch.device | str | None = None,
 ) -> DemoModels:
     """Train the tokenizer, then the target model (``full`` + ``general``) and the retain model
-    (the matching retain split + ``general``) from the same random initialisation."""
+    (the matching retain split + ``general``) from the same random initialisation, on ``device``."""
     if forget_split not in RETAIN_OF:
         raise ValueError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {forget_split!r}")
     recipe = recipe or (TinyRecipe.quick() if quick else TinyRecipe())
@@ -141,6 +142,8 @@ def build_demo_models(
             intermediate_size=recipe.intermediate_size,
             seed=seed,
         )
+        if device is not None:
+            model.to(device)
         data = datasets.concatenate_datasets([benchmark[split], benchmark["general"]])
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
