@@ -6,25 +6,14 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import random_llama
 
 from wagle import WeightMask, attribute
 from wagle_kernels.scores import inverse_gamma
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return random_llama(vocab_size=64, intermediate_size=24, seed=seed)
 
 
 def batches(seed, n=3, size=2, length=7):

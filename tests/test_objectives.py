@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import random_llama
 
 from wagle.objectives import (
     NPO,
@@ -23,18 +23,7 @@ from wagle.objectives import (
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return random_llama(vocab_size=50, intermediate_size=32, seed=seed)
 
 
 def batch(seed, size=3, length=8, start_index=0):

@@ -95,7 +95,25 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .mask_bits import compact_index, load_mask_bits
+    from .mask_bits import block_elements
+
+    @triton.jit
+    def _adamw_block(
+        p_ptrs, g_ptrs, m_ptrs, v_ptrs, selected, decay, beta1, beta2, step_size, inv_sqrt_bc2, eps
+    ):
+        """Load, update (formula in the module docstring, fp32) and store one block of selected elements."""
+        p = tl.load(p_ptrs, mask=selected, other=0.0).to(tl.float32)
+        g = tl.load(g_ptrs, mask=selected, other=0.0).to(tl.float32)
+        m = tl.load(m_ptrs, mask=selected, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs, mask=selected, other=0.0).to(tl.float32)
+        p = p * decay
+        m = m + (1.0 - beta1) * (g - m)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=selected)
+        tl.store(m_ptrs, m.to(m_ptrs.dtype.element_ty), mask=selected)
+        tl.store(v_ptrs, v.to(v_ptrs.dtype.element_ty), mask=selected)
 
     @triton.jit(do_not_specialize=["n", "decay", "beta1", "beta2", "step_size", "inv_sqrt_bc2", "eps"])
     def _masked_adamw_kernel(
@@ -117,29 +135,22 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
     ):
         """AdamW on the selected elements of one BLOCK (formula in the module docstring)."""
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        if MASKED:
-            selected = load_mask_bits(bits_ptr, offs, valid)
-        else:
-            selected = valid
-        if COMPACT:
-            state = compact_index(prefix_ptr, pid, selected)
-        else:
-            state = offs
-        p = tl.load(p_ptr + offs, mask=selected, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=selected, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + state, mask=selected, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + state, mask=selected, other=0.0).to(tl.float32)
-        p = p * decay
-        m = m + (1.0 - beta1) * (g - m)
-        v = v * beta2 + (1.0 - beta2) * g * g
-        denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
-        p = p - step_size * tl.div_rn(m, denom)
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=selected)
-        tl.store(m_ptr + state, m.to(m_ptr.dtype.element_ty), mask=selected)
-        tl.store(v_ptr + state, v.to(v_ptr.dtype.element_ty), mask=selected)
+        offs, selected, state = block_elements(
+            bits_ptr, prefix_ptr, tl.program_id(0), n, MASKED=MASKED, COMPACT=COMPACT, BLOCK=BLOCK
+        )
+        _adamw_block(
+            p_ptr + offs,
+            g_ptr + offs,
+            m_ptr + state,
+            v_ptr + state,
+            selected,
+            decay,
+            beta1,
+            beta2,
+            step_size,
+            inv_sqrt_bc2,
+            eps,
+        )
 
 
 def masked_adamw_step_triton(
@@ -215,36 +226,28 @@ if HAS_TRITON:
         """
         pid = tl.program_id(0)
         t = tl.load(block_owner_ptr + pid)
-        j = tl.load(block_index_ptr + pid).to(tl.int64)
-        n = tl.load(numel_ptr + t)
-        local = j * BLOCK + tl.arange(0, BLOCK)
-        valid = local < n
-        if MASKED:
-            selected = load_mask_bits(bits_base + tl.load(offsets_ptr + 4 * num_tensors + t), local, valid)
-        else:
-            selected = valid
-        if COMPACT:
-            state = compact_index(prefix_base + tl.load(offsets_ptr + 5 * num_tensors + t), j, selected)
-        else:
-            state = local
-        p_ptr = p_base + tl.load(offsets_ptr + t) + local
-        g_ptr = g_base + tl.load(offsets_ptr + num_tensors + t) + local
-        m_ptr = m_base + tl.load(offsets_ptr + 2 * num_tensors + t) + state
-        v_ptr = v_base + tl.load(offsets_ptr + 3 * num_tensors + t) + state
-        step_size = tl.load(step_size_ptr + t)
-        inv_sqrt_bc2 = tl.load(inv_sqrt_bc2_ptr + t)
-        p = tl.load(p_ptr, mask=selected, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr, mask=selected, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr, mask=selected, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr, mask=selected, other=0.0).to(tl.float32)
-        p = p * decay
-        m = m + (1.0 - beta1) * (g - m)
-        v = v * beta2 + (1.0 - beta2) * g * g
-        denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
-        p = p - step_size * tl.div_rn(m, denom)
-        tl.store(p_ptr, p.to(p_base.dtype.element_ty), mask=selected)
-        tl.store(m_ptr, m.to(m_base.dtype.element_ty), mask=selected)
-        tl.store(v_ptr, v.to(v_base.dtype.element_ty), mask=selected)
+        offs, selected, state = block_elements(
+            bits_base + tl.load(offsets_ptr + 4 * num_tensors + t),
+            prefix_base + tl.load(offsets_ptr + 5 * num_tensors + t),
+            tl.load(block_index_ptr + pid),
+            tl.load(numel_ptr + t),
+            MASKED=MASKED,
+            COMPACT=COMPACT,
+            BLOCK=BLOCK,
+        )
+        _adamw_block(
+            p_base + tl.load(offsets_ptr + t) + offs,
+            g_base + tl.load(offsets_ptr + num_tensors + t) + offs,
+            m_base + tl.load(offsets_ptr + 2 * num_tensors + t) + state,
+            v_base + tl.load(offsets_ptr + 3 * num_tensors + t) + state,
+            selected,
+            decay,
+            beta1,
+            beta2,
+            tl.load(step_size_ptr + t),
+            tl.load(inv_sqrt_bc2_ptr + t),
+            eps,
+        )
 
 
 def masked_adamw_multi_step_triton(

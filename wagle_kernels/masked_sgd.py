@@ -67,7 +67,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .mask_bits import compact_index, load_mask_bits
+    from .mask_bits import block_elements
 
     @triton.jit(do_not_specialize=["n", "lr", "momentum", "dampening", "weight_decay"])
     def _masked_sgd_kernel(
@@ -89,21 +89,19 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
     ):
         """SGD on the selected elements of one BLOCK (formula in the module docstring)."""
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        if MASKED:
-            selected = load_mask_bits(bits_ptr, offs, valid)
-        else:
-            selected = valid
+        offs, selected, state = block_elements(
+            bits_ptr,
+            prefix_ptr,
+            tl.program_id(0),
+            n,
+            MASKED=MASKED,
+            COMPACT=COMPACT and HAS_MOMENTUM,
+            BLOCK=BLOCK,
+        )
         p = tl.load(p_ptr + offs, mask=selected, other=0.0).to(tl.float32)
         d = tl.load(g_ptr + offs, mask=selected, other=0.0).to(tl.float32)
         d = d + weight_decay * p
         if HAS_MOMENTUM:
-            if COMPACT:
-                state = compact_index(prefix_ptr, pid, selected)
-            else:
-                state = offs
             if FIRST:
                 b = d
             else:

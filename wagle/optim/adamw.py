@@ -12,7 +12,7 @@ from wagle_kernels.masked_adamw import (
     masked_adamw_step_triton,
 )
 
-from .masked import MaskedOptimizer, ParamPlan
+from .masked import MaskedOptimizer, ParamPlan, require_nonnegative
 
 
 class MaskedAdamW(MaskedOptimizer):
@@ -52,14 +52,9 @@ class MaskedAdamW(MaskedOptimizer):
         unmasked: str = "error",
         fused: bool | None = None,
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"lr: must be >= 0, got {lr}")
+        require_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas: each must be in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps: must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay: must be >= 0, got {weight_decay}")
         if decay_unselected and state_layout == "compact":
             raise ValueError("decay_unselected=True updates every weight, so it needs state_layout='dense'")
         self.decay_unselected = decay_unselected

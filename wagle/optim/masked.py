@@ -53,6 +53,13 @@ class ParamPlan:
         return self._prefix
 
 
+def require_nonnegative(**values: float) -> None:
+    """Raise a ValueError naming the first hyperparameter that is negative or NaN."""
+    for name, value in values.items():
+        if not value >= 0.0:
+            raise ValueError(f"{name}: must be >= 0, got {value}")
+
+
 def _pairs(items, where: str) -> list[tuple[str, torch.Tensor]]:
     pairs = []
     for item in items:

@@ -7,7 +7,7 @@ import torch
 from wagle.mask import WeightMask
 from wagle_kernels.masked_sgd import SGDScalars, masked_sgd_step_torch, masked_sgd_step_triton
 
-from .masked import MaskedOptimizer, ParamPlan
+from .masked import MaskedOptimizer, ParamPlan, require_nonnegative
 
 
 class MaskedSGD(MaskedOptimizer):
@@ -34,12 +34,7 @@ class MaskedSGD(MaskedOptimizer):
         unmasked: str = "error",
         fused: bool | None = None,
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"lr: must be >= 0, got {lr}")
-        if not momentum >= 0.0:
-            raise ValueError(f"momentum: must be >= 0, got {momentum}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay: must be >= 0, got {weight_decay}")
+        require_nonnegative(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
         defaults = {
