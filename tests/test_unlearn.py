@@ -185,3 +185,19 @@ def test_bad_options():
         unlearn(model, FORGET, RETAIN, tokenizer=tok, mask=other, **KW)
     with pytest.raises(ValueError, match="'question' and 'answer'"):
         unlearn(model, [{"prompt": "x"}], RETAIN, tokenizer=tok, **KW)
+
+
+def test_bf16_training_with_fp32_optimizer_state():
+    model, tok = tiny_model(), tiny_tokenizer()
+    mask = attribute(
+        model, make_dataloader(FORGET, tok, batch_size=3), None, ratio=0.5, method="snip", progress=False
+    )
+    model.to(torch.bfloat16)
+    before = snapshot(model)
+    result = unlearn(
+        model, FORGET, RETAIN, tokenizer=tok, method="grad_diff", mask=mask, precision="bf16", **KW
+    )
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    for name, param in model.named_parameters():
+        assert torch.equal(param[~mask[name]], before[name][~mask[name]])
