@@ -17,7 +17,6 @@ if [ "$MODE" = "full" ]; then
   for r in 0.1 0.5 0.95; do
     python benchmarks/bench_mask.py --shapes llama2-7b --ratio "$r" --methods triton --out "$OUT_DIR/mask-llama2-7b-r$r.json" 2>&1 | tail -3
   done
-  if [ -f benchmarks/bench_optimizer.py ]; then
-    python benchmarks/bench_optimizer.py --shapes llama2-7b --out "$OUT_DIR/optimizer-llama2-7b.json" 2>&1 | tee "$OUT_DIR/optimizer-llama2-7b.txt"
-  fi
+  python benchmarks/bench_optimizer.py --shapes llama2-7b --out "$OUT_DIR/optimizer-llama2-7b.json" 2>&1 | tee "$OUT_DIR/optimizer-llama2-7b.txt"
+  python benchmarks/bench_memory.py --arch llama2-7b --out "$OUT_DIR/memory-llama2-7b.json" 2>&1 | tee "$OUT_DIR/memory-llama2-7b.txt"
 fi
