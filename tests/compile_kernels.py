@@ -1,0 +1,252 @@
+"""Compile every Triton kernel ahead of time for an NVIDIA target, without a GPU.
+
+Run as a script (TRITON_INTERPRET must be unset so ``@triton.jit`` builds real kernels):
+
+    python tests/compile_kernels.py [--arch 90]
+
+Triton ships ptxas, so the kernels go through the whole pipeline (TTIR, TTGIR, LLVM IR, PTX, cubin)
+for the target: this catches type errors and unsupported operations that the interpreter accepts.
+It does not run them. Prints one line per kernel variant and exits 1 on the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from wagle_kernels import masked_adamw, masked_sgd, select  # noqa: E402
+
+
+def variants():
+    """(label, jit function, {arg: type or 'constexpr'}, {constexpr: value})"""
+    inputs = {"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32"}
+    scalars = {"n": "i64", "start": "i64", "inv_gamma": "fp32", "seed": "i32"}
+    for method in range(5):
+        yield (
+            f"histogram method={method}",
+            select._histogram_kernel,
+            {
+                **inputs,
+                "hist_ptr": "*i64",
+                "nonfinite_ptr": "*i64",
+                **scalars,
+                "prefix": "i32",
+                "PREFIX_SHIFT": "constexpr",
+                "DIGIT_SHIFT": "constexpr",
+                "DIGIT_BITS": "constexpr",
+                "METHOD": "constexpr",
+                "COUNT_NONFINITE": "constexpr",
+                "BLOCK": "constexpr",
+            },
+            {
+                "PREFIX_SHIFT": 31,
+                "DIGIT_SHIFT": 20,
+                "DIGIT_BITS": 11,
+                "METHOD": method,
+                "COUNT_NONFINITE": True,
+                "BLOCK": 4096,
+            },
+        )
+    yield (
+        "histogram digit 2",
+        select._histogram_kernel,
+        {
+            **inputs,
+            "hist_ptr": "*i64",
+            "nonfinite_ptr": "*i64",
+            **scalars,
+            "prefix": "i32",
+            "PREFIX_SHIFT": "constexpr",
+            "DIGIT_SHIFT": "constexpr",
+            "DIGIT_BITS": "constexpr",
+            "METHOD": "constexpr",
+            "COUNT_NONFINITE": "constexpr",
+            "BLOCK": "constexpr",
+        },
+        {
+            "PREFIX_SHIFT": 10,
+            "DIGIT_SHIFT": 0,
+            "DIGIT_BITS": 10,
+            "METHOD": 0,
+            "COUNT_NONFINITE": False,
+            "BLOCK": 4096,
+        },
+    )
+    yield (
+        "tie count",
+        select._tie_count_kernel,
+        {
+            **inputs,
+            "counts_ptr": "*i64",
+            **scalars,
+            "threshold": "i32",
+            "METHOD": "constexpr",
+            "BLOCK": "constexpr",
+        },
+        {"METHOD": 0, "BLOCK": 4096},
+    )
+    for has_ties in (False, True):
+        yield (
+            f"mask ties={has_ties}",
+            select._mask_kernel,
+            {
+                **inputs,
+                "out_ptr": "*u8",
+                "tie_offset_ptr": "*i64",
+                **scalars,
+                "threshold": "i32",
+                "ties": "i64",
+                "METHOD": "constexpr",
+                "HAS_TIES": "constexpr",
+                "BLOCK": "constexpr",
+            },
+            {"METHOD": 0, "HAS_TIES": has_ties, "BLOCK": 4096},
+        )
+    yield (
+        "mask + candidates",
+        select._mask_compact_kernel,
+        {
+            **inputs,
+            "out_ptr": "*u8",
+            "cand_key_ptr": "*i32",
+            "cand_pos_ptr": "*i64",
+            "counter_ptr": "*i64",
+            **scalars,
+            "low": "i32",
+            "high": "i32",
+            "capacity": "i64",
+            "METHOD": "constexpr",
+            "BLOCK": "constexpr",
+        },
+        {"METHOD": 0, "BLOCK": 4096},
+    )
+    yield (
+        "set bits",
+        select._set_bits_kernel,
+        {"words_ptr": "*i32", "bit_ptr": "*i64", "m": "i64", "BLOCK": "constexpr"},
+        {"BLOCK": 4096},
+    )
+    adam_scalars = {
+        "decay": "fp32",
+        "beta1": "fp32",
+        "beta2": "fp32",
+        "step_size": "fp32",
+        "inv_sqrt_bc2": "fp32",
+        "eps": "fp32",
+    }
+    for masked, compact in ((True, True), (True, False), (False, False)):
+        yield (
+            f"adamw masked={masked} compact={compact}",
+            masked_adamw._masked_adamw_kernel,
+            {
+                "p_ptr": "*bf16",
+                "g_ptr": "*bf16",
+                "m_ptr": "*fp32",
+                "v_ptr": "*fp32",
+                "bits_ptr": "*u8",
+                "prefix_ptr": "*i64",
+                "n": "i64",
+                **adam_scalars,
+                "MASKED": "constexpr",
+                "COMPACT": "constexpr",
+                "BLOCK": "constexpr",
+            },
+            {"MASKED": masked, "COMPACT": compact, "BLOCK": 2048},
+        )
+        yield (
+            f"adamw multi-tensor masked={masked} compact={compact}",
+            masked_adamw._masked_adamw_multi_kernel,
+            {
+                "p_base": "*bf16",
+                "g_base": "*bf16",
+                "m_base": "*fp32",
+                "v_base": "*fp32",
+                "bits_base": "*u8",
+                "prefix_base": "*i64",
+                "offsets_ptr": "*i64",
+                "numel_ptr": "*i64",
+                "block_owner_ptr": "*i32",
+                "block_index_ptr": "*i32",
+                "step_size_ptr": "*fp32",
+                "inv_sqrt_bc2_ptr": "*fp32",
+                "num_tensors": "i32",
+                "decay": "fp32",
+                "beta1": "fp32",
+                "beta2": "fp32",
+                "eps": "fp32",
+                "MASKED": "constexpr",
+                "COMPACT": "constexpr",
+                "BLOCK": "constexpr",
+            },
+            {"MASKED": masked, "COMPACT": compact, "BLOCK": 2048},
+        )
+    for momentum, first, nesterov in ((True, True, False), (True, False, True), (False, False, False)):
+        yield (
+            f"sgd momentum={momentum} first={first} nesterov={nesterov}",
+            masked_sgd._masked_sgd_kernel,
+            {
+                "p_ptr": "*bf16",
+                "g_ptr": "*bf16",
+                "b_ptr": "*fp32",
+                "bits_ptr": "*u8",
+                "prefix_ptr": "*i64",
+                "n": "i64",
+                "lr": "fp32",
+                "momentum": "fp32",
+                "dampening": "fp32",
+                "weight_decay": "fp32",
+                "MASKED": "constexpr",
+                "COMPACT": "constexpr",
+                "HAS_MOMENTUM": "constexpr",
+                "FIRST": "constexpr",
+                "NESTEROV": "constexpr",
+                "BLOCK": "constexpr",
+            },
+            {
+                "MASKED": True,
+                "COMPACT": True,
+                "HAS_MOMENTUM": momentum,
+                "FIRST": first,
+                "NESTEROV": nesterov,
+                "BLOCK": 2048,
+            },
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--max-shared", type=int, default=227 * 1024, help="shared memory per block limit")
+    args = parser.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    for label, fn, signature, constexprs in variants():
+        fn = getattr(fn, "fn", fn) if not isinstance(fn, triton.runtime.JITFunction) else fn
+        try:
+            source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            compiled = triton.compile(
+                source, target=target, options={"num_warps": 8, "enable_fp_fusion": False}
+            )
+        except Exception:
+            print(f"FAILED {label}")
+            traceback.print_exc()
+            return 1
+        shared = getattr(compiled.metadata, "shared", None)
+        if shared is not None and shared > args.max_shared:
+            print(f"FAILED {label}: needs {shared} bytes of shared memory (> {args.max_shared})")
+            return 1
+        print(
+            f"ok {label}: {len(compiled.asm['cubin'])} bytes of sm_{args.arch} cubin, shared memory {shared} B"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
