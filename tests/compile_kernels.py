@@ -242,9 +242,8 @@ def main(argv=None) -> int:
         if shared is not None and shared > args.max_shared:
             print(f"FAILED {label}: needs {shared} bytes of shared memory (> {args.max_shared})")
             return 1
-        print(
-            f"ok {label}: {len(compiled.asm['cubin'])} bytes of sm_{args.arch} cubin, shared memory {shared} B"
-        )
+        size = len(compiled.asm["cubin"])
+        print(f"ok {label}: {size} bytes of sm_{args.arch} cubin, shared memory {shared} B")
     return 0
 
 
