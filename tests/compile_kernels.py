@@ -6,7 +6,9 @@ Run as a script (TRITON_INTERPRET must be unset so ``@triton.jit`` builds real k
 
 Triton ships ptxas, so the kernels go through the whole pipeline (TTIR, TTGIR, LLVM IR, PTX, cubin)
 for the target: this catches type errors and unsupported operations that the interpreter accepts.
-It does not run them. Prints one line per kernel variant and exits 1 on the first failure.
+It also checks that no score kernel contracts a multiply-add into an FMA (the scores must round
+like the torch path). It does not run them. Prints one line per kernel variant and exits 1 on the
+first failure.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from wagle_kernels import masked_adamw, masked_sgd, select  # noqa: E402
+
+
+SCORE_KERNELS = (
+    select._histogram_kernel,
+    select._tie_count_kernel,
+    select._mask_kernel,
+    select._mask_compact_kernel,
+)
 
 
 def variants():
@@ -237,6 +247,9 @@ def main(argv=None) -> int:
         except Exception:
             print(f"FAILED {label}")
             traceback.print_exc()
+            return 1
+        if fn in SCORE_KERNELS and "fma." in compiled.asm["ptx"]:
+            print(f"FAILED {label}: the score was contracted into an FMA (masks would differ from torch)")
             return 1
         shared = getattr(compiled.metadata, "shared", None)
         if shared is not None and shared > args.max_shared:
