@@ -26,7 +26,6 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from wagle_kernels import masked_adamw, masked_sgd, select  # noqa: E402
 
-
 SCORE_KERNELS = (
     select._histogram_kernel,
     select._tie_count_kernel,
