@@ -3,10 +3,11 @@
 A model with the Llama-2-7B architecture (random init, bf16) on the GPU, one forget and one retain
 batch of ``--seq`` tokens. Phases, each with peak allocated memory and time:
 
-* ``attribution``      - wagle.attribute (forget grads moved out of .grad, retain grads in .grad, mask);
+* ``attribution``      - wagle.attribute (forget grads moved out of .grad, retain grads in .grad, mask),
+  for the first ratio with g_f on the device, for the others with ``offload_gradients=True``;
 * ``npo step r=...``   - NPO (reference log-probs precomputed) + retain NLL, backward with
-  gradient checkpointing, MaskedAdamW(compact) stepping each parameter in backward (no model-sized
-  gradient buffer), for every ratio;
+  gradient checkpointing, MaskedAdamW(compact, fp32 and bf16 moments) stepping each parameter in
+  backward (no model-sized gradient buffer), for every ratio;
 * ``reference step``   - the reference implementation's procedure as far as it fits: a second model
   copy for NPO, full torch AdamW state, grad * bool mask.
 
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, results_path, synchronize, write_json  # noqa: E402
 
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 ARCHS = {
     "llama2-7b": {
         "vocab_size": 32000,
@@ -127,10 +129,13 @@ def main(argv=None) -> int:
     vocab = ARCHS[args.arch]["vocab_size"]
     forget, retain = batch(vocab, args.seq, device, 1), batch(vocab, args.seq, device, 2)
     masks = {}
-    for ratio in (float(r) for r in args.ratios.split(",")):
-        with Phase(f"attribution r={ratio}", device, rows):
-            masks[ratio] = wagle.attribute(model, [forget], [retain], ratio=ratio, progress=False)
-    for ratio, mask in masks.items():
+    for index, ratio in enumerate(float(r) for r in args.ratios.split(",")):
+        offload = index > 0  # the first ratio with g_f on the device, the others with g_f in host memory
+        with Phase(f"attribution r={ratio} offload_gradients={offload}", device, rows):
+            masks[ratio] = wagle.attribute(
+                model, [forget], [retain], ratio=ratio, offload_gradients=offload, progress=False
+            )
+    for (ratio, mask), state_dtype in [(item, dt) for item in masks.items() for dt in STATE_DTYPES]:
         trial = model  # the step changes selected weights only; fine for a memory/time measurement
         objective = NPO(beta=0.1)
         objective.prepare(trial, [forget], None, progress=False)
@@ -138,11 +143,13 @@ def main(argv=None) -> int:
         names = {n for n, _ in trainable}
         for n, p in trial.named_parameters():
             p.requires_grad_(n in names)
-        optimizer = wagle.MaskedAdamW(trainable, mask, lr=1e-5, state_layout="compact", unmasked="freeze")
+        optimizer = wagle.MaskedAdamW(
+            trainable, mask, lr=1e-5, state_layout="compact", state_dtype=state_dtype, unmasked="freeze"
+        )
         hooks = wagle.StepInBackward(optimizer, clip_norm_per_param=1.0)
         trial.train()
         for step in range(2):  # the first step allocates optimizer state (and compiles kernels)
-            with Phase(f"npo+wagle step {step} r={ratio}", device, rows):
+            with Phase(f"npo+wagle step {step} r={ratio} state={str(state_dtype)[6:]}", device, rows):
                 loss, _ = objective(trial, forget, retain)
                 loss.backward()
         hooks.remove()

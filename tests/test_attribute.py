@@ -161,3 +161,33 @@ def test_attribute_errors():
         attribute(model, [], batches(2), ratio=0.5, progress=False)
     with pytest.raises(TypeError, match="input_ids"):
         attribute(model, [{"x": torch.zeros(1)}], batches(2), ratio=0.5, progress=False)
+
+
+def test_offloaded_forget_gradients_give_the_same_mask():
+    model = tiny_llama()
+    forget, retain = batches(1), batches(2)
+    plain = attribute(model, forget, retain, ratio=0.4, progress=False)
+    offloaded = attribute(model, forget, retain, ratio=0.4, offload_gradients=True, progress=False)
+    for name in plain:
+        assert torch.equal(plain.packed(name), offloaded.packed(name))
+
+
+@pytest.mark.gpu
+def test_gpu_host_gradients_are_streamed_to_the_device():
+    from wagle import mask_from_gradients
+
+    model = tiny_llama().cuda()
+    forget, retain = batches(1), batches(2)
+    plain = attribute(model, forget, retain, ratio=0.4, progress=False)
+    offloaded = attribute(model, forget, retain, ratio=0.4, offload_gradients=True, progress=False)
+    for name in plain:
+        assert torch.equal(plain.packed(name), offloaded.packed(name))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    host = {n: torch.randn(p.shape) for n, p in params.items()}
+    device = {n: g.cuda() for n, g in host.items()}
+    for backend in ("triton", "torch"):
+        a = mask_from_gradients(params, host, device, ratio=0.3, backend=backend, host_gradients=True)
+        b = mask_from_gradients(params, device, device, ratio=0.3, backend=backend)
+        assert all(torch.equal(a.packed(n), b.packed(n)) for n in params)
+    with pytest.raises(ValueError, match="host_gradients"):
+        mask_from_gradients(params, host, device, ratio=0.3)

@@ -155,18 +155,26 @@ def bincount_histogram(
 class TorchSelector:
     """Reference backend: int32 keys per tensor, ``bincount`` histograms, chunked to bound temporaries."""
 
-    def __init__(self, sources: Sequence[ScoreSource], spec: ScoreSpec, chunk: int = 1 << 22):
+    def __init__(
+        self,
+        sources: Sequence[ScoreSource],
+        spec: ScoreSpec,
+        chunk: int = 1 << 22,
+        device: torch.device | None = None,
+    ):
         self.sources = list(sources)
         self.chunk = max(8, chunk - chunk % 8)
+        self.device = device
         self.keys: list[torch.Tensor] = []
         self.nonfinite: dict[str, int] = {}
         self.histogram_passes = 0  # passes over the int32 keys
         for src in self.sources:
-            keys = torch.empty(src.numel, dtype=torch.int32, device=self._device(src))
+            device = self.device or self._device(src)
+            keys = torch.empty(src.numel, dtype=torch.int32, device=device)
             for lo in range(0, src.numel, self.chunk):
                 hi = min(lo + self.chunk, src.numel)
                 part = [
-                    t[lo:hi] if t is not None else None
+                    t[lo:hi].to(device, non_blocking=True) if t is not None else None
                     for t in (src.weight, src.grad_forget, src.grad_retain)
                 ]
                 scores = scores_torch(
@@ -392,6 +400,7 @@ class TritonSelector:
         block: int = 4096,
         num_warps: int = 8,
         candidate_fraction: float = 1 / 32,
+        device: torch.device | None = None,
     ):
         if not HAS_TRITON:
             raise RuntimeError("TritonSelector: triton is not installed")
@@ -400,7 +409,7 @@ class TritonSelector:
         self.block = block
         self.num_warps = num_warps
         self.method_id = METHOD_IDS[spec.method]
-        self.device = self._device()
+        self.device = device or self._device()
         self.nonfinite: dict[str, int] = {}
         self._counted_nonfinite = False
         self._cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
@@ -416,11 +425,14 @@ class TritonSelector:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
     def _inputs(self, src: ScoreSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        present = [t for t in (src.weight, src.grad_forget, src.grad_retain) if t is not None]
+        # inputs kept in host memory (host_gradients) are copied to the device for this launch only
+        moved = [
+            t.to(self.device, non_blocking=True) if t is not None else None
+            for t in (src.weight, src.grad_forget, src.grad_retain)
+        ]
+        present = [t for t in moved if t is not None]
         placeholder = present[0] if present else torch.empty(1, dtype=torch.float32, device=self.device)
-        return tuple(
-            t if t is not None else placeholder for t in (src.weight, src.grad_forget, src.grad_retain)
-        )
+        return tuple(t if t is not None else placeholder for t in moved)
 
     def _grid(self, src: ScoreSource) -> tuple[int]:
         return (triton.cdiv(src.numel, self.block),)

@@ -95,6 +95,7 @@ def mask_from_gradients(
     backend: str = "auto",
     seed: int | None = None,
     nonfinite: str = "error",
+    host_gradients: bool = False,
     return_stats: bool = False,
 ) -> WeightMask | tuple[WeightMask, SelectionStats]:
     """Select the top ``ratio`` fraction of weights by attribution score and return a bit-packed mask.
@@ -120,6 +121,9 @@ def mask_from_gradients(
         seed: seed of ``random`` (None draws one from torch's default generator).
         nonfinite: ``error`` (raise, naming the tensor, when a score is NaN/Inf) or ``lowest``
             (non-finite scores rank below every finite score).
+        host_gradients: allow gradients in CPU memory while ``params`` live on an accelerator; each pass
+            copies them to the device one tensor at a time (device memory: one tensor instead of a
+            model-sized buffer; time: one host-to-device copy of the gradients per pass).
         return_stats: also return a :class:`SelectionStats` (passes over the inputs, non-finite counts).
     """
     if method not in METHODS:
@@ -162,9 +166,14 @@ def mask_from_gradients(
     devices = {
         t.device for mapping in (weights, forget, retain) if mapping is not None for t in mapping.values()
     }
+    param_devices = {t.device for t in weights.values()}
+    if host_gradients and len(param_devices) == 1:
+        devices -= {torch.device("cpu")}  # gradients kept in host memory are streamed to the params' device
+        devices |= param_devices
     if len(devices) > 1:
         raise ValueError(
             f"params/grad_forget/grad_retain: tensors are on different devices {sorted(map(str, devices))}"
+            + ("" if host_gradients else " (host_gradients=True allows gradients in CPU memory)")
         )
     device = devices.pop() if devices else torch.device("cpu")
 
@@ -180,13 +189,12 @@ def mask_from_gradients(
         sources.append(ScoreSource(name, numel, start, w, gf, gr))
         start += numel
 
-    probe = [t for s in sources for t in (s.weight, s.grad_forget, s.grad_retain) if t is not None]
     if backend == "auto":
-        use_triton = device.type == "cuda" and triton_supports(probe or [torch.empty(0, device=device)])
+        use_triton = device.type == "cuda" and triton_supports([torch.empty(0, device=device)])
     else:
         use_triton = backend == "triton"
         if use_triton:
-            require_triton(probe or [torch.empty(0, device=device)], "mask_from_gradients(backend='triton')")
+            require_triton([torch.empty(0, device=device)], "mask_from_gradients(backend='triton')")
 
     spec = ScoreSpec(method, inverse_gamma(gamma) if method == "wagle" else 1.0, seed)
     groups = [sources] if scope == "global" else [[s] for s in sources]
@@ -195,7 +203,7 @@ def mask_from_gradients(
     for group in groups:
         n = sum(s.numel for s in group)
         k = num_to_select(ratio, n)
-        selector = TritonSelector(group, spec) if use_triton else TorchSelector(group, spec)
+        selector = (TritonSelector if use_triton else TorchSelector)(group, spec, device=device)
         if nonfinite == "error" and method != "random":
             counts = selector.count_nonfinite() if use_triton else selector.nonfinite
             bad = {name: c for name, c in counts.items() if c}

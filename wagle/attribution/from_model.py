@@ -84,12 +84,18 @@ def accumulate_gradients(
     return count
 
 
-def _take_grads(params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+def _take_grads(params: Mapping[str, torch.nn.Parameter], to_host: bool = False) -> dict[str, torch.Tensor]:
+    """Move the accumulated gradients out of ``.grad`` (into host memory with ``to_host``)."""
     grads = {}
     for name, param in params.items():
         grad = param.grad
         if grad is None:  # a parameter that the loss does not reach has a zero gradient
             grad = torch.zeros_like(param)
+        if to_host and grad.device.type != "cpu":
+            host = torch.empty(
+                grad.shape, dtype=grad.dtype, device="cpu", pin_memory=torch.cuda.is_available()
+            )
+            grad = host.copy_(grad)
         grads[name] = grad
         param.grad = None
     return grads
@@ -165,6 +171,7 @@ def attribute(
     seed: int | None = None,
     nonfinite: str = "error",
     max_batches: int | None = None,
+    offload_gradients: bool = False,
     progress: bool = True,
 ) -> WeightMask:
     """Compute a weight mask for ``model`` from forget/retain batches.
@@ -175,6 +182,10 @@ def attribute(
     ``gradient`` |g_f| (SalUn-style), ``magnitude`` |w|, ``random``, and ``wanda`` (|W| * ||X_j||,
     per output row, Linear weights only; activations from the forget batches). Other options are as
     in :func:`wagle.mask_from_gradients`. Existing ``.grad`` values are left untouched.
+
+    Memory: g_f is moved out of ``.grad`` before the retain pass, so weights + 2 gradient buffers are
+    held. ``offload_gradients=True`` keeps g_f in (pinned) host memory instead and streams it to the
+    device tensor by tensor during selection: device memory ~ weights + 1 gradient buffer.
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
@@ -216,7 +227,7 @@ def attribute(
             accumulate_gradients(
                 model, forget, params, max_batches=max_batches, progress=progress, desc="forget gradients"
             )
-            grad_forget = _take_grads(params)
+            grad_forget = _take_grads(params, to_host=offload_gradients)
             grad_retain = None
             if needs_retain:
                 accumulate_gradients(
@@ -235,6 +246,7 @@ def attribute(
                 backend=backend,
                 seed=seed,
                 nonfinite=nonfinite,
+                host_gradients=offload_gradients,
             )
         finally:
             for name, p in model.named_parameters():
