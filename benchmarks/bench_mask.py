@@ -89,6 +89,31 @@ class RssSampler:
         self.peak = max(self.peak, _current_rss_bytes())
 
 
+def instrument_phases(device) -> dict[str, float]:
+    """Time the Triton selector's phases (synchronised): histogram passes, mask(+candidates), ties."""
+    from wagle_kernels import select
+
+    phases: dict[str, float] = {}
+
+    def timed(label, fn):
+        def wrapper(*a, **kw):
+            synchronize(device)
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                synchronize(device)
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    cls = select.TritonSelector
+    cls.histogram = timed("histogram passes", cls.histogram)
+    cls.select_compact = timed("mask + candidates (incl. candidate select)", cls.select_compact)
+    cls.write_masks = timed("tie + mask passes (fallback path)", cls.write_masks)
+    return phases
+
+
 def _worker(method, args, queue):
     if method == "triton" and args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
@@ -97,12 +122,14 @@ def _worker(method, args, queue):
 
     shapes = SHAPE_SETS[args.shapes]()
     params, gf, gr = make_inputs(shapes, DTYPES[args.dtype], args.device)
+    phases = instrument_phases(args.device) if method == "triton" else {}
     synchronize(args.device)
     cuda = args.device == "cuda"
     base_rss = _current_rss_bytes()
     peak_rss = base_rss
     times, stats = [], None
     for repeat in range(args.repeats + 1):  # the first run warms up (compiles kernels)
+        phases.clear()
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -135,6 +162,7 @@ def _worker(method, args, queue):
             "input_passes": None if stats is None else stats.input_passes,
             "histogram_passes": None if stats is None else stats.histogram_passes,
             "tie_passes": None if stats is None else stats.tie_passes,
+            "phase_seconds_last_run": dict(phases),
             "peak_extra_bytes": int(peak),
             "peak_kind": "cuda max_memory_allocated above inputs" if cuda else "host peak RSS above inputs",
         }
