@@ -206,18 +206,16 @@ def attribute(
     try:
         if method == "wanda":
             return wanda_mask(model, forget, params, ratio=ratio, max_batches=max_batches, progress=progress)
+        select_kw = {
+            "ratio": ratio,
+            "method": method,
+            "scope": scope,
+            "backend": backend,
+            "seed": seed,
+            "nonfinite": nonfinite,
+        }
         if method in ("magnitude", "random"):
-            return mask_from_gradients(
-                params,
-                None,
-                None,
-                ratio=ratio,
-                method=method,
-                scope=scope,
-                backend=backend,
-                seed=seed,
-                nonfinite=nonfinite,
-            )
+            return mask_from_gradients(params, None, None, **select_kw)
         saved = {name: p.grad for name, p in model.named_parameters()}
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
         try:
@@ -236,17 +234,7 @@ def attribute(
                 grad_retain = _take_grads(params)
             logger.info("scoring %d tensors with method=%s", len(params), method)
             mask = mask_from_gradients(
-                params,
-                grad_forget,
-                grad_retain,
-                ratio=ratio,
-                method=method,
-                gamma=gamma,
-                scope=scope,
-                backend=backend,
-                seed=seed,
-                nonfinite=nonfinite,
-                host_gradients=offload_gradients,
+                params, grad_forget, grad_retain, gamma=gamma, host_gradients=offload_gradients, **select_kw
             )
         finally:
             for name, p in model.named_parameters():
