@@ -50,3 +50,58 @@ def test_trainer_with_masked_adamw_updates_only_selected_weights(tmp_path):
         changed += int((param.detach()[selected] != before[name][selected]).sum())
     assert changed > 0
     assert optimizer.state_nbytes() < 0.5 * sum(p.numel() * 8 for p in model.parameters())
+
+
+def test_trainer_mixin_builds_a_masked_optimizer_from_training_args(tmp_path):
+    from wagle.integrations import WagleTrainerMixin
+
+    tok, model = tiny_tokenizer(), tiny_model()
+    rows = generate_rows(num_authors=20)["forget10"][:8]
+    examples = [{k: v for k, v in e.items() if k != "example_index"} for e in encode_dataset(rows, tok)]
+    names = [n for n, _ in model.named_parameters()]
+    g = torch.Generator().manual_seed(1)
+    # only the first half of the parameters have mask entries; the rest must stay frozen
+    mask = WeightMask.from_dict(
+        {
+            n: torch.rand(p.shape, generator=g) < 0.4
+            for n, p in list(model.named_parameters())[: len(names) // 2]
+        }
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class MaskedTrainer(WagleTrainerMixin, transformers.Trainer):
+        pass
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+    )
+    trainer = MaskedTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        wagle_mask=mask,
+        data_collator=lambda batch: pad_batch(batch, tok.pad_token_id),
+    )
+    trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert isinstance(inner, MaskedAdamW)
+    assert inner.param_groups[0]["weight_decay"] == 0.1
+    for name, param in model.named_parameters():
+        if name in mask:
+            assert torch.equal(param.detach()[~mask[name]], before[name][~mask[name]]), name
+        else:
+            assert torch.equal(param.detach(), before[name]), name
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n in mask)
+    with pytest.raises(TypeError, match="wagle_mask"):
+        MaskedTrainer(model=model, args=args, train_dataset=examples, wagle_mask={})
