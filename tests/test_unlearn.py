@@ -201,3 +201,24 @@ def test_bf16_training_with_fp32_optimizer_state():
     assert all(math.isfinite(h["loss"]) for h in result.history)
     for name, param in model.named_parameters():
         assert torch.equal(param[~mask[name]], before[name][~mask[name]])
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_step_in_backward_matches_the_normal_step(state_dtype):
+    tok = tiny_tokenizer()
+    mask = attribute(
+        tiny_model(),
+        make_dataloader(FORGET, tok, batch_size=3),
+        None,
+        ratio=0.5,
+        method="snip",
+        progress=False,
+    )
+    kw = {**KW, "grad_accum": 2, "max_grad_norm": 0.0, "mask": mask, "state_dtype": state_dtype}
+    normal, hooked = tiny_model(), tiny_model()
+    unlearn(normal, FORGET, RETAIN, tokenizer=tok, method="grad_diff", **kw)
+    result = unlearn(hooked, FORGET, RETAIN, tokenizer=tok, method="grad_diff", step_in_backward=True, **kw)
+    assert len(result.history) == KW["steps"]
+    for (name, a), b in zip(normal.named_parameters(), hooked.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(p.grad is None for p in hooked.parameters())

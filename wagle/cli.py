@@ -47,6 +47,11 @@ def _add_mask_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    parser.add_argument(
+        "--offload-gradients",
+        action="store_true",
+        help="keep the forget gradients in host memory (device memory ~ weights + one gradient buffer)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     unl.add_argument("--weight-decay", type=float, default=0.0)
     unl.add_argument("--max-grad-norm", type=float, default=1.0)
     unl.add_argument("--state-layout", choices=["compact", "dense"], default="compact")
+    unl.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32", help="AdamW moment dtype")
+    unl.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="step each parameter during backward and free its gradient (clipping becomes per parameter)",
+    )
     unl.add_argument("--beta", type=float, default=None, help="beta of NPO/SimNPO")
     unl.add_argument("--checkpoint-every", type=int, default=0)
     unl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")

@@ -99,6 +99,7 @@ def run_mask(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         backend=args.backend,
         seed=args.seed,
+        offload_gradients=args.offload_gradients,
         progress=not args.no_progress,
     )
     mask.save(args.out)
@@ -136,6 +137,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm,
         max_length=args.max_length,
         state_layout=args.state_layout,
+        state_dtype=DTYPES[args.state_dtype],
+        step_in_backward=args.step_in_backward,
         objective_kwargs=objective_kwargs,
         checkpoint_dir=os.path.join(args.out, "checkpoints"),
         checkpoint_every=args.checkpoint_every,

@@ -97,6 +97,8 @@ def unlearn(
     checkpoint_every: int = 0,
     resume: bool = True,
     seed: int = 0,
+    state_dtype: torch.dtype = torch.float32,
+    step_in_backward: bool = False,
     progress: bool = True,
 ) -> UnlearnResult:
     """Unlearn ``forget`` from ``model`` while keeping ``retain``, in place.
@@ -113,8 +115,13 @@ def unlearn(
     state, step) is written atomically every ``checkpoint_every`` steps and at the end; with
     ``resume=True`` a run continues from the newest one. A NaN/Inf loss stops the run before that step
     is applied and raises :class:`UnlearningDiverged` naming the last good checkpoint.
+
+    Memory options for large models: ``state_dtype=torch.bfloat16`` halves the moments;
+    ``step_in_backward=True`` steps every parameter as soon as its gradient is complete and frees it
+    (:class:`~wagle.optim.StepInBackward`), so no model-sized gradient buffer exists; clipping then
+    applies ``max_grad_norm`` to each parameter's gradient on its own instead of the global norm.
     """
-    from wagle.optim import MaskedAdamW  # imported late: the optimizer module imports the kernels
+    from wagle.optim import MaskedAdamW, StepInBackward  # late: the optimizer module imports the kernels
 
     _check_positive("steps", steps, integer=True)
     _check_positive("lr", lr)
@@ -184,6 +191,7 @@ def unlearn(
         betas=betas,
         weight_decay=weight_decay,
         state_layout=state_layout if mask is not None else "dense",
+        state_dtype=state_dtype,
         unmasked=unmasked,
     )
     warmup = int(warmup_ratio * steps)
@@ -201,7 +209,12 @@ def unlearn(
 
     started = time.perf_counter()
     was_training = model.training
+    hooks = None
     try:
+        if step_in_backward:
+            hooks = StepInBackward(
+                optimizer, accumulation_steps=grad_accum, clip_norm_per_param=max_grad_norm or None
+            )
         objective.prepare(
             model,
             list(ordered_batches(forget_examples, batch_size, pad_id)),
@@ -244,12 +257,13 @@ def unlearn(
                 step_loss += float(loss.detach()) / grad_accum
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value / grad_accum
-            if max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-                totals["grad_norm"] = grad_norm
-            optimizer.step()
+            if not step_in_backward:  # otherwise the hooks clipped, stepped and freed during backward
+                if max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+                    totals["grad_norm"] = grad_norm
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             record = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], **totals}
             history.append(record)
             bar.set_postfix(loss=f"{step_loss:.4f}")
@@ -265,6 +279,8 @@ def unlearn(
                     {"history": history, "method": objective.name, "seed": seed},
                 )
     finally:
+        if hooks is not None:
+            hooks.remove()
         model.train(was_training)
         for name, param in named:
             param.requires_grad_(flags[name])
