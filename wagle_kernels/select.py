@@ -249,6 +249,8 @@ if HAS_TRITON:
         inv_gamma,
         seed,
         prefix,
+        programs,
+        iterations,
         PREFIX_SHIFT: tl.constexpr,
         DIGIT_SHIFT: tl.constexpr,
         DIGIT_BITS: tl.constexpr,
@@ -260,22 +262,30 @@ if HAS_TRITON:
 
         key_i = bits(S_i) + 1 (0 when S_i is not finite), S_i recomputed from the inputs. Keys outside
         the prefix are counted in bin 0 by ``tl.histogram`` and subtracted again, so no masked
-        histogram is needed.
+        histogram is needed. Persistent: program pid walks blocks pid, pid + P, ... (P = ``programs``,
+        ``iterations`` = ceil(blocks / P)) and adds its private histogram to the global one once, so a
+        pass makes P * 2^B global atomics instead of one histogram per block.
         """
         pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
-        inside = valid & ((key >> PREFIX_SHIFT) == prefix)
-        digit = tl.where(inside, (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1), 0)
-        hist = tl.histogram(digit, 1 << DIGIT_BITS)
-        outside = tl.sum((~inside).to(tl.int32), axis=0)
         bins = tl.arange(0, 1 << DIGIT_BITS)
-        hist = hist - tl.where(bins == 0, outside, 0)
-        tl.atomic_add(hist_ptr + bins, hist.to(tl.int64))
+        total = tl.zeros((1 << DIGIT_BITS,), tl.int64)
+        bad = tl.zeros((BLOCK,), tl.int32)
+        it = 0
+        while it < iterations:  # a while loop: the interpreter cannot range() over a scalar argument
+            offs = (pid + it * programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            valid = offs < n
+            key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
+            inside = valid & ((key >> PREFIX_SHIFT) == prefix)
+            digit = tl.where(inside, (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1), 0)
+            hist = tl.histogram(digit, 1 << DIGIT_BITS)
+            outside = tl.sum((~inside).to(tl.int32), axis=0)
+            total += (hist - tl.where(bins == 0, outside, 0)).to(tl.int64)
+            if COUNT_NONFINITE:
+                bad += (valid & (key == 0)).to(tl.int32)
+            it += 1
+        tl.atomic_add(hist_ptr + bins, total)
         if COUNT_NONFINITE:
-            bad = tl.sum((valid & (key == 0)).to(tl.int64), axis=0)
-            tl.atomic_add(nonfinite_ptr, bad)
+            tl.atomic_add(nonfinite_ptr, tl.sum(bad.to(tl.int64), axis=0))
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _tie_count_kernel(
@@ -401,6 +411,7 @@ class TritonSelector:
         num_warps: int = 8,
         candidate_fraction: float = 1 / 32,
         device: torch.device | None = None,
+        max_programs: int | None = None,
     ):
         if not HAS_TRITON:
             raise RuntimeError("TritonSelector: triton is not installed")
@@ -416,6 +427,12 @@ class TritonSelector:
         self.histogram_passes = 0  # passes over the inputs (w, g_f, g_r)
         self.candidate_fraction = candidate_fraction
         self.compacted = False
+        if max_programs is None:  # persistent histogram programs: a few per SM on a GPU
+            cuda = self.device.type == "cuda"
+            max_programs = (
+                4 * torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 4
+            )
+        self.max_programs = max(1, max_programs)
 
     def _device(self) -> torch.device:
         for src in self.sources:
@@ -448,7 +465,8 @@ class TritonSelector:
         for index, src in enumerate(self.sources):
             if src.numel == 0:
                 continue
-            _histogram_kernel[self._grid(src)](
+            programs = min(self._grid(src)[0], self.max_programs)
+            _histogram_kernel[(programs,)](
                 *self._inputs(src),
                 hist,
                 nonfinite[index:],
@@ -457,6 +475,8 @@ class TritonSelector:
                 self.spec.inv_gamma,
                 self.spec.seed,
                 prefix,
+                programs,
+                triton.cdiv(self._grid(src)[0], programs),
                 PREFIX_SHIFT=prefix_shift,
                 DIGIT_SHIFT=digit_shift,
                 DIGIT_BITS=digit_bits,
