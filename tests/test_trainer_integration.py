@@ -13,6 +13,21 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 
+def training_args(tmp_path, **overrides):
+    """Three quiet CPU steps, nothing saved or reported."""
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        **overrides,
+    )
+
+
 def test_trainer_with_masked_adamw_updates_only_selected_weights(tmp_path):
     tok, model = tiny_tokenizer(), tiny_model()
     rows = generate_rows(num_authors=20)["forget10"][:8]
@@ -24,17 +39,7 @@ def test_trainer_with_masked_adamw_updates_only_selected_weights(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = MaskedAdamW(model.named_parameters(), mask, lr=1e-2, weight_decay=0.1, state_layout="compact")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        max_grad_norm=1.0,
-    )
+    args = training_args(tmp_path, max_grad_norm=1.0)
     trainer = transformers.Trainer(
         model=model,
         args=args,
@@ -72,19 +77,8 @@ def test_trainer_mixin_builds_a_masked_optimizer_from_training_args(tmp_path):
     class MaskedTrainer(WagleTrainerMixin, transformers.Trainer):
         pass
 
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        lr_scheduler_type="linear",
-        warmup_steps=1,
+    args = training_args(
+        tmp_path, learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="linear", warmup_steps=1
     )
     trainer = MaskedTrainer(
         model=model,
