@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 
 from wagle.mask import WeightMask
-from wagle_kernels.masked_adamw import (
-    AdamWScalars,
-    masked_adamw_multi_step_triton,
-    masked_adamw_step_torch,
-    masked_adamw_step_triton,
-)
+from wagle_kernels.masked_adamw import AdamWScalars, masked_adamw_step_torch, masked_adamw_step_triton
 
 from .masked import MaskedOptimizer, ParamPlan, require_nonnegative
 
@@ -18,24 +13,40 @@ from .masked import MaskedOptimizer, ParamPlan, require_nonnegative
 class MaskedAdamW(MaskedOptimizer):
     """AdamW restricted to a weight mask.
 
-    Selected weights follow ``torch.optim.AdamW`` exactly (decoupled decay ``p *= 1 - lr*wd``,
-    ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``, bias-corrected step
-    ``p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``); unselected weights stay bit-for-bit
-    unchanged and own no state.
+    Selected weights follow ``torch.optim.AdamW`` (same formula and operation order, fp32 math):
+    with ``t`` the parameter's step count,
+
+        p <- p * (1 - lr * wd)
+        m <- m + (1 - beta1) * (g - m)
+        v <- beta2 * v + (1 - beta2) * g^2
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    Unselected weights stay bit-for-bit unchanged and own no state (unless ``decay_unselected``).
 
     Args:
-        params: ``(name, tensor)`` pairs (``model.named_parameters()``) or param groups of such pairs.
-        mask: the :class:`~wagle.WeightMask` (entries matched by name, shapes checked).
-        state_layout: ``dense`` (param-shaped moments) or ``compact`` (moments for selected weights
-            only: state memory = ratio x dense).
-        state_dtype: dtype of the moments (float32 or bfloat16).
-        decay_unselected: reproduce the reference implementation (mask the gradient, then plain AdamW
-            over all weights, so weight decay still shrinks unselected weights); dense layout only.
-        unmasked: what to do with parameters that have no mask entry: ``error``, ``dense`` (update
-            fully) or ``freeze``.
-        fused: True runs the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), False the torch
-            path, None picks the kernel for CUDA parameters.
+        params: ``(name, tensor)`` pairs (``model.named_parameters()``) or param groups (dicts) whose
+            ``params`` are such pairs; group entries override the defaults below.
+        mask: the :class:`~wagle.WeightMask`; entries are matched by name and their shapes checked.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        state_layout: ``"dense"`` (param-shaped moments) or ``"compact"`` (moments for the selected
+            weights only: state memory = ratio x dense, plus 8 bytes of index metadata per 2048 weights
+            on the Triton path).
+        state_dtype: dtype of the moments, ``torch.float32`` or ``torch.bfloat16`` (math is fp32).
+        decay_unselected: reproduce the reference implementation (multiply the gradient by the mask,
+            then plain AdamW over every weight, so weight decay and the moments still move unselected
+            weights); needs ``state_layout="dense"``.
+        unmasked: parameters without a mask entry: ``"error"`` (raise), ``"dense"`` (update every weight)
+            or ``"freeze"`` (never update, no state).
+        fused: ``True`` runs the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
+            ``False`` the torch path, ``None`` the kernel for CUDA parameters and torch otherwise.
+
+    ``optimizer.state[p]`` holds ``step`` (a float32 CPU tensor, as torch.optim), ``exp_avg`` and
+    ``exp_avg_sq`` (param-shaped, or 1-D with ``mask.selected(name)`` entries for the compact layout).
+    ``launches`` is the number of Triton launches of the last :meth:`step` (one per up to 16 tensors of
+    a (layout, dtype, device) bucket).
     """
+
+    state_tensor_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -53,11 +64,12 @@ class MaskedAdamW(MaskedOptimizer):
         fused: bool | None = None,
     ):
         require_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas: each must be in [0, 1), got {betas}")
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"betas: expected two values in [0, 1), got {betas}")
         if decay_unselected and state_layout == "compact":
             raise ValueError("decay_unselected=True updates every weight, so it needs state_layout='dense'")
-        self.decay_unselected = decay_unselected
+        self.decay_unselected = bool(decay_unselected)
+        self.launches = 0
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(
             params,
@@ -69,7 +81,7 @@ class MaskedAdamW(MaskedOptimizer):
             fused=fused,
         )
 
-    def _touches_unselected(self) -> bool:
+    def touches_unselected(self) -> bool:
         return self.decay_unselected
 
     def _advance(self, group: dict, param: torch.Tensor, plan: ParamPlan) -> AdamWScalars:
@@ -81,72 +93,40 @@ class MaskedAdamW(MaskedOptimizer):
             state["exp_avg_sq"] = self.new_state_tensor(param, plan)
         state["step"] += 1
         return AdamWScalars.make(
-            group["lr"], group["betas"], group["eps"], group["weight_decay"], int(state["step"].item())
+            float(group["lr"]),
+            group["betas"],
+            float(group["eps"]),
+            float(group["weight_decay"]),
+            state["step"].item(),
         )
 
-    def _step_group(self, group: dict, items: list[tuple[torch.Tensor, ParamPlan]]) -> None:
-        """Fused parameters go out in one multi-tensor launch per (layout, dtypes, device) bucket."""
-        buckets: dict[tuple, list[tuple[torch.Tensor, ParamPlan]]] = {}
-        rest = []
-        for param, plan in items:
-            if self.decay_unselected or not self.use_fused(param):
-                rest.append((param, plan))
-                continue
-            masked = plan.kind == "masked"
-            key = (
-                masked,
-                masked and self.state_layout == "compact",
-                param.dtype,
-                param.grad.dtype,
-                param.device,
-            )
-            buckets.setdefault(key, []).append((param, plan))
+    def _step_items(self, group: dict, items: list[tuple[torch.Tensor, ParamPlan, torch.Tensor]]) -> None:
+        scalars = {id(param): self._advance(group, param, plan) for param, plan, _ in items}
+        buckets, rest = self.fused_buckets(items)
+        launches = 0
         for (masked, compact, *_), members in buckets.items():
-            scalars = [self._advance(group, p, plan) for p, plan in members]
-            states = [self.state[p] for p, _ in members]
-            launched = masked_adamw_multi_step_triton(
-                [p.data for p, _ in members],
-                [p.grad for p, _ in members],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [plan.packed for _, plan in members] if masked else None,
-                [plan.prefix() for _, plan in members] if compact else None,
-                scalars,
+            device = members[0][0].device
+            states = [self.state[param] for param, _, _ in members]
+            launches += masked_adamw_step_triton(
+                [param for param, _, _ in members],
+                [grad for _, _, grad in members],
+                [state["exp_avg"] for state in states],
+                [state["exp_avg_sq"] for state in states],
+                [plan.bits(device) for _, plan, _ in members] if masked else None,
+                [plan.prefix(device) for _, plan, _ in members] if compact else None,
+                [scalars[id(param)] for param, _, _ in members],
+                decay_all=masked and self.decay_unselected,
             )
-            if not launched:  # addresses not element-aligned: one launch per tensor
-                for (param, plan), step_scalars in zip(members, scalars, strict=True):
-                    self._apply(param, plan, step_scalars)
-        for param, plan in rest:
-            self._step_param(group, param, plan)
-
-    def _step_param(self, group: dict, param: torch.Tensor, plan: ParamPlan) -> None:
-        self._apply(param, plan, self._advance(group, param, plan))
-
-    def _apply(self, param: torch.Tensor, plan: ParamPlan, scalars: AdamWScalars) -> None:
-        state = self.state[param]
-        masked = plan.kind == "masked"
-        compact = masked and self.state_layout == "compact"
-        grad = param.grad
-        if masked and self.decay_unselected:  # the reference procedure: grad * mask, then plain AdamW
-            grad = grad * plan.flat_mask().view(param.shape)
-            masked = False
-        if self.use_fused(param):
-            masked_adamw_step_triton(
-                param.data,
-                grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                plan.packed if masked else None,
-                plan.prefix() if compact else None,
-                scalars,
-            )
-        else:
+        for param, plan, grad in rest:
+            state = self.state[param]
             masked_adamw_step_torch(
                 param.data,
                 grad,
                 state["exp_avg"],
                 state["exp_avg_sq"],
-                plan.flat_mask() if masked else None,
-                scalars,
-                compact=compact,
+                plan.selected_flat(param.device) if plan.masked else None,
+                scalars[id(param)],
+                compact=plan.masked and self.state_layout == "compact",
+                decay_all=plan.masked and self.decay_unselected,
             )
+        self.launches = launches

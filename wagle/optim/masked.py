@@ -1,11 +1,22 @@
 """Shared machinery of the masked optimizers: named parameters, mask pairing, state layout, state_dict.
 
-Every parameter is paired by name with its :class:`~wagle.WeightMask` entry and gets a plan:
+Every parameter is given as ``(name, tensor)`` (``model.named_parameters()``), paired by name with its
+:class:`~wagle.WeightMask` entry (shapes checked) and gets a :class:`ParamPlan`:
 
-* ``masked``  - only selected weights are updated; state for them only (``compact``) or param-shaped
-  (``dense``, unselected entries never touched);
-* ``dense``   - no mask entry and ``unmasked="dense"``: updated like the plain optimizer;
-* ``frozen``  - no mask entry and ``unmasked="freeze"``: never updated, no state.
+* ``masked`` - only the selected weights are updated. Their state is param-shaped (``dense`` layout;
+  unselected entries stay zero and are never used) or holds the selected weights only, in flat order
+  (``compact`` layout: state memory = ratio x dense). A parameter with no selected weight gets no state
+  and is skipped.
+* ``dense``  - no mask entry and ``unmasked="dense"``: updated like the plain optimizer.
+* ``frozen`` - no mask entry and ``unmasked="freeze"``: never updated, no state.
+
+Compact index metadata (Triton path): per block of ``STATE_BLOCK`` weights, the exclusive prefix count of
+selected weights (int64, derived once per device from the static mask: 8 bytes per 2048 weights). The
+torch path unpacks a parameter's mask bits when it steps it and keeps nothing.
+
+``state_dict()`` adds a ``"wagle"`` entry (optimizer class, mask fingerprint, a digest of the names,
+shapes and mask bits of the optimizer's parameters, state layout and dtype); ``load_state_dict`` rejects
+a state saved for another mask, another layout or other parameters, and checks every state tensor's size.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from wagle_kernels.mask_bits import block_prefix
 STATE_LAYOUTS = ("dense", "compact")
 UNMASKED_POLICIES = ("error", "dense", "freeze")
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+STATE_DICT_VERSION = 2
 
 
 @dataclass
@@ -34,116 +46,115 @@ class ParamPlan:
 
     name: str
     kind: str  # "masked" | "dense" | "frozen"
+    shape: tuple[int, ...]
     numel: int
-    packed: torch.Tensor | None = None  # mask bits on the parameter's device
     selected: int = 0
-    _flat: torch.Tensor | None = field(default=None, repr=False)
-    _prefix: torch.Tensor | None = field(default=None, repr=False)
+    packed: torch.Tensor | None = None  # the mask bits as the mask holds them (uint8)
+    _bits: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+    _prefix: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def flat_mask(self) -> torch.Tensor:
-        """Flat bool mask (torch path; cached)."""
-        if self._flat is None:
-            self._flat = unpack_bits(self.packed, self.numel)
-        return self._flat
+    @property
+    def masked(self) -> bool:
+        return self.kind == "masked"
 
-    def prefix(self) -> torch.Tensor:
-        """Compact-index metadata (Triton path; cached)."""
-        if self._prefix is None:
-            self._prefix = block_prefix(self.packed, self.numel)
-        return self._prefix
+    def bits(self, device: torch.device) -> torch.Tensor:
+        """The mask bits on ``device`` (copied once per device)."""
+        bits = self._bits.get(device)
+        if bits is None:
+            bits = self.packed.to(device).contiguous()
+            self._bits[device] = bits
+        return bits
+
+    def prefix(self, device: torch.device) -> torch.Tensor:
+        """Compact-index metadata on ``device``: int64 exclusive prefix of selected counts per block."""
+        prefix = self._prefix.get(device)
+        if prefix is None:
+            prefix = block_prefix(self.bits(device), self.numel)
+            self._prefix[device] = prefix
+        return prefix
+
+    def selected_flat(self, device: torch.device) -> torch.Tensor:
+        """Flat bool mask on ``device`` (unpacked on demand, not kept)."""
+        return unpack_bits(self.bits(device), self.numel)
+
+    def state_numel(self, layout: str) -> int:
+        """Elements of each state tensor: ``selected`` (compact layout, masked) or ``numel``."""
+        return self.selected if self.masked and layout == "compact" else self.numel
+
+    def metadata_nbytes(self) -> int:
+        """Bytes of cached index metadata and device copies of the mask bits."""
+        total = sum(t.numel() * t.element_size() for t in self._prefix.values())
+        if self.packed is not None:
+            total += sum(
+                t.numel() * t.element_size()
+                for t in self._bits.values()
+                if t.data_ptr() != self.packed.data_ptr()
+            )
+        return total
 
 
 def require_nonnegative(**values: float) -> None:
     """Raise a ValueError naming the first hyperparameter that is negative or NaN."""
     for name, value in values.items():
-        if not value >= 0.0:
+        if not float(value) >= 0.0:
             raise ValueError(f"{name}: must be >= 0, got {value}")
 
 
-def _pairs(items, where: str) -> list[tuple[str, torch.Tensor]]:
-    pairs = []
-    for item in items:
-        if isinstance(item, torch.Tensor):
-            raise TypeError(
-                f"{where}: parameters must be (name, tensor) pairs, e.g. model.named_parameters(), "
-                "so each one is matched with its mask entry by name"
-            )
-        name, tensor = item
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{where}: expected (name, tensor) pairs, got ({type(name).__name__}, ...)")
-        pairs.append((name, tensor))
-    return pairs
-
-
-def parse_named_param_groups(params) -> list[dict[str, Any]]:
-    """``(name, tensor)`` pairs, or dicts with ``params`` = such pairs, -> groups with ``params`` and
-    ``param_names``."""
+def _named_pairs(group: Mapping, where: str) -> tuple[list[str], list[torch.Tensor]]:
+    """``(names, tensors)`` of a group given as ``(name, tensor)`` pairs, or as tensors with an explicit
+    ``param_names`` list (the form torch.optim's state_dict uses)."""
+    params = group["params"]
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"{where}: 'params' must be a list of (name, tensor) pairs, got a single tensor")
     params = list(params)
-    if not params:
-        raise ValueError("params: empty parameter list")
-    groups = params if isinstance(params[0], Mapping) else [{"params": params}]
-    out, seen = [], set()
-    for index, group in enumerate(groups):
-        if not isinstance(group, Mapping) or "params" not in group:
-            raise TypeError(f"params: group {index} must be a dict with a 'params' entry")
-        pairs = _pairs(group["params"], f"params (group {index})")
-        for name, _ in pairs:
-            if name in seen:
-                raise ValueError(f"params: parameter {name!r} appears twice")
-            seen.add(name)
-        rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-        out.append({**rest, "params": [t for _, t in pairs], "param_names": [n for n, _ in pairs]})
-    return out
-
-
-def make_plans(groups: list[dict], mask: WeightMask, unmasked: str) -> dict[int, ParamPlan]:
-    """Pair every parameter with its mask entry; raise on shape mismatch or missing entries."""
-    if not isinstance(mask, WeightMask):
-        raise TypeError(f"mask: expected a wagle.WeightMask, got {type(mask).__name__}")
-    if unmasked not in UNMASKED_POLICIES:
-        raise ValueError(f"unmasked: expected one of {UNMASKED_POLICIES}, got {unmasked!r}")
-    plans: dict[int, ParamPlan] = {}
-    missing = []
-    for group in groups:
-        for name, param in zip(group["param_names"], group["params"], strict=True):
-            if not param.is_floating_point():
-                raise TypeError(f"params: {name!r} has dtype {param.dtype}; only floating-point parameters")
-            if name in mask:
-                if tuple(mask.shape(name)) != tuple(param.shape):
-                    raise MaskMismatchError(
-                        f"mask: parameter {name!r} has shape {tuple(param.shape)} but its mask entry has "
-                        f"{tuple(mask.shape(name))} (a mask made for another model?)"
-                    )
-                packed = mask.packed(name).to(param.device)
-                plans[id(param)] = ParamPlan(name, "masked", param.numel(), packed, mask.selected(name))
-            elif unmasked == "error":
-                missing.append(name)
-            else:
-                kind = "dense" if unmasked == "dense" else "frozen"
-                plans[id(param)] = ParamPlan(
-                    name, kind, param.numel(), selected=param.numel() if kind == "dense" else 0
+    explicit = group.get("param_names")
+    if explicit is not None:
+        names = list(explicit)
+        if len(names) != len(params) or not all(isinstance(t, torch.Tensor) for t in params):
+            raise TypeError(f"{where}: 'param_names' must name each tensor of 'params' once")
+        tensors = params
+    else:
+        names, tensors = [], []
+        for item in params:
+            if isinstance(item, torch.Tensor):
+                raise TypeError(
+                    f"{where}: parameters must be (name, tensor) pairs, e.g. model.named_parameters(), "
+                    "so each one is paired with its mask entry by name"
                 )
-    if missing:
-        raise MaskMismatchError(
-            f"mask: no entry for parameter(s) {missing[:5]}"
-            + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-            + "; pass unmasked='dense' to update them fully or unmasked='freeze' to keep them fixed"
-        )
-    return plans
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise TypeError(f"{where}: expected (name, tensor) pairs, got {type(item).__name__}")
+            name, tensor = item
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"{where}: expected (name, tensor) pairs, got "
+                    f"({type(name).__name__}, {type(tensor).__name__})"
+                )
+            names.append(name)
+            tensors.append(tensor)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: parameter names must be strings, got {type(name).__name__}")
+    return names, tensors
 
 
 def mask_digest(plans: Iterable[ParamPlan]) -> str:
-    """sha256 over names, shapes and mask bits: identifies the exact mask an optimizer state belongs to."""
+    """sha256 over names, kinds, shapes and mask bits: the exact mask an optimizer state belongs to."""
     digest = hashlib.sha256()
     for plan in plans:
-        digest.update(f"{plan.name}:{plan.kind}:{plan.numel}\n".encode())
+        digest.update(f"{plan.name}:{plan.kind}:{','.join(map(str, plan.shape))}\n".encode())
         if plan.packed is not None:
-            digest.update(plan.packed.detach().cpu().numpy().tobytes())
+            digest.update(plan.packed.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
 class MaskedOptimizer(torch.optim.Optimizer):
-    """Base class: parameter plans, fused/torch dispatch, per-parameter stepping, mask-checked state_dict."""
+    """Base class: parameter plans, fused/torch dispatch, per-parameter stepping, mask-checked state_dict.
+
+    Subclasses implement :meth:`_step_items` (one param group's parameters that have gradients).
+    """
+
+    #: per-parameter state tensors a subclass keeps (for validation on load)
+    state_tensor_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -156,110 +167,220 @@ class MaskedOptimizer(torch.optim.Optimizer):
         unmasked: str,
         fused: bool | None,
     ):
+        if not isinstance(mask, WeightMask):
+            raise TypeError(f"mask: expected a wagle.WeightMask, got {type(mask).__name__}")
         if state_layout not in STATE_LAYOUTS:
             raise ValueError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype: expected torch.float32 or torch.bfloat16, got {state_dtype}")
+        if unmasked not in UNMASKED_POLICIES:
+            raise ValueError(f"unmasked: expected one of {UNMASKED_POLICIES}, got {unmasked!r}")
         if fused not in (None, True, False):
             raise ValueError(f"fused: expected None, True or False, got {fused!r}")
-        groups = parse_named_param_groups(params)
-        self._plans = make_plans(groups, mask, unmasked)
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params: expected (name, tensor) pairs (e.g. model.named_parameters()), got a tensor"
+            )
+        self.mask = mask
         self.state_layout = state_layout
         self.state_dtype = state_dtype
+        self.unmasked = unmasked
         self.fused = fused
-        for group in groups:
-            devices = {p.device for p in group["params"]}
-            if fused and len(devices) > 1:
-                raise ValueError(
-                    f"params: a fused group must be on one device, got {sorted(map(str, devices))}"
-                )
-            if fused:
-                require_triton(group["params"], f"{type(self).__name__}(fused=True)")
-        super().__init__(groups, defaults)
+        self._plans: dict[int, ParamPlan] = {}
+        self._group_index: dict[int, int] = {}
         self._digest: str | None = None
+        params = list(params)
+        if not params:
+            raise ValueError("params: empty parameter list")
+        if not isinstance(params[0], Mapping):
+            params = [{"params": params}]
+        super().__init__(params, defaults)
 
-    # ---- helpers for subclasses -------------------------------------------------------------
+    # ---- parameter groups ---------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of ``(name, tensor)`` pairs (or tensors plus ``param_names``), each paired with
+        its mask entry; raises on a shape mismatch, a missing entry (``unmasked="error"``), a
+        non-float/complex/non-contiguous parameter, a duplicate, or mixed devices when ``fused=True``."""
+        if not isinstance(param_group, Mapping) or "params" not in param_group:
+            raise TypeError("params: each group must be a dict with a 'params' entry")
+        where = f"params (group {len(self.param_groups)})"
+        names, tensors = _named_pairs(param_group, where)
+        if not tensors:
+            raise ValueError(f"{where}: empty parameter group")
+        known = {plan.name for plan in self._plans.values()}
+        plans, missing, seen, seen_ids = [], [], set(), set()
+        for name, param in zip(names, tensors, strict=True):
+            if name in known or name in seen:
+                raise ValueError(f"{where}: parameter {name!r} appears twice")
+            if id(param) in self._plans or id(param) in seen_ids:
+                raise ValueError(f"{where}: parameter {name!r} is the same tensor as another parameter")
+            seen.add(name)
+            seen_ids.add(id(param))
+            plans.append(self._make_plan(name, param, missing, where))
+        if missing:
+            raise MaskMismatchError(
+                f"mask: no entry for parameter(s) {missing[:5]}"
+                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+                + "; pass unmasked='dense' to update them fully or unmasked='freeze' to keep them fixed"
+            )
+        if self.fused:
+            devices = {t.device for t in tensors}
+            if len(devices) > 1:
+                raise ValueError(
+                    f"{where}: a fused group must be on one device, got {sorted(map(str, devices))} "
+                    f"(parameters {names[:3]}...)"
+                )
+            require_triton(tensors, f"{type(self).__name__}(fused=True)")
+        rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        index = len(self.param_groups)
+        super().add_param_group({**rest, "params": tensors, "param_names": names})
+        for param, plan in zip(tensors, plans, strict=True):
+            self._plans[id(param)] = plan
+            self._group_index[id(param)] = index
+        self._digest = None
+
+    def _make_plan(self, name: str, param: torch.Tensor, missing: list[str], where: str) -> ParamPlan:
+        if param.is_complex() or not param.is_floating_point():
+            raise TypeError(f"{where}: {name!r} has dtype {param.dtype}; only real floating-point parameters")
+        if param.is_sparse or not param.is_contiguous():
+            raise ValueError(f"{where}: {name!r} must be a dense contiguous tensor")
+        shape = tuple(param.shape)
+        if name in self.mask:
+            if tuple(self.mask.shape(name)) != shape:
+                raise MaskMismatchError(
+                    f"mask: parameter {name!r} has shape {shape} but its mask entry has "
+                    f"{tuple(self.mask.shape(name))} (a mask made for another model?)"
+                )
+            return ParamPlan(
+                name, "masked", shape, param.numel(), self.mask.selected(name), self.mask.packed(name)
+            )
+        if self.unmasked == "error":
+            missing.append(name)
+            return ParamPlan(name, "frozen", shape, param.numel())
+        if self.unmasked == "dense":
+            return ParamPlan(name, "dense", shape, param.numel(), param.numel())
+        return ParamPlan(name, "frozen", shape, param.numel())
+
     def plan(self, param: torch.Tensor) -> ParamPlan:
+        """The :class:`ParamPlan` of one of this optimizer's parameters."""
         try:
             return self._plans[id(param)]
         except KeyError:
             raise ValueError("this tensor is not a parameter of the optimizer") from None
 
+    def group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        """The param group that holds ``param``."""
+        try:
+            return self.param_groups[self._group_index[id(param)]]
+        except KeyError:
+            raise ValueError("this tensor is not a parameter of the optimizer") from None
+
+    def named_plans(self) -> list[tuple[torch.Tensor, ParamPlan]]:
+        """``(param, plan)`` for every parameter in group order."""
+        return [(p, self._plans[id(p)]) for g in self.param_groups for p in g["params"]]
+
+    # ---- dispatch helpers ---------------------------------------------------------------------
     def use_fused(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` steps through the Triton kernel (``fused=None``: CUDA tensors only)."""
         if self.fused is None:
             return param.is_cuda and triton_supports([param])
+        if self.fused:
+            require_triton([param], f"{type(self).__name__}(fused=True)")
         return self.fused
 
-    def check_grad(self, name: str, grad: torch.Tensor, param: torch.Tensor) -> None:
-        if grad.is_sparse:
-            raise TypeError(
-                f"{type(self).__name__}: parameter {name!r} has a sparse gradient (not supported)"
-            )
-        if grad.is_complex() or param.is_complex():
-            raise TypeError(f"{type(self).__name__}: parameter {name!r} is complex (not supported)")
+    def touches_unselected(self) -> bool:
+        """True when unselected weights change too (AdamW's ``decay_unselected``)."""
+        return False
+
+    def skips(self, plan: ParamPlan) -> bool:
+        """A parameter that never changes: frozen, or masked with no selected weight."""
+        return plan.kind == "frozen" or (plan.masked and plan.selected == 0 and not self.touches_unselected())
+
+    def check_grad(self, plan: ParamPlan, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Raise a clear error (naming the parameter) for gradients the optimizer cannot use."""
+        owner = type(self).__name__
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise TypeError(f"{owner}: parameter {plan.name!r} has a sparse gradient (not supported)")
+        if grad.is_complex():
+            raise TypeError(f"{owner}: parameter {plan.name!r} has a complex gradient (not supported)")
         if grad.shape != param.shape:
-            raise ValueError(f"{type(self).__name__}: gradient of {name!r} has shape {tuple(grad.shape)}")
+            raise ValueError(
+                f"{owner}: gradient of {plan.name!r} has shape {tuple(grad.shape)}, "
+                f"parameter {tuple(param.shape)}"
+            )
+        if grad.device != param.device:
+            raise ValueError(
+                f"{owner}: gradient of {plan.name!r} is on {grad.device}, the parameter on {param.device}"
+            )
+        if not param.is_contiguous():
+            raise ValueError(f"{owner}: parameter {plan.name!r} is no longer contiguous")
 
     def new_state_tensor(self, param: torch.Tensor, plan: ParamPlan) -> torch.Tensor:
-        """A zero state tensor: compact (selected weights) or param-shaped."""
-        if plan.kind == "masked" and self.state_layout == "compact":
+        """A zero state tensor: compact (selected weights, 1-D) or param-shaped."""
+        if plan.masked and self.state_layout == "compact":
             return torch.zeros(plan.selected, dtype=self.state_dtype, device=param.device)
         return torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
-
-    def group_of(self, param: torch.Tensor) -> dict:
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                return group
-        raise ValueError("this tensor is not a parameter of the optimizer")
 
     # ---- stepping ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One step for every parameter that has a gradient (frozen ones are skipped)."""
+        """One step for every parameter that has a gradient (frozen ones and masked ones without
+        selected weights are skipped). Returns the closure's loss, if a closure is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             items = []
-            for name, param in zip(group["param_names"], group["params"], strict=True):
+            for param in group["params"]:
                 if param.grad is None:
                     continue
-                plan = self.plan(param)
-                if plan.kind == "frozen" or (
-                    plan.kind == "masked" and plan.selected == 0 and not self._touches_unselected()
-                ):
+                plan = self._plans[id(param)]
+                if self.skips(plan):
                     continue
-                self.check_grad(name, param.grad, param)
-                items.append((param, plan))
-            self._step_group(group, items)
+                self.check_grad(plan, param, param.grad)
+                items.append((param, plan, param.grad))
+            if items:
+                self._step_items(group, items)
         return loss
 
-    def _step_group(self, group: dict, items: list[tuple[torch.Tensor, ParamPlan]]) -> None:
-        """Step the parameters of one group (subclasses may batch them into multi-tensor launches)."""
-        for param, plan in items:
-            self._step_param(group, param, plan)
-
     @torch.no_grad()
-    def step_param(self, param: torch.Tensor) -> None:
-        """Step one parameter (used by :class:`~wagle.optim.StepInBackward`)."""
+    def step_param(self, param: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Step one parameter with ``grad`` (default ``param.grad``); used by
+        :class:`~wagle.optim.StepInBackward` (one kernel launch per parameter)."""
         plan = self.plan(param)
-        if param.grad is None or plan.kind == "frozen":
+        grad = param.grad if grad is None else grad
+        if grad is None or self.skips(plan):
             return
-        if plan.kind == "masked" and plan.selected == 0 and not self._touches_unselected():
-            return
-        self.check_grad(plan.name, param.grad, param)
-        self._step_param(self.group_of(param), param, plan)
+        self.check_grad(plan, param, grad)
+        self._step_items(self.group_of(param), [(param, plan, grad)])
 
-    def _touches_unselected(self) -> bool:
-        return False
-
-    def _step_param(self, group: dict, param: torch.Tensor, plan: ParamPlan) -> None:
+    def _step_items(self, group: dict, items: list[tuple[torch.Tensor, ParamPlan, torch.Tensor]]) -> None:
         raise NotImplementedError
 
-    # ---- memory -------------------------------------------------------------------------------
+    def fused_buckets(
+        self, items: list[tuple[torch.Tensor, ParamPlan, torch.Tensor]], extra_key=None
+    ) -> tuple[dict[tuple, list], list]:
+        """Split items into Triton buckets (one per masked/compact/dtypes/device combination, each
+        launched as ``ceil(len / MAX_TENSORS_PER_LAUNCH)`` kernels) and torch-path items."""
+        buckets: dict[tuple, list] = {}
+        rest = []
+        for item in items:
+            param, plan, grad = item
+            if not self.use_fused(param):
+                rest.append(item)
+                continue
+            masked = plan.masked
+            compact = masked and self.state_layout == "compact"
+            key = (masked, compact, param.dtype, grad.dtype, param.device)
+            if extra_key is not None:
+                key += (extra_key(item),)
+            buckets.setdefault(key, []).append(item)
+        return buckets, rest
+
+    # ---- memory ---------------------------------------------------------------------------------
     def state_nbytes(self) -> int:
-        """Bytes held by optimizer state tensors (moments/buffers; the 'step' scalars included)."""
+        """Bytes held by optimizer state tensors (moments/buffers and the 'step' scalars)."""
         total = 0
         for state in self.state.values():
             for value in state.values():
@@ -267,37 +388,58 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     total += value.numel() * value.element_size()
         return total
 
+    def metadata_nbytes(self) -> int:
+        """Bytes of compact-index metadata and device copies of mask bits the optimizer caches."""
+        return sum(plan.metadata_nbytes() for plan in self._plans.values())
+
     # ---- state_dict ---------------------------------------------------------------------------
-    def _mask_digest(self) -> str:
+    def mask_digest(self) -> str:
+        """Digest of the names, kinds, shapes and mask bits of this optimizer's parameters."""
         if self._digest is None:
-            ordered = [self.plan(p) for g in self.param_groups for p in g["params"]]
-            self._digest = mask_digest(ordered)
+            self._digest = mask_digest(plan for _, plan in self.named_plans())
         return self._digest
 
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict plus a ``"wagle"`` entry identifying mask, layout and dtype."""
         state = super().state_dict()
         state["wagle"] = {
+            "version": STATE_DICT_VERSION,
             "optimizer": type(self).__name__,
-            "mask_digest": self._mask_digest(),
+            "mask_fingerprint": self.mask.fingerprint,
+            "mask_digest": self.mask_digest(),
             "state_layout": self.state_layout,
-            "state_dtype": str(self.state_dtype),
+            "state_dtype": str(self.state_dtype).removeprefix("torch."),
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore state saved by :meth:`state_dict` of an optimizer with the same parameters and mask."""
-        meta = state_dict.get("wagle")
+        """Restore a state saved by :meth:`state_dict` of an optimizer over the same parameters and mask.
+
+        Raises :class:`~wagle.MaskMismatchError` for a state saved for another mask, ValueError for
+        another optimizer class, layout or parameter groups, or a state tensor of the wrong size.
+        Moments saved in another ``state_dtype`` are converted to this optimizer's.
+        """
+        meta = state_dict.get("wagle") if isinstance(state_dict, Mapping) else None
         if meta is None:
-            raise ValueError("state_dict: not saved by a wagle masked optimizer (no 'wagle' entry)")
-        if meta["optimizer"] != type(self).__name__:
-            raise ValueError(f"state_dict: saved by {meta['optimizer']}, not {type(self).__name__}")
-        if meta["state_layout"] != self.state_layout:
             raise ValueError(
-                f"state_dict: saved with state_layout={meta['state_layout']!r}, this optimizer uses "
+                "state_dict: not saved by a wagle masked optimizer (no 'wagle' entry with the mask digest)"
+            )
+        if meta.get("optimizer") != type(self).__name__:
+            raise ValueError(f"state_dict: saved by {meta.get('optimizer')}, not {type(self).__name__}")
+        if meta.get("state_layout") != self.state_layout:
+            raise ValueError(
+                f"state_dict: saved with state_layout={meta.get('state_layout')!r}, this optimizer uses "
                 f"{self.state_layout!r}"
             )
-        if meta["mask_digest"] != self._mask_digest():
-            raise MaskMismatchError("state_dict: it was saved for another mask or other parameters")
+        if meta.get("mask_digest") != self.mask_digest():
+            if meta.get("mask_fingerprint") != self.mask.fingerprint:
+                raise MaskMismatchError(
+                    "state_dict: it was saved for another mask (a mask over other parameter names/shapes)"
+                )
+            raise MaskMismatchError(
+                "state_dict: it was saved for another mask or other parameters (names, shapes or selected "
+                "weights differ)"
+            )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
@@ -305,14 +447,41 @@ class MaskedOptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict: parameter groups differ from this optimizer's")
         index_to_param = {}
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            if "param_names" in saved and list(saved["param_names"]) != list(group["param_names"]):
+                raise ValueError("state_dict: parameter names differ from this optimizer's")
             index_to_param.update(zip(saved["params"], group["params"], strict=True))
+        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for index, values in state_dict["state"].items():
+            if index not in index_to_param:
+                raise ValueError(f"state_dict: state for unknown parameter index {index}")
+            param = index_to_param[index]
+            plan = self._plans[id(param)]
+            restored = {}
+            for key, value in values.items():
+                if key == "step":
+                    restored[key] = (
+                        value.detach().to(dtype=torch.float32, device="cpu").clone()
+                        if isinstance(value, torch.Tensor)
+                        else torch.tensor(float(value), dtype=torch.float32)
+                    )
+                elif isinstance(value, torch.Tensor) and key in self.state_tensor_keys:
+                    expected = plan.state_numel(self.state_layout)
+                    if value.numel() != expected:
+                        raise ValueError(
+                            f"state_dict: {key!r} of {plan.name!r} has {value.numel()} elements, expected "
+                            f"{expected} ({self.state_layout} layout)"
+                        )
+                    shape = (expected,) if plan.masked and self.state_layout == "compact" else plan.shape
+                    restored[key] = (
+                        value.detach().to(device=param.device, dtype=self.state_dtype).reshape(shape)
+                    )
+                    if restored[key].data_ptr() == value.data_ptr():
+                        restored[key] = restored[key].clone()
+                else:
+                    restored[key] = value
+            new_state[param] = restored
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
             for key, value in saved.items():
                 if key not in ("params", "param_names"):
                     group[key] = value
-        self.state = defaultdict(dict)
-        for index, values in state_dict["state"].items():
-            param = index_to_param[index]
-            self.state[param] = {
-                key: (value.to(param.device) if isinstance(value, torch.Tensor) and key != "step" else value)
-                for key, value in values.items()
-            }
+        self.state = new_state

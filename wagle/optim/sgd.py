@@ -1,4 +1,4 @@
-"""``MaskedSGD``: SGD (momentum, Nesterov, weight decay) that updates only masked weights."""
+"""``MaskedSGD``: SGD (momentum, dampening, Nesterov, weight decay) that updates only masked weights."""
 
 from __future__ import annotations
 
@@ -11,13 +11,21 @@ from .masked import MaskedOptimizer, ParamPlan, require_nonnegative
 
 
 class MaskedSGD(MaskedOptimizer):
-    """SGD restricted to a weight mask, following ``torch.optim.SGD`` on selected weights.
+    """SGD restricted to a weight mask, following ``torch.optim.SGD`` on the selected weights
+    (the optimizer SalUn-style saliency unlearning uses).
 
-    ``d = g + wd * p``; momentum buffer ``b = d`` on the first step, then
-    ``b = momentum * b + (1 - dampening) * d``; ``d = d + momentum * b`` (Nesterov) or ``d = b``;
-    ``p -= lr * d``. Unselected weights are untouched and own no buffer; ``state_layout="compact"``
-    keeps the buffer for selected weights only. Other arguments as in :class:`MaskedAdamW`.
+        d <- g + wd * p
+        b <- d (first step), then b <- momentum * b + (1 - dampening) * d
+        d <- d + momentum * b (Nesterov) or d <- b (momentum > 0)
+        p <- p - lr * d
+
+    Unselected weights stay bit-for-bit unchanged and own no momentum buffer; ``state_layout="compact"``
+    keeps the buffer for the selected weights only. ``optimizer.state[p]["momentum_buffer"]`` exists
+    once a parameter has stepped with momentum > 0 (as in torch.optim.SGD). Other arguments as in
+    :class:`~wagle.optim.MaskedAdamW`.
     """
+
+    state_tensor_keys = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -37,6 +45,7 @@ class MaskedSGD(MaskedOptimizer):
         require_nonnegative(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
+        self.launches = 0
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -54,36 +63,42 @@ class MaskedSGD(MaskedOptimizer):
             fused=fused,
         )
 
-    def _step_param(self, group: dict, param: torch.Tensor, plan: ParamPlan) -> None:
-        scalars = SGDScalars(
-            group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
+    def _step_items(self, group: dict, items: list[tuple[torch.Tensor, ParamPlan, torch.Tensor]]) -> None:
+        s = SGDScalars(
+            float(group["lr"]),
+            float(group["momentum"]),
+            float(group["dampening"]),
+            float(group["weight_decay"]),
+            bool(group["nesterov"]),
         )
-        state = self.state[param]
-        buf, first = None, False
-        if scalars.momentum:
-            if state.get("momentum_buffer") is None:
+        first: dict[int, bool] = {}
+        for param, plan, _ in items:
+            state = self.state[param]
+            first[id(param)] = False
+            if s.momentum != 0 and state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = self.new_state_tensor(param, plan)
-                first = True
-            buf = state["momentum_buffer"]
-        masked = plan.kind == "masked"
-        compact = masked and self.state_layout == "compact"
-        if self.use_fused(param):
-            masked_sgd_step_triton(
-                param.data,
-                param.grad,
-                buf,
-                plan.packed if masked else None,
-                plan.prefix() if compact else None,
-                scalars,
-                first=first,
+                first[id(param)] = True
+        buckets, rest = self.fused_buckets(items)
+        launches = 0
+        for (masked, compact, *_), members in buckets.items():
+            device = members[0][0].device
+            launches += masked_sgd_step_triton(
+                [param for param, _, _ in members],
+                [grad for _, _, grad in members],
+                [self.state[param]["momentum_buffer"] for param, _, _ in members] if s.momentum else None,
+                [plan.bits(device) for _, plan, _ in members] if masked else None,
+                [plan.prefix(device) for _, plan, _ in members] if compact else None,
+                s,
+                first=[first[id(param)] for param, _, _ in members],
             )
-        else:
+        for param, plan, grad in rest:
             masked_sgd_step_torch(
                 param.data,
-                param.grad,
-                buf,
-                plan.flat_mask() if masked else None,
-                scalars,
-                first=first,
-                compact=compact,
+                grad,
+                self.state[param].get("momentum_buffer") if s.momentum else None,
+                plan.selected_flat(param.device) if plan.masked else None,
+                s,
+                first=first[id(param)],
+                compact=plan.masked and self.state_layout == "compact",
             )
+        self.launches = launches
