@@ -10,6 +10,7 @@ from .metrics import (
     rouge_l_recall,
     truth_ratio,
     truth_ratio_statistic,
+    truth_ratios_from_nll,
 )
 from .report import format_table, plot_tradeoff, write_json
 
@@ -28,5 +29,6 @@ __all__ = [
     "rouge_l_recall",
     "truth_ratio",
     "truth_ratio_statistic",
+    "truth_ratios_from_nll",
     "write_json",
 ]

@@ -1,32 +1,65 @@
-"""``wagle.evaluate``: TOFU-style evaluation of a model on forget / retain / general splits."""
+"""``wagle.evaluate``: TOFU-style evaluation of a model on forget / retain / general splits.
+
+Per split: mean answer probability ``mean_i P~(answer_i | q_i)``, mean ROUGE-L recall of the greedy
+answers, and the truth-ratio statistic (``mean(min(R, 1/R))`` on the forget split,
+``mean(max(0, 1 - R))`` elsewhere). Across splits: forget quality (KS-test p-value between the
+forget-split truth ratios and a reference's, usually the retain model's) and model utility (harmonic
+mean of the three metrics of every utility split). See :mod:`wagle.evaluation.metrics`.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import metrics as _metrics
 from .metrics import (
     FORGET_KIND,
     UTILITY_KIND,
-    answer_probability,
+    eval_mode,
     forget_quality,
-    greedy_answers,
     model_utility,
     rouge_l_recall,
+    rows_of,
     truth_ratio,
     truth_ratio_statistic,
+    truth_ratios_from_nll,
 )
 
 logger = logging.getLogger(__name__)
 
+RESULT_FORMAT = 1
+
+
+def _encode_float(value: float) -> float | str:
+    """JSON has no inf/NaN: they are written as the strings "inf", "-inf", "nan"."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def _decode_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _encode_floats(values: Sequence[float]) -> list[float | str]:
+    return [_encode_float(v) for v in values]
+
 
 @dataclass
 class SplitMetrics:
-    """Metrics of one split; the per-example lists are kept so a result can serve as a reference."""
+    """Metrics of one split, with the per-example values (so a result can serve as a reference).
+
+    ``probability``: mean of ``exp(-NLL(answer | question))``; ``rouge_l``: mean ROUGE-L recall of the
+    greedy answers; ``truth_ratio_stat``: TOFU statistic of the truth ratios for ``kind``
+    (``"forget"``: mean(min(R, 1/R)); ``"utility"``: mean(max(0, 1 - R))).
+    """
 
     probability: float
     rouge_l: float
@@ -37,120 +70,266 @@ class SplitMetrics:
     rouge_l_recalls: list[float] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
 
+    @property
+    def num_examples(self) -> int:
+        return len(self.truth_ratios)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "probability": _encode_float(self.probability),
+            "rouge_l": _encode_float(self.rouge_l),
+            "truth_ratio_stat": _encode_float(self.truth_ratio_stat),
+            "kind": self.kind,
+            "num_examples": self.num_examples,
+            "truth_ratios": _encode_floats(self.truth_ratios),
+            "probabilities": _encode_floats(self.probabilities),
+            "rouge_l_recalls": _encode_floats(self.rouge_l_recalls),
+            "answers": list(self.answers),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SplitMetrics:
+        known = {f.name for f in fields(cls)}
+        missing = [k for k in ("probability", "rouge_l", "truth_ratio_stat", "kind") if k not in data]
+        if missing:
+            raise ValueError(f"data: split metrics lack {missing}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                continue
+            if key in ("probability", "rouge_l", "truth_ratio_stat"):
+                value = float(value)
+            elif key in ("truth_ratios", "probabilities", "rouge_l_recalls"):
+                value = [float(v) for v in value]
+            elif key == "answers":
+                value = [str(v) for v in value]
+            kwargs[key] = value
+        return cls(**kwargs)
+
 
 @dataclass
 class EvaluationResult:
-    """Per-split metrics, forget quality (None without a reference) and model utility."""
+    """Per-split metrics, forget quality (None without a reference) and model utility.
+
+    ``utility_components`` holds the values whose harmonic mean is ``model_utility``
+    (``"<split>/probability"``, ``"<split>/rouge_l"``, ``"<split>/truth_ratio_stat"``).
+    """
 
     splits: dict[str, SplitMetrics]
     forget_split: str
     forget_quality: float | None = None
     model_utility: float | None = None
+    utility_splits: list[str] = field(default_factory=list)
+    utility_components: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def forget_truth_ratios(self) -> list[float]:
+        """Per-example truth ratios on the forget split (what forget quality compares)."""
+        if self.forget_split not in self.splits:
+            raise ValueError(f"forget_split: {self.forget_split!r} is not among {sorted(self.splits)}")
+        return list(self.splits[self.forget_split].truth_ratios)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (non-finite floats become the strings "inf", "-inf", "nan")."""
         return {
+            "format": RESULT_FORMAT,
             "forget_split": self.forget_split,
-            "forget_quality": self.forget_quality,
-            "model_utility": self.model_utility,
-            "splits": {name: asdict(metrics) for name, metrics in self.splits.items()},
+            "forget_quality": None if self.forget_quality is None else _encode_float(self.forget_quality),
+            "model_utility": None if self.model_utility is None else _encode_float(self.model_utility),
+            "utility_splits": list(self.utility_splits),
+            "utility_components": {k: _encode_float(v) for k, v in self.utility_components.items()},
+            "splits": {name: metrics.to_dict() for name, metrics in self.splits.items()},
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> EvaluationResult:
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
+        """Inverse of :meth:`to_dict`."""
+        if "splits" not in data or "forget_split" not in data:
+            raise ValueError("data: not an EvaluationResult dict (needs 'splits' and 'forget_split')")
         return cls(
-            splits={name: SplitMetrics(**metrics) for name, metrics in data["splits"].items()},
-            forget_split=data["forget_split"],
-            forget_quality=data.get("forget_quality"),
-            model_utility=data.get("model_utility"),
+            splits={name: SplitMetrics.from_dict(m) for name, m in data["splits"].items()},
+            forget_split=str(data["forget_split"]),
+            forget_quality=_decode_float(data.get("forget_quality")),
+            model_utility=_decode_float(data.get("model_utility")),
+            utility_splits=list(data.get("utility_splits", [])),
+            utility_components={k: float(v) for k, v in data.get("utility_components", {}).items()},
         )
-
-    def forget_truth_ratios(self) -> list[float]:
-        return self.splits[self.forget_split].truth_ratios
-
-
-def _rows(dataset, name: str) -> list[dict]:
-    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
-    if not rows:
-        raise ValueError(f"splits[{name!r}]: empty split")
-    for column in ("question", "answer", "paraphrased_answer", "perturbed_answer"):
-        if column not in rows[0]:
-            raise ValueError(f"splits[{name!r}]: missing column {column!r} (TOFU QA schema needed)")
-    return rows
 
 
 def evaluate_split(
-    model, tokenizer, rows: list[dict], kind: str, *, batch_size: int, max_new_tokens: int
+    model,
+    tokenizer,
+    rows,
+    kind: str,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    max_length: int = 256,
+    bar: tqdm | None = None,
 ) -> SplitMetrics:
-    """Answer probability, greedy ROUGE-L recall and truth ratios of one split."""
-    questions = [r["question"] for r in rows]
-    references = [r["answer"] for r in rows]
-    probs = answer_probability(model, tokenizer, questions, references, batch_size=batch_size)
-    answers = greedy_answers(
+    """Answer probability, greedy ROUGE-L recall and truth ratios of one split (TOFU QA columns).
+
+    ``kind`` is ``"forget"`` or ``"utility"`` and picks the truth-ratio statistic. The answer,
+    paraphrased and perturbed NLLs are computed in one length-sorted pass.
+    """
+    rows = rows_of(rows, "rows")
+    perturbed = [_metrics._perturbed_of(row, i, "rows") for i, row in enumerate(rows)]
+    questions = [row["question"] for row in rows]
+    references = [row["answer"] for row in rows]
+    n = len(rows)
+    flat_q = questions + questions + [q for q, group in zip(questions, perturbed, strict=True) for _ in group]
+    flat_a = references + [row["paraphrased_answer"] for row in rows] + [a for g in perturbed for a in g]
+    # Looked up through the module so tests can substitute the likelihood.
+    nll = _metrics.answer_nll(
+        model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length
+    ).double()
+    if bar is not None:
+        bar.update(1)
+    probabilities = torch.exp(-nll[:n])
+    ratios = truth_ratios_from_nll(nll[n : 2 * n], list(nll[2 * n :].split([len(g) for g in perturbed])))
+    answers = _metrics.greedy_answers(
         model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
+    if bar is not None:
+        bar.update(1)
     rouge = rouge_l_recall(answers, references)
-    ratios = truth_ratio(model, tokenizer, rows, batch_size=batch_size)
     return SplitMetrics(
-        probability=float(probs.mean()),
-        rouge_l=float(sum(rouge) / len(rouge)),
+        probability=float(probabilities.mean()),
+        rouge_l=float(np.mean(rouge)),
         truth_ratio_stat=truth_ratio_statistic(ratios, kind),
         kind=kind,
         truth_ratios=ratios.tolist(),
-        probabilities=probs.tolist(),
+        probabilities=probabilities.tolist(),
         rouge_l_recalls=rouge,
         answers=answers,
     )
 
 
+def _reference_ratios(reference, tokenizer, forget_rows, *, batch_size: int, max_length: int) -> list[float]:
+    if isinstance(reference, EvaluationResult):
+        return reference.forget_truth_ratios()
+    if isinstance(reference, torch.nn.Module):
+        return truth_ratio(
+            reference, tokenizer, forget_rows, batch_size=batch_size, max_length=max_length
+        ).tolist()
+    if isinstance(reference, (str, bytes, Mapping)):
+        raise ValueError(
+            "reference: expected a retain model, an EvaluationResult or its forget-split truth ratios, "
+            f"got {type(reference).__name__}"
+        )
+    if isinstance(reference, torch.Tensor):
+        return reference.detach().cpu().double().flatten().tolist()
+    try:
+        return [float(v) for v in np.asarray(reference, dtype=np.float64).ravel()]
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            "reference: expected a retain model, an EvaluationResult or a sequence of truth ratios, "
+            f"got {type(reference).__name__}"
+        ) from error
+
+
 def evaluate(
     model,
     tokenizer,
-    splits: Mapping,
+    splits: Mapping[str, Any],
     *,
     reference=None,
     forget_split: str = "forget",
     utility_splits: Sequence[str] = ("retain", "general"),
     batch_size: int = 16,
     max_new_tokens: int = 48,
+    max_length: int = 256,
     max_examples: int | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Evaluate ``model`` on named splits (TOFU QA schema).
+    """Evaluate ``model`` on named splits (``datasets.Dataset`` or lists of dicts, TOFU QA columns).
 
     ``reference`` (for forget quality) is a retain model with the same tokenizer, an
-    :class:`EvaluationResult` of one, or its forget-split truth ratios; None leaves forget quality
-    out. Model utility is the harmonic mean of probability, ROUGE-L and the truth-ratio statistic
-    (max(0, 1 - R)) over ``utility_splits``. ``max_examples`` evaluates only the first N of each split.
+    :class:`EvaluationResult` of one, or its forget-split truth ratios (tensor / sequence);
+    ``forget_quality = ks_2samp(R_model, R_reference).pvalue`` on ``forget_split``, None without a
+    reference. ``model_utility`` is the harmonic mean of probability, ROUGE-L recall and the
+    truth-ratio statistic ``mean(max(0, 1 - R))`` of each of ``utility_splits`` (None if empty).
+    Splits that are neither forget nor utility are reported but enter no summary. ``max_examples``
+    evaluates only the first N rows of each split. Train/eval modes are restored afterwards.
     """
+    if not isinstance(splits, Mapping) or not splits:
+        raise ValueError("splits: expected a non-empty mapping of split name -> dataset")
     if forget_split not in splits:
-        raise ValueError(f"splits: no forget split {forget_split!r} (got {sorted(splits)})")
+        raise ValueError(f"forget_split: no forget split {forget_split!r} in splits {sorted(splits)}")
+    if isinstance(utility_splits, str):
+        utility_splits = (utility_splits,)
+    utility_splits = list(utility_splits)
     missing = [s for s in utility_splits if s not in splits]
     if missing:
         raise ValueError(f"utility_splits: {missing} not in splits {sorted(splits)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if forget_split in utility_splits:
+        raise ValueError(f"utility_splits: contains the forget split {forget_split!r}")
+    _metrics._check_batch_size(batch_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+        raise ValueError(f"max_examples: must be None or an int >= 1, got {max_examples!r}")
+    rows = {name: rows_of(data, f"splits[{name!r}]")[:max_examples] for name, data in splits.items()}
+    reference_is_model = isinstance(reference, torch.nn.Module)
+
     results: dict[str, SplitMetrics] = {}
-    for name in tqdm(list(splits), desc="evaluate", disable=not progress, leave=False):
-        rows = _rows(splits[name], name)[:max_examples]
-        kind = FORGET_KIND if name == forget_split else UTILITY_KIND
-        results[name] = evaluate_split(
-            model, tokenizer, rows, kind, batch_size=batch_size, max_new_tokens=max_new_tokens
-        )
-    quality = None
-    if reference is not None:
-        if isinstance(reference, EvaluationResult):
-            reference_ratios = reference.forget_truth_ratios()
-        elif isinstance(reference, torch.nn.Module):
-            rows = _rows(splits[forget_split], forget_split)[:max_examples]
-            reference_ratios = truth_ratio(reference, tokenizer, rows, batch_size=batch_size).tolist()
-        else:
-            reference_ratios = list(reference)
-        quality = forget_quality(results[forget_split].truth_ratios, reference_ratios)
+    total = 2 * len(rows) + int(reference_is_model)
+    with (
+        eval_mode(model, reference if reference_is_model else None),
+        tqdm(total=total, desc="evaluate", unit="step", disable=not progress, leave=False) as bar,
+    ):
+        for name, split_rows in rows.items():
+            bar.set_postfix_str(f"{name} ({len(split_rows)} examples)")
+            kind = FORGET_KIND if name == forget_split else UTILITY_KIND
+            results[name] = evaluate_split(
+                model,
+                tokenizer,
+                split_rows,
+                kind,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                max_length=max_length,
+                bar=bar,
+            )
+        quality = None
+        if reference is not None:
+            if reference_is_model:
+                bar.set_postfix_str("reference truth ratios")
+            reference_ratios = _reference_ratios(
+                reference, tokenizer, rows[forget_split], batch_size=batch_size, max_length=max_length
+            )
+            if reference_is_model:
+                bar.update(1)
+            if len(reference_ratios) != len(rows[forget_split]):
+                logger.warning(
+                    "forget quality: %d reference truth ratios vs %d evaluated forget examples",
+                    len(reference_ratios),
+                    len(rows[forget_split]),
+                )
+            own_ratios = results[forget_split].truth_ratios
+            if any(math.isnan(v) for v in [*own_ratios, *reference_ratios]):
+                logger.warning("forget quality: NaN truth ratios (diverged model?); reported as NaN")
+                quality = math.nan
+            else:
+                quality = forget_quality(own_ratios, reference_ratios)
+
+    components: dict[str, float] = {}
+    for name in utility_splits:
+        m = results[name]
+        components[f"{name}/probability"] = m.probability
+        components[f"{name}/rouge_l"] = m.rouge_l
+        components[f"{name}/truth_ratio_stat"] = m.truth_ratio_stat
     utility = None
-    if utility_splits:
-        values = []
-        for name in utility_splits:
-            m = results[name]
-            values += [m.probability, m.rouge_l, m.truth_ratio_stat]
-        utility = model_utility(values)
-    return EvaluationResult(results, forget_split, quality, utility)
+    if components:
+        if any(math.isnan(v) for v in components.values()):
+            logger.warning("model utility: NaN metric values %s; reported as NaN", components)
+            utility = math.nan
+        else:
+            utility = model_utility(components)
+    return EvaluationResult(
+        splits=results,
+        forget_split=forget_split,
+        forget_quality=quality,
+        model_utility=utility,
+        utility_splits=utility_splits,
+        utility_components=components,
+    )

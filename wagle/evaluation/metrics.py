@@ -1,37 +1,112 @@
 """TOFU-style metrics (Maini et al., 2024) as pure functions.
 
-* answer NLL: mean over answer tokens of -log p(token | question, previous answer tokens);
-* answer probability P~ = exp(-answer NLL) (length-normalised probability);
-* truth ratio R = P~(perturbed answers, averaged in log space) / P~(paraphrased answer)
-  = exp(NLL(paraphrased) - mean_j NLL(perturbed_j));
-* ROUGE-L recall of the greedy answer against the reference answer;
-* forget quality: p-value of the two-sample Kolmogorov-Smirnov test between the forget-split truth
-  ratios of the evaluated model and of the retain model;
-* model utility: harmonic mean of the utility metrics (probability, ROUGE-L, truth-ratio statistic
-  on every utility split).
+Notation: for a question ``q`` and an answer ``a`` with answer tokens ``y_1..y_T`` (EOS included,
+exactly as :func:`wagle.data.format.encode_qa` builds training examples),
+
+* answer NLL      ``NLL(a|q) = -(1/T) * sum_t log p(y_t | q, y_<t)``  (length-normalised);
+* probability     ``P~(a|q) = exp(-NLL(a|q))``;
+* truth ratio     ``R = P~(perturbed) / P~(paraphrased)
+  = exp(NLL(paraphrased) - (1/K) * sum_k NLL(perturbed_k))`` (perturbed answers averaged in log space);
+* truth-ratio statistic: ``mean(min(R, 1/R))`` on the forget split, ``mean(max(0, 1 - R))`` on
+  retain/utility splits;
+* ROUGE-L recall  ``LCS(prediction, reference) / len(reference)`` (tokens, Porter-stemmed);
+* forget quality  p-value of the two-sample Kolmogorov-Smirnov test between two truth-ratio samples;
+* model utility   harmonic mean ``n / sum_i (1 / v_i)`` of the utility metric values (0 if any is 0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from scipy import stats
 
-from wagle.data.format import encode_qa, format_question, pad_batch
+from wagle.data.format import IGNORE_INDEX, encode_qa, format_question, pad_batch
+
+logger = logging.getLogger(__name__)
 
 FORGET_KIND, UTILITY_KIND = "forget", "utility"
+_UTILITY_ALIASES = (UTILITY_KIND, "retain")
+TOFU_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 
 
+# --------------------------------------------------------------------------------------------- helpers
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer: has neither a pad nor an eos token")
-    return pad
+    return int(pad)
 
 
+def _input_device(model) -> torch.device:
+    """Device of the input embeddings (the first device of a model dispatched over several)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(*models) -> Iterator[None]:
+    """Put ``models`` in eval mode and restore every submodule's own train/eval flag afterwards."""
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    try:
+        for model in models:
+            if model is not None:
+                model.eval()
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+def _str_list(values, name: str) -> list[str]:
+    if isinstance(values, str):
+        raise ValueError(f"{name}: expected a sequence of strings, got a single string")
+    out = list(values)
+    for i, value in enumerate(out):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}[{i}]: expected str, got {type(value).__name__}")
+    return out
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be an int >= 1, got {batch_size!r}")
+
+
+def rows_of(dataset, name: str = "dataset", columns: Sequence[str] = TOFU_COLUMNS) -> list[dict[str, Any]]:
+    """Rows of a ``datasets.Dataset`` (or a sequence of dicts), checking it is non-empty with ``columns``."""
+    column_names = getattr(dataset, "column_names", None)
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    if not rows:
+        raise ValueError(f"{name}: empty split")
+    present = set(column_names) if column_names is not None else set(rows[0])
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {missing} (TOFU QA columns needed: {list(columns)})")
+    return rows
+
+
+def _perturbed_of(row: Mapping[str, Any], index: int, name: str) -> list[str]:
+    perturbed = row["perturbed_answer"]
+    if isinstance(perturbed, str):  # a single perturbed answer given as a bare string
+        perturbed = [perturbed]
+    perturbed = list(perturbed) if perturbed is not None else []
+    if not perturbed or not all(isinstance(p, str) for p in perturbed):
+        raise ValueError(f"{name}: row {index} needs a non-empty list of str in 'perturbed_answer'")
+    return perturbed
+
+
+# --------------------------------------------------------------------------------------- likelihoods
 @torch.no_grad()
 def answer_nll(
     model,
@@ -42,100 +117,133 @@ def answer_nll(
     batch_size: int = 16,
     max_length: int = 256,
 ) -> torch.Tensor:
-    """Per-example mean NLL of the answer tokens given the question (fp32, on the CPU)."""
+    """Length-normalised NLL of each answer given its question.
+
+    ``NLL_i = -(1/T_i) * sum_{t in answer_i} log softmax(logits_{t-1})[y_t]`` over the answer tokens
+    only (EOS included, prompt excluded), with the prompt/answer encoding of
+    :func:`~wagle.data.format.encode_qa` (answers truncated to ``max_length`` tokens in all). The
+    model runs in eval mode without gradients (its modes are restored); logits are upcast to fp32, so
+    fp32 and bf16 models work on any device. Examples are batched in length order to limit padding;
+    the result is independent of batching. Returns a float32 CPU tensor of shape ``(len(questions),)``.
+    """
+    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
     if len(questions) != len(answers):
         raise ValueError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
-    out = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(questions), batch_size):
-            encoded = [
-                encode_qa(tokenizer, q, a, max_length)
-                for q, a in zip(
-                    questions[start : start + batch_size], answers[start : start + batch_size], strict=True
-                )
-            ]
-            batch = pad_batch(encoded, _pad_id(tokenizer))
-            logits = (
-                model(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                )
-                .logits[:, :-1]
-                .float()
-            )
-            targets = batch["labels"][:, 1:].to(device)
-            valid = targets != -100
-            logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            nll = -(logp * valid).sum(1) / valid.sum(1).clamp(min=1)
-            out.append(nll.cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    _check_batch_size(batch_size)
+    out = torch.zeros(len(questions), dtype=torch.float32)
+    if not questions:
+        return out
+    pad_id = _pad_id(tokenizer)
+    encoded = [encode_qa(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
+    for i, example in enumerate(encoded):
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            raise ValueError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    device = _input_device(model)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch = pad_batch([encoded[i] for i in index], pad_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            ).logits
+            targets = batch["labels"][:, 1:].to(logits.device)
+            valid = targets != IGNORE_INDEX
+            # Only answer positions are upcast: (n_answer_tokens, vocab) instead of the whole batch.
+            token_nll = F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")
+            row_of = torch.arange(len(index), device=logits.device).unsqueeze(1).expand_as(valid)[valid]
+            sums = torch.zeros(len(index), dtype=torch.float32, device=logits.device)
+            sums.index_add_(0, row_of, token_nll)
+            out[torch.tensor(index)] = (sums / valid.sum(1).float()).cpu()
+    return out
 
 
-def answer_probability(model, tokenizer, questions, answers, **kw) -> torch.Tensor:
-    """P~ = exp(-mean answer-token NLL), per example."""
-    return torch.exp(-answer_nll(model, tokenizer, questions, answers, **kw))
+def answer_probability(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 256,
+) -> torch.Tensor:
+    """``P~_i = exp(-NLL_i)``: the geometric-mean per-token probability of each answer (fp32, CPU)."""
+    nll = answer_nll(model, tokenizer, questions, answers, batch_size=batch_size, max_length=max_length)
+    return torch.exp(-nll)
+
+
+def truth_ratios_from_nll(
+    nll_paraphrased: torch.Tensor | Sequence[float], nll_perturbed: Sequence[torch.Tensor | Sequence[float]]
+) -> torch.Tensor:
+    """``R_i = exp(NLL(paraphrased_i) - mean_k NLL(perturbed_ik))``, computed in float64 (so that it
+    overflows to inf only past a log-ratio of ~709). ``nll_perturbed[i]`` holds example i's K_i NLLs."""
+    para = torch.as_tensor(nll_paraphrased, dtype=torch.float64).flatten()
+    groups = [torch.as_tensor(g, dtype=torch.float64).flatten() for g in nll_perturbed]
+    if len(groups) != para.numel():
+        raise ValueError(f"nll_perturbed: {len(groups)} groups for {para.numel()} paraphrased answers")
+    if any(g.numel() == 0 for g in groups):
+        raise ValueError("nll_perturbed: every example needs at least one perturbed NLL")
+    pert = torch.tensor([float(g.mean()) for g in groups], dtype=torch.float64)
+    return torch.exp(para - pert)
 
 
 def truth_ratio(model, tokenizer, dataset, *, batch_size: int = 16, max_length: int = 256) -> torch.Tensor:
-    """R_i = exp(NLL(paraphrased_i) - mean_j NLL(perturbed_ij)), per example."""
-    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
-    for column in ("question", "paraphrased_answer", "perturbed_answer"):
-        if rows and column not in rows[0]:
-            raise ValueError(f"dataset: truth ratio needs a {column!r} column")
-    questions = [r["question"] for r in rows]
-    nll_para = answer_nll(
-        model,
-        tokenizer,
-        questions,
-        [r["paraphrased_answer"] for r in rows],
-        batch_size=batch_size,
-        max_length=max_length,
-    )
-    flat_q, flat_a, owner = [], [], []
-    for i, row in enumerate(rows):
-        if not row["perturbed_answer"]:
-            raise ValueError(f"dataset: row {i} has no perturbed answers")
-        for answer in row["perturbed_answer"]:
-            flat_q.append(row["question"])
-            flat_a.append(answer)
-            owner.append(i)
-    nll_pert = answer_nll(model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length)
-    owner_t = torch.tensor(owner, dtype=torch.long)
-    sums = torch.zeros(len(rows)).index_add_(0, owner_t, nll_pert)
-    counts = torch.zeros(len(rows)).index_add_(0, owner_t, torch.ones_like(nll_pert))
-    return torch.exp(nll_para - sums / counts)
+    """Per-example truth ratio ``R = P~(perturbed) / P~(paraphrased)``.
+
+    ``P~(perturbed)`` is the geometric mean over the K perturbed answers (their NLLs are averaged), so
+    ``R_i = exp(NLL(paraphrased_i | q_i) - (1/K_i) * sum_k NLL(perturbed_ik | q_i))``. R < 1 means the
+    model prefers the correct (paraphrased) answer. ``dataset`` needs the columns ``question``,
+    ``paraphrased_answer`` (str) and ``perturbed_answer`` (list of str; a bare str counts as one).
+    Returns a float64 CPU tensor.
+    """
+    rows = rows_of(dataset, "dataset", ("question", "paraphrased_answer", "perturbed_answer"))
+    perturbed = [_perturbed_of(row, i, "dataset") for i, row in enumerate(rows)]
+    questions = [row["question"] for row in rows]
+    # One pass over paraphrased and perturbed answers together: fuller, length-sorted batches.
+    flat_q = questions + [q for q, group in zip(questions, perturbed, strict=True) for _ in group]
+    flat_a = [row["paraphrased_answer"] for row in rows] + [a for group in perturbed for a in group]
+    nll = answer_nll(model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length)
+    return truth_ratios_from_nll(nll[: len(rows)], list(nll[len(rows) :].split([len(g) for g in perturbed])))
 
 
-def truth_ratio_statistic(ratios: torch.Tensor, kind: str) -> float:
-    """TOFU's summary: ``forget`` -> mean(min(R, 1/R)); ``utility`` -> mean(max(0, 1 - R))."""
-    ratios = torch.as_tensor(ratios, dtype=torch.float64)
-    if ratios.numel() == 0:
+def truth_ratio_statistic(ratios: torch.Tensor | Sequence[float], split_kind: str) -> float:
+    """TOFU's summary of the truth ratios of a split.
+
+    * ``split_kind="forget"``: ``mean(min(R, 1/R))`` - 1 when the model cannot tell the right answer
+      from the wrong ones (the retain model's behaviour on unseen facts), towards 0 when it strongly
+      prefers either;
+    * ``split_kind="retain"`` or ``"utility"`` (retain, real-authors, world-facts, general splits):
+      ``mean(max(0, 1 - R))`` - towards 1 when the model prefers the right answer.
+    """
+    values = torch.as_tensor(ratios, dtype=torch.float64).flatten()
+    if values.numel() == 0:
         raise ValueError("ratios: empty")
-    if kind == FORGET_KIND:
-        return float(torch.minimum(ratios, 1.0 / ratios).mean())
-    if kind == UTILITY_KIND:
-        return float((1.0 - ratios).clamp(min=0.0).mean())
-    raise ValueError(f"kind: expected 'forget' or 'utility', got {kind!r}")
+    if split_kind == FORGET_KIND:
+        return float(torch.minimum(values, 1.0 / values).mean())
+    if split_kind in _UTILITY_ALIASES:
+        return float((1.0 - values).clamp(min=0.0).mean())
+    raise ValueError(f"split_kind: expected 'forget', 'retain' or 'utility', got {split_kind!r}")
 
 
-_SCORER = None
+# ----------------------------------------------------------------------------------------- generation
+_SCORER: rouge_scorer.RougeScorer | None = None
 
 
 def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L recall (LCS / reference length, stemmed) of each prediction, via ``rouge_score``."""
+    """ROUGE-L recall of each prediction: ``LCS(pred, ref) / len(ref)`` over ``rouge_score`` tokens
+    (lower-cased alphanumeric words, Porter-stemmed: ``RougeScorer(["rougeL"], use_stemmer=True)``)."""
     global _SCORER
+    predictions = _str_list(predictions, "predictions")
+    references = _str_list(references, "references")
     if len(predictions) != len(references):
         raise ValueError(f"predictions/references: lengths differ ({len(predictions)} vs {len(references)})")
     if _SCORER is None:
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [
-        _SCORER.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references, strict=True)
+        float(_SCORER.score(ref, pred)["rougeL"].recall)
+        for pred, ref in zip(predictions, references, strict=True)
     ]
 
 
@@ -143,57 +251,90 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
 def greedy_answers(
     model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16
 ) -> list[str]:
-    """Greedy continuations of each question prompt (left-padded batches; only new tokens decoded)."""
-    device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
-    answers = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(questions), batch_size):
-            prompts = []
-            for q in questions[start : start + batch_size]:
-                ids = tokenizer(format_question(q), add_special_tokens=False)["input_ids"]
-                prompts.append(([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids)
-            width = max(len(p) for p in prompts)
-            input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(prompts), width), dtype=torch.long)
-            for row, ids in enumerate(prompts):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+    """Greedy (argmax) continuation of each question prompt ``format_question(q)``.
+
+    Prompts are encoded as in training (BOS + prompt tokens), left-padded into batches (in length
+    order, to limit padding), and ``model.generate(do_sample=False)`` continues them for at most
+    ``max_new_tokens`` tokens. Only the new tokens are decoded, cut at the first EOS, special tokens
+    skipped, whitespace stripped. The model's train/eval modes are restored.
+    """
+    questions = _str_list(questions, "questions")
+    _check_batch_size(batch_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+    if not questions:
+        return []
+    pad, eos, bos = _pad_id(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id
+    prompts = [
+        ([bos] if bos is not None else [])
+        + list(tokenizer(format_question(q), add_special_tokens=False)["input_ids"])
+        for q in questions
+    ]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    device = _input_device(model)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in index)
+            input_ids = torch.full((len(index), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(index), width), dtype=torch.long)
+            for row, i in enumerate(index):
+                ids = prompts[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention[row, width - len(ids) :] = 1
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                num_beams=1,
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos,
             )
-            for row in output[:, width:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
+            for row, i in enumerate(index):
+                new = output[row, width:].tolist()
+                if eos is not None and eos in new:
+                    new = new[: new.index(eos)]
+                answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return answers
 
 
+# ------------------------------------------------------------------------------------------ summaries
+def _sample(values, name: str) -> np.ndarray:
+    array = np.asarray(
+        values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else values,
+        dtype=np.float64,
+    ).ravel()
+    if array.size == 0:
+        raise ValueError(f"{name}: empty sample")
+    if np.isnan(array).any():
+        raise ValueError(f"{name}: contains NaN")
+    return array
+
+
 def forget_quality(truth_ratios, reference_truth_ratios) -> float:
-    """p-value of scipy's two-sample KS test between the two truth-ratio samples."""
-    a = np.asarray(truth_ratios, dtype=np.float64)
-    b = np.asarray(reference_truth_ratios, dtype=np.float64)
-    if a.size == 0 or b.size == 0:
-        raise ValueError("truth_ratios/reference_truth_ratios: empty sample")
+    """``p``-value of ``scipy.stats.ks_2samp(truth_ratios, reference_truth_ratios)`` (two-sided).
+
+    The KS statistic ``sup_x |F_1(x) - F_2(x)|`` depends only on the ranks of the pooled sample, so it
+    is the same for R and for TOFU's 1/R. High p-value: the unlearned model's forget-split truth
+    ratios look like those of the retain model (1.0 for identical samples).
+    """
+    a = _sample(truth_ratios, "truth_ratios")
+    b = _sample(reference_truth_ratios, "reference_truth_ratios")
     return float(stats.ks_2samp(a, b).pvalue)
 
 
-def model_utility(values: Sequence[float]) -> float:
-    """Harmonic mean of the utility metrics (0 when any of them is 0)."""
-    values = [float(v) for v in values]
-    if not values:
+def model_utility(values: Sequence[float] | Mapping[str, float]) -> float:
+    """Harmonic mean ``n / sum_i (1 / v_i)`` of the utility metrics (``scipy.stats.hmean``); 0 when
+    any value is 0. In TOFU the values are probability, ROUGE-L recall and truth-ratio statistic on
+    each utility split. ``values`` may be a mapping (its values are used)."""
+    raw = list(values.values()) if isinstance(values, Mapping) else list(values)
+    if not raw:
         raise ValueError("values: empty")
-    if any(v < 0 for v in values):
-        raise ValueError(f"values: must be >= 0, got {values}")
-    if any(v == 0 for v in values):
+    floats = [float(v) for v in raw]
+    if any(math.isnan(v) or v < 0 for v in floats):
+        raise ValueError(f"values: must all be >= 0 (and not NaN), got {floats}")
+    if any(v == 0 for v in floats):
         return 0.0
-    return float(stats.hmean(values))
+    return float(stats.hmean(floats))

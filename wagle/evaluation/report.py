@@ -1,70 +1,104 @@
-"""Comparison tables, JSON reports and the forget-quality / model-utility plot."""
+"""Comparison tables, atomic JSON reports and the forget-quality / model-utility trade-off plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
 
 from .evaluate import EvaluationResult
 
+SPLIT_COLUMNS = (("ROUGE-L", "rouge_l"), ("prob", "probability"), ("TR", "truth_ratio_stat"))
 
-def _fmt(value, digits: int = 3) -> str:
+
+def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float) and 0 < abs(value) < 10**-digits:
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and abs(value) < 10**-digits:
         return f"{value:.1e}"
     return f"{value:.{digits}f}"
 
 
 def format_table(results: Mapping[str, EvaluationResult]) -> str:
-    """One row per run: forget quality, model utility, and per-split ROUGE-L / probability / truth ratio."""
+    """A plain-text comparison table, one row per run (e.g. target, retain, NPO, NPO+WAGLE).
+
+    Columns: forget quality, model utility, then ROUGE-L recall, answer probability and truth-ratio
+    statistic ("TR") of every split, forget split first, in order of appearance. "-" marks a missing
+    value (e.g. forget quality of a run evaluated without a reference).
+    """
     if not results:
         raise ValueError("results: nothing to tabulate")
-    first = next(iter(results.values()))
-    split_names = list(first.splits)
+    split_names: list[str] = []
+    for result in results.values():
+        for name in [result.forget_split, *result.splits]:
+            if name in result.splits and name not in split_names:
+                split_names.append(name)
     header = ["run", "forget quality", "model utility"]
-    for name in split_names:
-        header += [f"{name} ROUGE-L", f"{name} prob", f"{name} TR"]
+    header += [f"{name} {title}" for name in split_names for title, _ in SPLIT_COLUMNS]
     rows = []
     for label, result in results.items():
-        row = [label, _fmt(result.forget_quality), _fmt(result.model_utility)]
+        row = [str(label), _fmt(result.forget_quality), _fmt(result.model_utility)]
         for name in split_names:
-            m = result.splits.get(name)
-            row += [_fmt(m.rouge_l), _fmt(m.probability), _fmt(m.truth_ratio_stat)] if m else ["-"] * 3
+            metrics = result.splits.get(name)
+            row += [_fmt(getattr(metrics, attr)) if metrics else "-" for _, attr in SPLIT_COLUMNS]
         rows.append(row)
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
-        )
-    ]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-    return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
-def _atomic_target(path: str) -> tuple[str, str]:
+def _json_safe(obj: Any) -> Any:
+    """Plain JSON types: results via ``to_dict``, tensors/arrays to lists, inf/NaN to strings."""
+    if isinstance(obj, EvaluationResult):
+        return obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _json_safe(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _json_safe(obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj))
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then ``os.replace`` it into place."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
-    return folder, tmp
-
-
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    _, tmp = _atomic_target(path)
     try:
-        with open(tmp, "w") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -72,33 +106,70 @@ def write_json(path: str, obj) -> None:
         raise
 
 
-def plot_tradeoff(results: Mapping[str, EvaluationResult], path: str) -> None:
-    """PNG scatter of forget quality (log scale) against model utility, one labelled point per run."""
-    import matplotlib
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (indent 2) atomically: temp file in the same folder, fsync,
+    ``os.replace``. EvaluationResults, tensors and numpy values are converted; inf/NaN become strings."""
+    text = json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
-    markers = "os^DvP*X"
-    for index, (label, result) in enumerate(results.items()):
-        if result.forget_quality is None or result.model_utility is None:
-            continue
-        quality = max(result.forget_quality, 1e-30)
-        marker = markers[index % len(markers)]
-        ax.scatter(result.model_utility, quality, s=70, marker=marker, label=label, alpha=0.85)
-    ax.legend(loc="best", fontsize=9)
+    _atomic_write(path, write)
+
+
+def plot_tradeoff(
+    results: Mapping[str, EvaluationResult], path: str | os.PathLike, *, title: str | None = None
+) -> None:
+    """PNG scatter of forget quality (log y axis) against model utility, one labelled point per run.
+
+    Runs without a forget quality or a model utility are listed in a note instead of plotted; a
+    forget quality of 0 is drawn at the bottom of the axis. Uses the Agg canvas directly (no display,
+    no pyplot state); the file is written atomically.
+    """
+    if not results:
+        raise ValueError("results: nothing to plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [
+        (label, float(r.model_utility), float(r.forget_quality))
+        for label, r in results.items()
+        if r.forget_quality is not None
+        and r.model_utility is not None
+        and math.isfinite(r.forget_quality)
+        and math.isfinite(r.model_utility)
+    ]
+    skipped = [label for label in results if label not in {p[0] for p in points}]
+    positive = [q for _, _, q in points if q > 0]
+    floor = min([*positive, 1.0]) / 10 if positive else 1e-3
+
+    fig = Figure(figsize=(6.4, 4.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    markers = "os^DvP*Xh<>"
+    for index, (label, utility, quality) in enumerate(points):
+        shown = max(quality, floor)
+        ax.scatter(utility, shown, s=70, marker=markers[index % len(markers)], alpha=0.85, label=label)
+        ax.annotate(label, (utility, shown), xytext=(6, 4), textcoords="offset points", fontsize=8)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=floor / 2, top=2.0)
     ax.set_xlabel("model utility (higher keeps more)")
-    ax.set_ylabel("forget quality, KS p-value (higher forgets better)")
-    ax.set_title("Unlearning trade-off vs the retain model")
+    ax.set_ylabel("forget quality: KS p-value (higher = closer to retain model)")
+    ax.set_title(title or "Unlearning trade-off")
     ax.grid(True, which="both", alpha=0.3)
+    if points:
+        ax.legend(loc="best", fontsize=8)
+    if skipped:
+        ax.text(
+            0.01,
+            0.01,
+            "not plotted (no forget quality / utility): " + ", ".join(skipped),
+            transform=ax.transAxes,
+            fontsize=7,
+            alpha=0.7,
+        )
     fig.tight_layout()
-    _, tmp = _atomic_target(path)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
