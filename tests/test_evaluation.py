@@ -62,6 +62,15 @@ def qa_rows(start: int = 0, stop: int = len(QA)) -> list[dict]:
 _TOKENIZER = None
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one thread is faster, and immune to OpenMP spin-waiting on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the QA texts, with <s>, </s>, <pad>, <unk>."""
     global _TOKENIZER
