@@ -16,8 +16,8 @@ from wagle_kernels.bitpack import pack_bits
 from wagle_kernels.mask_bits import STATE_BLOCK, block_prefix
 from wagle_kernels.masked_adamw import (
     AdamWScalars,
-    block_starts,
     launch_chunks,
+    launch_grid,
     masked_adamw_step_torch,
     masked_adamw_step_triton,
     padded_size,
@@ -307,10 +307,10 @@ def test_fused_sgd_equals_torch_path(config, compact):
 
 
 def test_launch_grouping_helpers():
-    assert launch_chunks([5, 0, 9, 1, 0, 3], 2) == [[0, 2], [3, 5]]
+    assert launch_chunks([5, 0, 9, 1, 0, 3], 2) == [[2, 0], [5, 3]]  # largest first
     assert launch_chunks([], 4) == []
     assert [padded_size(k) for k in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
-    assert block_starts([1, STATE_BLOCK, STATE_BLOCK + 1], 4) == (0, 1, 2, 4, 4)
+    assert launch_grid([1, STATE_BLOCK, STATE_BLOCK + 1]) == (2, 3)
     with pytest.raises(ValueError, match="power of two"):
         launch_chunks([1], 3)
 

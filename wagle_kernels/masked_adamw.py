@@ -32,10 +32,11 @@ without one after reading their mask bits):
 * compact state: read p, g; write p; moments read and written for the selected weights only:
   ``3 * 2 + ratio * 16`` B for bf16 params and fp32 state + 1 bit of mask.
 
-Launches: tensors are grouped ``MAX_TENSORS_PER_LAUNCH`` (16) per launch; each tensor is its own set of
-pointer arguments (Triton tuples, no pointer table in memory, so the kernel also runs in the
-interpreter), and each program finds its tensor by comparing its id with the per-tensor block starts.
-One step over ``T`` same-dtype tensors is ``ceil(T / 16)`` launches (Llama-2-7B: 291 tensors -> 19).
+Launches: tensors are grouped ``MAX_TENSORS_PER_LAUNCH`` (16) per launch, largest first; each tensor
+is its own set of pointer arguments (Triton tuples: no pointer table in memory, so the kernel also runs
+in the interpreter). The grid is (blocks of the launch's largest tensor, tensors): program ``(b, i)``
+updates block ``b`` of tensor ``i`` and returns at once past that tensor's end. One step over ``T``
+same-dtype tensors is ``ceil(T / 16)`` launches (Llama-2-7B: 291 tensors -> 19).
 """
 
 from __future__ import annotations
@@ -177,11 +178,15 @@ def masked_adamw_step_torch(
 
 
 def launch_chunks(numels: Sequence[int], max_tensors: int = MAX_TENSORS_PER_LAUNCH) -> list[list[int]]:
-    """Indices of the non-empty tensors, ``max_tensors`` per launch, in order."""
+    """Indices of the non-empty tensors, largest first, ``max_tensors`` per launch.
+
+    A launch's grid is ``(blocks of its largest tensor, tensors)``; programs past a smaller tensor's
+    last block return at once, so grouping tensors of similar size keeps that waste small.
+    """
     if max_tensors < 1 or max_tensors & (max_tensors - 1):
         raise ValueError(f"max_tensors: must be a power of two, got {max_tensors}")
-    nonempty = [i for i, n in enumerate(numels) if n > 0]
-    return [nonempty[k : k + max_tensors] for k in range(0, len(nonempty), max_tensors)]
+    order = sorted((i for i, n in enumerate(numels) if n > 0), key=lambda i: -numels[i])
+    return [order[k : k + max_tensors] for k in range(0, len(order), max_tensors)]
 
 
 def padded_size(count: int) -> int:
@@ -192,12 +197,9 @@ def padded_size(count: int) -> int:
     return size
 
 
-def block_starts(numels: Sequence[int], size: int, block: int = STATE_BLOCK) -> tuple[int, ...]:
-    """Exclusive prefix of per-tensor block counts, padded with the total to ``size + 1`` entries."""
-    starts = [0]
-    for n in numels:
-        starts.append(starts[-1] + (n + block - 1) // block)
-    return tuple(starts) + (starts[-1],) * (size + 1 - len(starts))
+def launch_grid(numels: Sequence[int], block: int = STATE_BLOCK) -> tuple[int, int]:
+    """``(blocks of the largest tensor, number of tensors)``: program (b, i) updates block b of tensor i."""
+    return (max((n + block - 1) // block for n in numels), len(numels))
 
 
 def pad(values: Sequence, size: int, fill) -> tuple:
@@ -380,7 +382,7 @@ if HAS_TRITON:
             )
 
     @triton.jit(
-        do_not_specialize=["STARTS", "NEG_STEP_SIZE", "BC2_SQRT", "decay", "beta2", "w1", "omb2", "eps"]
+        do_not_specialize=["NEG_STEP_SIZE", "BC2_SQRT", "decay", "beta2", "w1", "omb2", "eps"],
     )
     def _masked_adamw_kernel(
         P,
@@ -390,7 +392,6 @@ if HAS_TRITON:
         BITS,
         PREFIX,
         N,
-        STARTS,
         NEG_STEP_SIZE,
         BC2_SQRT,
         decay,
@@ -410,13 +411,15 @@ if HAS_TRITON:
 
         P, G, M, V, BITS, PREFIX: tuples of NUM pointers (param, grad, exp_avg, exp_avg_sq, mask bytes,
         compact block prefix; BITS/PREFIX are placeholders when not MASKED/COMPACT). N: numels.
-        STARTS: NUM + 1 block starts; program ``pid`` owns block ``pid - STARTS[i]`` of tensor ``i`` for
-        ``STARTS[i] <= pid < STARTS[i+1]``. NEG_STEP_SIZE, BC2_SQRT: per-tensor ``-lr/(1-beta1^t)`` and
-        ``sqrt(1-beta2^t)``; decay = ``1 - lr*wd``, w1 = ``1 - beta1``, omb2 = ``1 - beta2``.
+        Program ``(b, i)`` updates block ``b`` of tensor ``i`` (grid: blocks of the largest tensor x
+        tensors; blocks past a tensor's end return at once). NEG_STEP_SIZE, BC2_SQRT: per-tensor
+        ``-lr/(1-beta1^t)`` and ``sqrt(1-beta2^t)``; decay = ``1 - lr*wd``, w1 = ``1 - beta1``,
+        omb2 = ``1 - beta2``.
         """
-        pid = tl.program_id(0)
+        block = tl.program_id(0)
+        tensor = tl.program_id(1)
         for i in tl.static_range(NUM):
-            if (pid >= STARTS[i]) & (pid < STARTS[i + 1]):
+            if (tensor == i) & (block.to(tl.int64) * BLOCK < N[i]):
                 _adamw_tensor_block(
                     P[i],
                     G[i],
@@ -425,7 +428,7 @@ if HAS_TRITON:
                     BITS[i],
                     PREFIX[i],
                     N[i],
-                    pid - STARTS[i],
+                    block,
                     NEG_STEP_SIZE[i],
                     BC2_SQRT[i],
                     decay,
@@ -491,7 +494,7 @@ def masked_adamw_step_triton(
         p_list = [params[i] for i in chunk]
         bits = [packed[i] for i in chunk] if packed is not None else p_list
         prefix = [prefixes[i] for i in chunk] if prefixes is not None else p_list
-        _masked_adamw_kernel[(block_starts([p.numel() for p in p_list], size)[-1],)](
+        _masked_adamw_kernel[launch_grid([p.numel() for p in p_list])](
             pad(p_list, size, p0),
             pad([_contiguous(grads[i]) for i in chunk], size, p0),
             pad([exp_avgs[i] for i in chunk], size, p0),
@@ -499,7 +502,6 @@ def masked_adamw_step_triton(
             pad(bits, size, bits[0]),
             pad(prefix, size, prefix[0]),
             pad([p.numel() for p in p_list], size, 0),
-            block_starts([p.numel() for p in p_list], size),
             pad([scalars[i].neg_step_size for i in chunk], size, 0.0),
             pad([scalars[i].bc2_sqrt for i in chunk], size, 1.0),
             first.decay,
@@ -533,7 +535,6 @@ def compile_variants(num: int = MAX_TENSORS_PER_LAUNCH, dtype: str = "bf16", sta
         "BITS": ("*u8",) * num,
         "PREFIX": ("*i64",) * num,
         "N": ("i32",) * num,
-        "STARTS": ("i32",) * (num + 1),
         "NEG_STEP_SIZE": ("fp32",) * num,
         "BC2_SQRT": ("fp32",) * num,
         "decay": "fp32",

@@ -22,7 +22,7 @@ import torch
 
 from ._runtime import HAS_TRITON, interpreter_enabled, launch_options
 from .mask_bits import STATE_BLOCK
-from .masked_adamw import MAX_TENSORS_PER_LAUNCH, _contiguous, block_starts, launch_chunks, pad, padded_size
+from .masked_adamw import MAX_TENSORS_PER_LAUNCH, _contiguous, launch_chunks, launch_grid, pad, padded_size
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ if HAS_TRITON:
                 state = offs
                 b_raw = tl.load(b_ptr + state, mask=valid, other=0.0)
             b = d
-            if first == 0:
+            if first == 0.0:
                 b = b_raw.to(tl.float32) * momentum + one_minus_dampening * d
             if COMPACT:
                 tl.store(b_ptr + state, round_like(b, b_raw, EMULATE_BF16), mask=sel)
@@ -209,9 +209,7 @@ if HAS_TRITON:
                 EMULATE_BF16=EMULATE_BF16,
             )
 
-    @triton.jit(
-        do_not_specialize=["STARTS", "FIRST", "neg_lr", "momentum", "one_minus_dampening", "weight_decay"]
-    )
+    @triton.jit(do_not_specialize=["FIRST", "neg_lr", "momentum", "one_minus_dampening", "weight_decay"])
     def _masked_sgd_kernel(
         P,
         G,
@@ -219,7 +217,6 @@ if HAS_TRITON:
         BITS,
         PREFIX,
         N,
-        STARTS,
         FIRST,
         neg_lr,
         momentum,
@@ -237,13 +234,14 @@ if HAS_TRITON:
         """Masked SGD over ``NUM`` tensors (module docstring formula).
 
         P, G, B, BITS, PREFIX: tuples of pointers (param, grad, momentum buffer, mask bytes, compact
-        block prefix; placeholders where unused). N: numels. STARTS: NUM + 1 block starts (program
-        ``pid`` owns block ``pid - STARTS[i]`` of tensor ``i``). FIRST: per tensor, 1 on the first
-        momentum step (the buffer is set to ``d``). neg_lr = ``-lr``.
+        block prefix; placeholders where unused). N: numels. Program ``(b, i)`` updates block ``b`` of
+        tensor ``i``. FIRST: per tensor, 1.0 on the first momentum step (the buffer is set to ``d``;
+        floats, so the flags do not specialise the kernel). neg_lr = ``-lr``.
         """
-        pid = tl.program_id(0)
+        block = tl.program_id(0)
+        tensor = tl.program_id(1)
         for i in tl.static_range(NUM):
-            if (pid >= STARTS[i]) & (pid < STARTS[i + 1]):
+            if (tensor == i) & (block.to(tl.int64) * BLOCK < N[i]):
                 _sgd_tensor_block(
                     P[i],
                     G[i],
@@ -251,7 +249,7 @@ if HAS_TRITON:
                     BITS[i],
                     PREFIX[i],
                     N[i],
-                    pid - STARTS[i],
+                    block,
                     FIRST[i],
                     neg_lr,
                     momentum,
@@ -300,16 +298,14 @@ def masked_sgd_step_triton(
         bits = [packed[i] for i in chunk] if packed is not None else p_list
         prefix = [prefixes[i] for i in chunk] if prefixes is not None and has_momentum else p_list
         numels = [p.numel() for p in p_list]
-        starts = block_starts(numels, size)
-        _masked_sgd_kernel[(starts[-1],)](
+        _masked_sgd_kernel[launch_grid(numels)](
             pad(p_list, size, p0),
             pad([_contiguous(grads[i]) for i in chunk], size, p0),
             pad(b_list, size, b_list[0]),
             pad(bits, size, bits[0]),
             pad(prefix, size, prefix[0]),
             pad(numels, size, 0),
-            starts,
-            pad([int(first[i]) for i in chunk], size, 0),
+            pad([float(first[i]) for i in chunk], size, 0.0),
             -s.lr,
             s.momentum,
             1 - s.dampening,
@@ -338,8 +334,7 @@ def compile_variants(num: int = MAX_TENSORS_PER_LAUNCH, dtype: str = "bf16", sta
         "BITS": ("*u8",) * num,
         "PREFIX": ("*i64",) * num,
         "N": ("i32",) * num,
-        "STARTS": ("i32",) * (num + 1),
-        "FIRST": ("i32",) * num,
+        "FIRST": ("fp32",) * num,
         "neg_lr": "fp32",
         "momentum": "fp32",
         "one_minus_dampening": "fp32",
