@@ -50,6 +50,7 @@ from ._runtime import HAS_TRITON, interpreter_enabled, launch_options
 from .mask_bits import STATE_BLOCK
 
 MAX_TENSORS_PER_LAUNCH = 16  # a power of two; tensors per launch are padded to a power of two
+DENSE_WHERE_RATIO = 0.25  # torch path, dense state: above this density update all and select, else gather
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,18 @@ def masked_adamw_step_torch(
         p, g, m, v = (t.float() for t in (p_flat, g_flat, m_flat, v_flat))
         adamw_update_(p, g, m, v, s)
         for dst, src in ((p_flat, p), (m_flat, m), (v_flat, v)):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        return
+    if not compact and selected.numel() and selected.sum() > DENSE_WHERE_RATIO * selected.numel():
+        # dense state, many selected: update every element with the gradient zeroed where unselected
+        # (unselected moments stay exactly 0) and keep the old bits of unselected weights
+        p = p_flat.float().clone()
+        g = torch.where(selected, g_flat.float(), 0.0)
+        m, v = m_flat.float(), v_flat.float()
+        adamw_update_(p, g, m, v, s)
+        p_flat.copy_(torch.where(selected, p.to(p_flat.dtype), p_flat))
+        for dst, src in ((m_flat, m), (v_flat, v)):
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         return
