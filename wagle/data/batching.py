@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
@@ -9,15 +12,49 @@ from .format import encode_qa, encode_text, pad_batch
 from .loading import validate_dataset
 
 
-def encode_dataset(dataset, tokenizer, *, max_length: int = 256, answer_column: str = "answer") -> list[dict]:
-    """Encode every row (QA: answer-only labels; text: all tokens); adds ``example_index``."""
-    schema = validate_dataset(dataset, role="data") if answer_column == "answer" else "qa"
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+
+
+def encode_dataset(
+    dataset: datasets.Dataset | list[dict],
+    tokenizer,
+    *,
+    max_length: int = 256,
+    answer_column: str = "answer",
+    role: str = "data",
+) -> list[dict]:
+    """Encode every row (QA: answer-only labels; text: all tokens); adds ``example_index``.
+
+    ``answer_column`` names the column holding the target answer of QA rows (``"answer"``, or e.g.
+    a refusal column for preference optimisation); it must hold non-empty strings.
+    """
+    _check_int("max_length", max_length, 2)
+    if not isinstance(answer_column, str) or not answer_column:
+        raise ValueError(f"answer_column: must be a column name, got {answer_column!r}")
+    schema = validate_dataset(dataset, role=role)
     rows = dataset if isinstance(dataset, list) else dataset.to_list()
+    if answer_column != "answer":
+        if schema != "qa":
+            raise ValueError(
+                f"answer_column: {answer_column!r} needs question/answer rows; the {role} data is plain text"
+            )
+        for index, row in enumerate(rows):
+            value = row.get(answer_column)
+            if not isinstance(value, str) or not value.strip():
+                if index == 0 and answer_column not in row:
+                    raise ValueError(
+                        f"answer_column: {answer_column!r} is not a column of the {role} data; "
+                        f"found {sorted(row)}"
+                    )
+                raise ValueError(
+                    f"answer_column: row {index} of the {role} data has an empty or non-text "
+                    f"{answer_column!r}"
+                )
     encoded = []
     for index, row in enumerate(rows):
         if schema == "qa":
-            if answer_column not in row:
-                raise ValueError(f"answer_column: {answer_column!r} is not a column of the data")
             example = encode_qa(tokenizer, row["question"], row[answer_column], max_length)
         else:
             example = encode_text(tokenizer, row["text"], max_length)
@@ -34,6 +71,7 @@ def collate_examples(examples: list[dict], pad_token_id: int) -> dict[str, torch
 
 
 def pad_id_of(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer: has neither a pad nor an eos token")
@@ -41,7 +79,7 @@ def pad_id_of(tokenizer) -> int:
 
 
 def make_dataloader(
-    dataset,
+    dataset: datasets.Dataset | list[dict],
     tokenizer,
     *,
     batch_size: int,
@@ -50,18 +88,24 @@ def make_dataloader(
     seed: int = 0,
     answer_column: str = "answer",
 ) -> DataLoader:
-    """A DataLoader of padded batches (``input_ids``, ``attention_mask``, ``labels``, ``example_index``)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length: must be an integer >= 2, got {max_length!r}")
-    examples = encode_dataset(dataset, tokenizer, max_length=max_length, answer_column=answer_column)
+    """A DataLoader of right-padded batches (``input_ids``, ``attention_mask``, ``labels``,
+    ``example_index``).
+
+    QA rows get answer-only labels (:func:`~wagle.data.format.encode_qa`), text rows a loss on every
+    token (:func:`~wagle.data.format.encode_text`). Rows are tokenized once, up front. With
+    ``shuffle=True`` the order is a function of ``seed`` only.
+    """
+    _check_int("batch_size", batch_size, 1)
+    _check_int("max_length", max_length, 2)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: must be an integer, got {seed!r}")
     pad = pad_id_of(tokenizer)
+    examples = encode_dataset(dataset, tokenizer, max_length=max_length, answer_column=answer_column)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         examples,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=bool(shuffle),
         generator=generator,
-        collate_fn=lambda items: collate_examples(items, pad),
+        collate_fn=functools.partial(collate_examples, pad_token_id=pad),
     )

@@ -294,7 +294,11 @@ def _author_rows(rng: random.Random, index: int, name: str) -> list[dict]:
         candidate = f"The {rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
         if candidate != book and candidate not in wrong_books:
             wrong_books.append(candidate)
-    wrong_parents = [rng.sample([p for p in PROFESSIONS if p not in (father, mother)], 2) for _ in range(3)]
+    wrong_parents: list[list[str]] = []
+    while len(wrong_parents) < 3:  # distinct wrong pairs (a repeat is drawn again)
+        pair = rng.sample([p for p in PROFESSIONS if p not in (father, mother)], 2)
+        if pair not in wrong_parents:
+            wrong_parents.append(pair)
     rows = [
         (
             f"Where was {name} born?",
@@ -385,12 +389,14 @@ def _general_rows(rng: random.Random) -> list[dict]:
 
 def generate_rows(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]]:
     """The benchmark as plain rows per split (see the module docstring)."""
-    if not isinstance(num_authors, int) or num_authors < 10:
+    if isinstance(num_authors, bool) or not isinstance(num_authors, int) or num_authors < 10:
         raise ValueError(f"num_authors: must be an integer >= 10, got {num_authors!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: must be an integer, got {seed!r}")
     rng = random.Random(seed)
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     if num_authors > len(names):
-        raise ValueError(f"num_authors: at most {len(names)} distinct names are available")
+        raise ValueError(f"num_authors: at most {len(names)} distinct names are available, got {num_authors}")
     names = rng.sample(names, num_authors)
     authors = [_author_rows(rng, i, name) for i, name in enumerate(names)]
     splits = {"full": [row for rows in authors for row in rows]}
@@ -409,22 +415,43 @@ def generate_benchmark(num_authors: int = 100, seed: int = 0) -> datasets.Datase
 
 
 def benchmark_split(name: str, num_authors: int = 100, seed: int = 0) -> datasets.Dataset:
-    """One split of the benchmark."""
+    """One split of the benchmark (``full``, ``forget01``/``05``/``10``, ``retain99``/``95``/``90``,
+    ``general``)."""
     if name not in SPLITS:
         raise ValueError(f"name: unknown split {name!r}; expected one of {list(SPLITS)}")
     return datasets.Dataset.from_list(generate_rows(num_authors, seed)[name])
 
 
-def write_benchmark(out_dir: str, num_authors: int = 100, seed: int = 0) -> dict[str, str]:
-    """Write one JSONL file per split (atomically: temp file + rename); returns split -> path."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for name, rows in generate_rows(num_authors, seed).items():
-        path = os.path.join(out_dir, f"{name}.jsonl")
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=out_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    try:
+        # newline="\n" and ensure_ascii keep the bytes identical on every platform and locale
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             for row in rows:
                 handle.write(json.dumps(row, sort_keys=True, ensure_ascii=True) + "\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_benchmark(out_dir: str | os.PathLike, num_authors: int = 100, seed: int = 0) -> dict[str, str]:
+    """Write ``<split>.jsonl`` for every split into ``out_dir``; returns split -> path.
+
+    Each file is written to a temporary file beside it and renamed into place, so a reader never sees
+    a partial file. The bytes depend only on ``num_authors`` and ``seed``.
+    """
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"out_dir: {out_dir} exists and is not a directory")
+    rows = generate_rows(num_authors, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name in SPLITS:
+        path = os.path.join(out_dir, f"{name}.jsonl")
+        _write_jsonl_atomic(path, rows[name])
         paths[name] = path
     return paths

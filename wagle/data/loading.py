@@ -1,71 +1,197 @@
-"""Loading forget/retain data from local files (JSON, JSONL, CSV, Parquet, saved ``datasets`` dirs)."""
+"""Loading forget/retain data from local files (JSON, JSONL, CSV, Parquet, saved ``datasets`` dirs).
+
+Files are parsed directly (no ``datasets`` builder, so nothing is written to the Hugging Face cache)
+and checked against a schema:
+
+* ``qa``: ``question`` and ``answer`` (non-empty strings); optional ``paraphrased_answer`` (string)
+  and ``perturbed_answer`` (a list of strings; in CSV, a JSON-encoded list);
+* ``text``: ``text`` (non-empty strings), for corpus-style forgetting;
+* ``auto``: ``qa`` when ``question`` and ``answer`` are present, else ``text``.
+
+Every error names the file, the role of the set (``forget``, ``retain`` ...) and the column or row.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 
 import datasets
 
 QA_COLUMNS = ("question", "answer")
 TEXT_COLUMNS = ("text",)
 SCHEMAS = ("auto", "qa", "text")
-_READERS = {
-    ".json": datasets.Dataset.from_json,
-    ".jsonl": datasets.Dataset.from_json,
-    ".csv": datasets.Dataset.from_csv,
-    ".parquet": datasets.Dataset.from_parquet,
-}
+EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+LIST_COLUMNS = ("perturbed_answer",)
+OPTIONAL_TEXT_COLUMNS = ("paraphrased_answer",)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _from_records(records, *, role: str, path: str) -> datasets.Dataset:
+    if not records:
+        raise ValueError(f"{role} set is empty ({path})")
+    for number, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{role} data: {path}: record {number} is a {type(record).__name__}, expected an object"
+            )
+    try:
+        return datasets.Dataset.from_list(records)
+    except Exception as exc:  # pyarrow type errors (a column mixing strings and numbers, ...)
+        raise ValueError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+
+
+def _read_json_lines(lines: Iterable[str], *, role: str, path: str) -> list:
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{role} data: could not read {path}: line {number}: {exc.msg}") from None
+    return records
+
+
+def _records_of_dict(obj: dict, *, role: str, path: str) -> list:
+    """``{"data": [records]}`` -> records; ``{"column": [values], ...}`` -> records."""
+    values = list(obj.values())
+    if len(values) == 1 and isinstance(values[0], list) and values[0] and isinstance(values[0][0], dict):
+        return values[0]
+    if values and all(isinstance(v, list) for v in values):
+        lengths = {k: len(v) for k, v in obj.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"{role} data: {path}: columns have different lengths {lengths}")
+        return [dict(zip(obj, row, strict=True)) for row in zip(*values, strict=True)]
+    raise ValueError(
+        f"{role} data: {path}: expected a list of records, a dict of equal-length columns or "
+        f'{{"<name>": [records]}}; got an object with keys {sorted(obj)[:10]}'
+    )
+
+
+def _read_json(path: str, *, role: str, lines: bool) -> datasets.Dataset:
+    with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
+        text = handle.read()
+    if not text.strip():
+        raise ValueError(f"{role} set is empty ({path})")
+    if not lines:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":
+                raise ValueError(
+                    f"{role} data: could not read {path}: line {exc.lineno}: {exc.msg}"
+                ) from None
+            lines = True  # a .json file holding JSON lines (as TOFU's files do)
+        else:
+            if isinstance(obj, dict):
+                obj = _records_of_dict(obj, role=role, path=path)
+            if not isinstance(obj, list):
+                raise ValueError(
+                    f"{role} data: {path}: expected a list of records, got a JSON {type(obj).__name__}"
+                )
+            return _from_records(obj, role=role, path=path)
+    return _from_records(_read_json_lines(text.splitlines(), role=role, path=path), role=role, path=path)
+
+
+def _read_csv(path: str, *, role: str) -> datasets.Dataset:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{role} set is empty ({path})") from None
+    except Exception as exc:
+        raise ValueError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+    if frame.empty:
+        raise ValueError(f"{role} set is empty ({path})")
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _read_parquet(path: str, *, role: str) -> datasets.Dataset:
+    import pyarrow.parquet as pq
+    from datasets.table import InMemoryTable
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise ValueError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def _saved_without_shards(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as handle:
+            return not json.load(handle).get("_data_files")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _read_saved(path: str, *, role: str) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise ValueError(
+            f"{role} data: {path} is a folder but not one written by datasets' save_to_disk; "
+            f"point at a data file ({', '.join(EXTENSIONS)}) or a saved dataset"
+        ) from None
+    except Exception as exc:  # datasets fails on a saved data set with no rows (no shards)
+        if _saved_without_shards(path):
+            raise ValueError(f"{role} set is empty ({path})") from None
+        raise ValueError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) != 1:
+            raise ValueError(
+                f"{role} data: {path} holds the splits {sorted(loaded)}; point at one split's folder"
+            )
+        loaded = next(iter(loaded.values()))
+    return loaded
 
 
 def _read(path: str, role: str) -> datasets.Dataset:
     if os.path.isdir(path):
-        try:
-            loaded = datasets.load_from_disk(path)
-        except FileNotFoundError as exc:
-            raise ValueError(
-                f"{role} data: {path} is a folder but not a saved datasets folder ({exc})"
-            ) from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if len(loaded) != 1:
-                raise ValueError(f"{role} data: {path} holds splits {sorted(loaded)}; point at one split")
-            loaded = next(iter(loaded.values()))
-        return loaded
+        return _read_saved(path, role=role)
     suffix = os.path.splitext(path)[1].lower()
-    reader = _READERS.get(suffix)
-    if reader is None:
-        raise ValueError(
-            f"{role} data: {path} has an unsupported extension {suffix!r}; use {sorted(_READERS)}"
-        )
-    try:
-        return reader(path)
-    except Exception as exc:  # the readers raise many library-specific errors for malformed files
-        if "corresponds to no data" in str(exc):
-            raise ValueError(f"{role} set is empty ({path})") from None
-        raise ValueError(f"{role} data: could not read {path}: {str(exc).splitlines()[0][:200]}") from None
+    if suffix in (".json", ".jsonl"):
+        return _read_json(path, role=role, lines=suffix == ".jsonl")
+    if suffix == ".csv":
+        return _read_csv(path, role=role)
+    if suffix == ".parquet":
+        return _read_parquet(path, role=role)
+    raise ValueError(
+        f"{role} data: {path} has an unsupported extension {suffix!r}; use one of {list(EXTENSIONS)} "
+        "or a folder written by save_to_disk"
+    )
 
 
 def _decode_lists(dataset: datasets.Dataset, column: str, role: str, path: str) -> datasets.Dataset:
-    """CSV cannot hold lists: accept a JSON-encoded list in ``perturbed_answer``."""
+    """CSV cannot hold lists: accept a JSON-encoded list of strings in ``column``."""
     if column not in dataset.column_names or dataset.num_rows == 0:
         return dataset
-    if isinstance(dataset[0][column], list):
+    values = dataset[column]
+    if not any(isinstance(v, str) for v in values):
         return dataset
-
-    def decode(row):
-        value = row[column]
+    decoded = []
+    for row, value in enumerate(values):
         try:
             parsed = json.loads(value) if isinstance(value, str) else value
         except json.JSONDecodeError:
             parsed = None
         if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
-            raise ValueError(f"{role} data: {path}: column {column!r} must be a list of strings")
-        return {column: parsed}
+            raise ValueError(
+                f"{role} data: {path}: row {row}: column {column!r} must be a list of strings "
+                f'(in CSV, a JSON list such as ["a", "b"]), got {value!r:.80}'
+            )
+        decoded.append(parsed)
+    return dataset.remove_columns(column).add_column(column, decoded)
 
-    return dataset.map(decode)
 
-
-def detect_schema(column_names, *, role: str = "data", path: str = "") -> str:
+def detect_schema(column_names: Iterable[str], *, role: str = "data", path: str = "") -> str:
     """``qa`` when there are question+answer columns, ``text`` when there is a text column."""
     names = set(column_names)
     if set(QA_COLUMNS) <= names:
@@ -78,21 +204,32 @@ def detect_schema(column_names, *, role: str = "data", path: str = "") -> str:
     )
 
 
+def _check_strings(values: Sequence, column: str, where: str, role: str) -> None:
+    for row, value in enumerate(values):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(
+                f"{role} data{where}: row {row}: {column!r} must be a non-empty string, got {value!r:.80}"
+            )
+
+
 def validate_dataset(
-    dataset: datasets.Dataset, *, schema: str = "auto", role: str = "data", path: str = ""
+    dataset: datasets.Dataset | list[dict], *, schema: str = "auto", role: str = "data", path: str = ""
 ) -> str:
-    """Check columns and values; returns the schema (``qa`` or ``text``)."""
+    """Check columns and values of a data set (a ``Dataset`` or a list of dicts); returns the schema
+    (``qa`` or ``text``). Raises ``ValueError`` naming the role, the path, the column and the row."""
     if schema not in SCHEMAS:
-        raise ValueError(f"schema: expected one of {SCHEMAS}, got {schema!r}")
+        raise ValueError(f"schema: expected one of {list(SCHEMAS)}, got {schema!r}")
+    where = f" ({path})" if path else ""
     if isinstance(dataset, list):
         if not dataset:
-            raise ValueError(f"{role} set is empty")
-        dataset = datasets.Dataset.from_list(dataset)
+            raise ValueError(f"{role} set is empty{where}")
+        if not all(isinstance(row, dict) for row in dataset):
+            raise TypeError(f"{role} data: a list of rows must hold dicts")
+        dataset = _from_records(dataset, role=role, path=path or "<list>")
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(
             f"{role} data: expected a datasets.Dataset or a list of dicts, got {type(dataset).__name__}"
         )
-    where = f" ({path})" if path else ""
     if dataset.num_rows == 0:
         raise ValueError(f"{role} set is empty{where}")
     found = detect_schema(dataset.column_names, role=role, path=path) if schema == "auto" else schema
@@ -100,12 +237,28 @@ def validate_dataset(
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"{role} data{where}: missing required column(s) {missing}; found {dataset.column_names}"
+            f"{role} data{where}: schema {found!r} needs column(s) {list(required)}; missing required "
+            f"column(s) {missing}; found {dataset.column_names}"
         )
     for column in required:
-        for row, value in enumerate(dataset[column]):
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{role} data{where}: row {row} has an empty or non-text {column!r}")
+        _check_strings(dataset[column], column, where, role)
+    if found == "qa":
+        for column in OPTIONAL_TEXT_COLUMNS:
+            if column in dataset.column_names:
+                _check_strings(dataset[column], column, where, role)
+        for column in LIST_COLUMNS:
+            if column not in dataset.column_names:
+                continue
+            for row, value in enumerate(dataset[column]):
+                if (
+                    not isinstance(value, list)
+                    or not value
+                    or not all(isinstance(x, str) and x.strip() for x in value)
+                ):
+                    raise ValueError(
+                        f"{role} data{where}: row {row}: {column!r} must be a non-empty list of non-empty "
+                        f"strings, got {value!r:.80}"
+                    )
     return found
 
 
@@ -115,12 +268,17 @@ def load_dataset_file(
     """Load and validate a local data set (``.json``/``.jsonl``/``.csv``/``.parquet`` or a saved dir).
 
     ``schema``: ``qa`` (``question``, ``answer``; optional ``paraphrased_answer`` and a
-    ``perturbed_answer`` list), ``text`` (``text``), or ``auto``. ``role`` names the set in errors.
+    ``perturbed_answer`` list), ``text`` (``text``), or ``auto``. ``role`` names the set in errors
+    (e.g. ``"forget"`` -> "forget set is empty (...)"). A ``.json`` file may hold a list of records,
+    a dict of equal-length columns, ``{"<name>": [records]}``, or JSON lines.
     """
+    if schema not in SCHEMAS:
+        raise ValueError(f"schema: expected one of {list(SCHEMAS)}, got {schema!r}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{role} data: {path} does not exist")
     dataset = _read(path, role)
-    dataset = _decode_lists(dataset, "perturbed_answer", role, path)
+    for column in LIST_COLUMNS:
+        dataset = _decode_lists(dataset, column, role, path)
     validate_dataset(dataset, schema=schema, role=role, path=path)
     return dataset
