@@ -580,3 +580,34 @@ def test_fused_true_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         MaskedAdamW(list(make_params().items()), make_mask(0.5), fused=True)
+
+
+def test_deepcopy_and_pickle_keep_the_mask_pairing():
+    import pickle
+
+    mask = make_mask(0.5)
+    params = make_params()
+    opt = run_masked(MaskedAdamW, params, mask, 2, state_layout="compact", **HYPER)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        new_params = [p for g in clone.param_groups for p in g["params"]]
+        assert [clone.plan(p).name for p in new_params] == list(SHAPES)
+        for name, g in grads(5).items():
+            new_params[list(SHAPES).index(name)].grad = g
+        clone.step()
+    run_masked(MaskedAdamW, params, mask, 1, start=5, opt=opt)
+    for name, p in zip(SHAPES, new_params, strict=True):
+        assert torch.equal(p, params[name]), name
+
+
+def test_fp64_parameters_use_fp64_math_on_the_torch_path():
+    mask = make_mask(1.0)
+    start = make_params(torch.float64)
+    ours, ref = clone_params(start), clone_params(start)
+    opt = run_masked(MaskedAdamW, ours, mask, 3, **HYPER)
+    assert not opt.use_fused(ours["w"]) or HAS_CUDA is False
+    run_reference(torch.optim.AdamW, ref, mask, 3, dtype=torch.float64, foreach=False, **HYPER)
+    for name in SHAPES:
+        assert ours[name].dtype == torch.float64  # fp64 math, fp32 moments (state_dtype)
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-6, atol=1e-9)
+    with pytest.raises(TypeError, match="fp32/bf16/fp16"):
+        MaskedAdamW(list(make_params(torch.float64).items()), mask, fused=True)

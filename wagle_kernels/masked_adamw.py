@@ -106,6 +106,11 @@ class AdamWScalars:
 # ---------------------------------------------------------------------------------------------------
 
 
+def math_dtype(param: torch.Tensor) -> torch.dtype:
+    """The torch path computes in fp32, or fp64 for fp64 parameters (the kernel supports 16/32-bit)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
 def adamw_update_(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, s: AdamWScalars
 ) -> None:
@@ -140,6 +145,7 @@ def masked_adamw_step_torch(
         compact: the moments are compact.
         decay_all: the reference procedure (``grad * mask``, then AdamW on every weight); dense only.
     """
+    math = math_dtype(param)
     p_flat, g_flat = param.view(-1), grad.reshape(-1)
     m_flat, v_flat = exp_avg.view(-1), exp_avg_sq.view(-1)
     if decay_all:
@@ -149,7 +155,7 @@ def masked_adamw_step_torch(
             g_flat = g_flat * selected
         selected = None
     if selected is None:
-        p, g, m, v = (t.float() for t in (p_flat, g_flat, m_flat, v_flat))
+        p, g, m, v = (t.to(math) for t in (p_flat, g_flat, m_flat, v_flat))
         adamw_update_(p, g, m, v, s)
         for dst, src in ((p_flat, p), (m_flat, m), (v_flat, v)):
             if dst.data_ptr() != src.data_ptr():
@@ -158,9 +164,9 @@ def masked_adamw_step_torch(
     if not compact and selected.numel() and selected.sum() > DENSE_WHERE_RATIO * selected.numel():
         # dense state, many selected: update every element with the gradient zeroed where unselected
         # (unselected moments stay exactly 0) and keep the old bits of unselected weights
-        p = p_flat.float().clone()
-        g = torch.where(selected, g_flat.float(), 0.0)
-        m, v = m_flat.float(), v_flat.float()
+        p = p_flat.to(math).clone()
+        g = torch.where(selected, g_flat.to(math), 0.0)
+        m, v = m_flat.to(math), v_flat.to(math)
         adamw_update_(p, g, m, v, s)
         p_flat.copy_(torch.where(selected, p.to(p_flat.dtype), p_flat))
         for dst, src in ((m_flat, m), (v_flat, v)):
@@ -168,12 +174,12 @@ def masked_adamw_step_torch(
                 dst.copy_(src)
         return
     index = selected.nonzero().squeeze(1)
-    p = p_flat.index_select(0, index).float()
-    g = g_flat.index_select(0, index).float()
+    p = p_flat.index_select(0, index).to(math)
+    g = g_flat.index_select(0, index).to(math)
     if compact:
-        m, v = m_flat.float(), v_flat.float()
+        m, v = m_flat.to(math), v_flat.to(math)
     else:
-        m, v = m_flat.index_select(0, index).float(), v_flat.index_select(0, index).float()
+        m, v = m_flat.index_select(0, index).to(math), v_flat.index_select(0, index).to(math)
     adamw_update_(p, g, m, v, s)
     p_flat.index_copy_(0, index, p.to(p_flat.dtype))
     if compact:

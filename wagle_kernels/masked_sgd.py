@@ -22,7 +22,15 @@ import torch
 
 from ._runtime import HAS_TRITON, interpreter_enabled, launch_options
 from .mask_bits import STATE_BLOCK
-from .masked_adamw import MAX_TENSORS_PER_LAUNCH, _contiguous, launch_chunks, launch_grid, pad, padded_size
+from .masked_adamw import (
+    MAX_TENSORS_PER_LAUNCH,
+    _contiguous,
+    launch_chunks,
+    launch_grid,
+    math_dtype,
+    pad,
+    padded_size,
+)
 
 
 @dataclass(frozen=True)
@@ -73,22 +81,23 @@ def masked_sgd_step_torch(
     ``selected``: flat bool mask (None: every weight); ``buf``: the momentum buffer (None when momentum
     is 0), param-shaped or, with ``compact``, one entry per selected weight in flat order.
     """
+    math = math_dtype(param)
     p_flat, g_flat = param.view(-1), grad.reshape(-1)
     b_flat = buf.view(-1) if buf is not None else None
     if selected is None:
-        p, g = p_flat.float(), g_flat.float()
-        b = b_flat.float() if b_flat is not None else None
+        p, g = p_flat.to(math), g_flat.to(math)
+        b = b_flat.to(math) if b_flat is not None else None
         sgd_update_(p, g, b, s, first=first)
         for dst, src in ((p_flat, p), (b_flat, b)):
             if dst is not None and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         return
     index = selected.nonzero().squeeze(1)
-    p = p_flat.index_select(0, index).float()
-    g = g_flat.index_select(0, index).float()
+    p = p_flat.index_select(0, index).to(math)
+    g = g_flat.index_select(0, index).to(math)
     b = None
     if b_flat is not None:
-        b = b_flat.float() if compact else b_flat.index_select(0, index).float()
+        b = b_flat.to(math) if compact else b_flat.index_select(0, index).to(math)
     sgd_update_(p, g, b, s, first=first)
     p_flat.index_copy_(0, index, p.to(p_flat.dtype))
     if b is not None:

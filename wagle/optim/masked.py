@@ -22,8 +22,9 @@ a state saved for another mask, another layout or other parameters, and checks e
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ STATE_LAYOUTS = ("dense", "compact")
 UNMASKED_POLICIES = ("error", "dense", "freeze")
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 STATE_DICT_VERSION = 2
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -50,12 +52,17 @@ class ParamPlan:
     numel: int
     selected: int = 0
     packed: torch.Tensor | None = None  # the mask bits as the mask holds them (uint8)
+    position: int = -1  # index among the optimizer's parameters, in group order
+    ref: Callable[[], torch.Tensor | None] | None = field(default=None, repr=False, compare=False)
     _bits: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
     _prefix: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def masked(self) -> bool:
         return self.kind == "masked"
+
+    def __getstate__(self) -> dict[str, Any]:  # weak references do not pickle; re-bound on use
+        return {**self.__dict__, "ref": None}
 
     def bits(self, device: torch.device) -> torch.Tensor:
         """The mask bits on ``device`` (copied once per device)."""
@@ -196,6 +203,25 @@ class MaskedOptimizer(torch.optim.Optimizer):
             params = [{"params": params}]
         super().__init__(params, defaults)
 
+    #: attributes kept through pickling/deepcopy (torch.optim keeps only defaults, state, param_groups)
+    _extra_state_attrs = (
+        "mask",
+        "state_layout",
+        "state_dtype",
+        "unmasked",
+        "fused",
+        "_plans",
+        "_group_index",
+        "_digest",
+        "decay_unselected",
+        "launches",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._extra_state_attrs if k in self.__dict__})
+        return state
+
     # ---- parameter groups ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of ``(name, tensor)`` pairs (or tensors plus ``param_names``), each paired with
@@ -231,10 +257,18 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     f"(parameters {names[:3]}...)"
                 )
             require_triton(tensors, f"{type(self).__name__}(fused=True)")
+            wide = [n for n, t in zip(names, tensors, strict=True) if t.dtype not in FUSED_DTYPES]
+            if wide:
+                raise TypeError(
+                    f"{where}: the fused kernel handles fp32/bf16/fp16 parameters; {wide[:3]} are "
+                    f"{tensors[names.index(wide[0])].dtype} (use fused=False or None)"
+                )
         rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
         index = len(self.param_groups)
         super().add_param_group({**rest, "params": tensors, "param_names": names})
         for param, plan in zip(tensors, plans, strict=True):
+            plan.position = len(self._plans)
+            plan.ref = weakref.ref(param)
             self._plans[id(param)] = plan
             self._group_index[id(param)] = index
         self._digest = None
@@ -261,29 +295,43 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return ParamPlan(name, "dense", shape, param.numel(), param.numel())
         return ParamPlan(name, "frozen", shape, param.numel())
 
+    def _reindex(self) -> None:
+        """Re-key the plans by the current parameter objects (after deepcopy/unpickling the tensors
+        are new objects; plans follow the parameters' positions in the groups)."""
+        ordered = sorted(self._plans.items(), key=lambda item: item[1].position)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(ordered) != len(params):
+            return
+        self._plans = {}
+        for param, (_, plan) in zip(params, ordered, strict=True):
+            plan.ref = weakref.ref(param)
+            self._plans[id(param)] = plan
+        self._group_index = {id(p): index for index, g in enumerate(self.param_groups) for p in g["params"]}
+
     def plan(self, param: torch.Tensor) -> ParamPlan:
         """The :class:`ParamPlan` of one of this optimizer's parameters."""
-        try:
-            return self._plans[id(param)]
-        except KeyError:
-            raise ValueError("this tensor is not a parameter of the optimizer") from None
+        plan = self._plans.get(id(param))
+        if plan is None or plan.ref is None or plan.ref() is not param:
+            self._reindex()
+            plan = self._plans.get(id(param))
+        if plan is None or plan.ref() is not param:
+            raise ValueError("this tensor is not a parameter of the optimizer")
+        return plan
 
     def group_of(self, param: torch.Tensor) -> dict[str, Any]:
         """The param group that holds ``param``."""
-        try:
-            return self.param_groups[self._group_index[id(param)]]
-        except KeyError:
-            raise ValueError("this tensor is not a parameter of the optimizer") from None
+        self.plan(param)
+        return self.param_groups[self._group_index[id(param)]]
 
     def named_plans(self) -> list[tuple[torch.Tensor, ParamPlan]]:
         """``(param, plan)`` for every parameter in group order."""
-        return [(p, self._plans[id(p)]) for g in self.param_groups for p in g["params"]]
+        return [(p, self.plan(p)) for g in self.param_groups for p in g["params"]]
 
     # ---- dispatch helpers ---------------------------------------------------------------------
     def use_fused(self, param: torch.Tensor) -> bool:
         """Whether ``param`` steps through the Triton kernel (``fused=None``: CUDA tensors only)."""
         if self.fused is None:
-            return param.is_cuda and triton_supports([param])
+            return param.is_cuda and param.dtype in FUSED_DTYPES and triton_supports([param])
         if self.fused:
             require_triton([param], f"{type(self).__name__}(fused=True)")
         return self.fused
@@ -335,7 +383,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                plan = self._plans[id(param)]
+                plan = self.plan(param)
                 if self.skips(plan):
                     continue
                 self.check_grad(plan, param, param.grad)
@@ -455,7 +503,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if index not in index_to_param:
                 raise ValueError(f"state_dict: state for unknown parameter index {index}")
             param = index_to_param[index]
-            plan = self._plans[id(param)]
+            plan = self.plan(param)
             restored = {}
             for key, value in values.items():
                 if key == "step":
