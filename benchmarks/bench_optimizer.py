@@ -224,6 +224,8 @@ def main(argv=None) -> int:
             "dtype": str(dtype).removeprefix("torch."),
             "device": args.device,
             "repeats": args.repeats,
+            "cpu_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "bytes_model": __doc__.split("Bytes per step")[1].split("``% copy``")[0].strip(),

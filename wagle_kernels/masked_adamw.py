@@ -134,6 +134,7 @@ def masked_adamw_step_torch(
     *,
     compact: bool = False,
     decay_all: bool = False,
+    index: torch.Tensor | None = None,
 ) -> None:
     """Reference masked AdamW step, in place, fp32 math (the semantics of the fused kernel).
 
@@ -144,6 +145,9 @@ def masked_adamw_step_torch(
         selected: flat bool mask of ``param.numel()`` elements; None updates every weight.
         compact: the moments are compact.
         decay_all: the reference procedure (``grad * mask``, then AdamW on every weight); dense only.
+        index: the flat positions of the selected weights (int32/int64, ``selected.nonzero()``), if
+            the caller keeps them; otherwise they are computed (or, for dense state above 25% density,
+            every weight is updated with a zeroed gradient and the unselected ones are put back).
     """
     math = math_dtype(param)
     p_flat, g_flat = param.view(-1), grad.reshape(-1)
@@ -161,7 +165,8 @@ def masked_adamw_step_torch(
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         return
-    if not compact and selected.numel() and selected.sum() > DENSE_WHERE_RATIO * selected.numel():
+    dense_where = index is None and not compact and selected.numel() > 0
+    if dense_where and selected.sum() > DENSE_WHERE_RATIO * selected.numel():
         # dense state, many selected: update every element with the gradient zeroed where unselected
         # (unselected moments stay exactly 0) and keep the old bits of unselected weights
         p = p_flat.to(math).clone()
@@ -173,7 +178,8 @@ def masked_adamw_step_torch(
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         return
-    index = selected.nonzero().squeeze(1)
+    if index is None:
+        index = selected.nonzero().squeeze(1)
     p = p_flat.index_select(0, index).to(math)
     g = g_flat.index_select(0, index).to(math)
     if compact:
@@ -181,14 +187,14 @@ def masked_adamw_step_torch(
     else:
         m, v = m_flat.index_select(0, index).to(math), v_flat.index_select(0, index).to(math)
     adamw_update_(p, g, m, v, s)
-    p_flat.index_copy_(0, index, p.to(p_flat.dtype))
+    p_flat.index_put_((index,), p.to(p_flat.dtype))
     if compact:
         for dst, src in ((m_flat, m), (v_flat, v)):
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
     else:
-        m_flat.index_copy_(0, index, m.to(m_flat.dtype))
-        v_flat.index_copy_(0, index, v.to(v_flat.dtype))
+        m_flat.index_put_((index,), m.to(m_flat.dtype))
+        v_flat.index_put_((index,), v.to(v_flat.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -75,11 +75,13 @@ def masked_sgd_step_torch(
     *,
     first: bool,
     compact: bool = False,
+    index: torch.Tensor | None = None,
 ) -> None:
     """Reference masked SGD step, in place, fp32 math.
 
     ``selected``: flat bool mask (None: every weight); ``buf``: the momentum buffer (None when momentum
-    is 0), param-shaped or, with ``compact``, one entry per selected weight in flat order.
+    is 0), param-shaped or, with ``compact``, one entry per selected weight in flat order; ``index``:
+    the selected flat positions if the caller keeps them (else ``selected.nonzero()``).
     """
     math = math_dtype(param)
     p_flat, g_flat = param.view(-1), grad.reshape(-1)
@@ -92,20 +94,21 @@ def masked_sgd_step_torch(
             if dst is not None and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         return
-    index = selected.nonzero().squeeze(1)
+    if index is None:
+        index = selected.nonzero().squeeze(1)
     p = p_flat.index_select(0, index).to(math)
     g = g_flat.index_select(0, index).to(math)
     b = None
     if b_flat is not None:
         b = b_flat.to(math) if compact else b_flat.index_select(0, index).to(math)
     sgd_update_(p, g, b, s, first=first)
-    p_flat.index_copy_(0, index, p.to(p_flat.dtype))
+    p_flat.index_put_((index,), p.to(p_flat.dtype))
     if b is not None:
         if compact:
             if b.data_ptr() != b_flat.data_ptr():
                 b_flat.copy_(b)
         else:
-            b_flat.index_copy_(0, index, b.to(b_flat.dtype))
+            b_flat.index_put_((index,), b.to(b_flat.dtype))
 
 
 if HAS_TRITON:

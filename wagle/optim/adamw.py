@@ -128,5 +128,6 @@ class MaskedAdamW(MaskedOptimizer):
                 scalars[id(param)],
                 compact=plan.masked and self.state_layout == "compact",
                 decay_all=plan.masked and self.decay_unselected,
+                index=plan.indices(param.device) if plan.masked and not self.decay_unselected else None,
             )
         self.launches = launches

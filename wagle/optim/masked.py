@@ -12,7 +12,8 @@ Every parameter is given as ``(name, tensor)`` (``model.named_parameters()``), p
 
 Compact index metadata (Triton path): per block of ``STATE_BLOCK`` weights, the exclusive prefix count of
 selected weights (int64, derived once per device from the static mask: 8 bytes per 2048 weights). The
-torch path unpacks a parameter's mask bits when it steps it and keeps nothing.
+torch path unpacks a parameter's mask bits when it steps it; on CPU it also keeps the selected
+positions (int32, 4 bytes per selected weight) because ``nonzero`` would dominate the step.
 
 ``state_dict()`` adds a ``"wagle"`` entry (optimizer class, mask fingerprint, a digest of the names,
 shapes and mask bits of the optimizer's parameters, state layout and dtype); ``load_state_dict`` rejects
@@ -56,6 +57,7 @@ class ParamPlan:
     ref: Callable[[], torch.Tensor | None] | None = field(default=None, repr=False, compare=False)
     _bits: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
     _prefix: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+    _index: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def masked(self) -> bool:
@@ -80,6 +82,20 @@ class ParamPlan:
             self._prefix[device] = prefix
         return prefix
 
+    def indices(self, device: torch.device) -> torch.Tensor | None:
+        """Flat positions of the selected weights (int32 below 2^31 weights), cached for CPU parameters
+        only (the CPU torch path would otherwise spend most of a step in ``nonzero``; 4 bytes per
+        selected weight, counted in :meth:`metadata_nbytes`); None elsewhere."""
+        if device.type != "cpu":
+            return None
+        index = self._index.get(device)
+        if index is None:
+            index = self.selected_flat(device).nonzero().squeeze(1)
+            if self.numel < 2**31:
+                index = index.to(torch.int32)
+            self._index[device] = index
+        return index
+
     def selected_flat(self, device: torch.device) -> torch.Tensor:
         """Flat bool mask on ``device`` (unpacked on demand, not kept)."""
         return unpack_bits(self.bits(device), self.numel)
@@ -90,7 +106,7 @@ class ParamPlan:
 
     def metadata_nbytes(self) -> int:
         """Bytes of cached index metadata and device copies of the mask bits."""
-        total = sum(t.numel() * t.element_size() for t in self._prefix.values())
+        total = sum(t.numel() * t.element_size() for t in (*self._prefix.values(), *self._index.values()))
         if self.packed is not None:
             total += sum(
                 t.numel() * t.element_size()

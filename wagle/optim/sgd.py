@@ -100,5 +100,6 @@ class MaskedSGD(MaskedOptimizer):
                 s,
                 first=first[id(param)],
                 compact=plan.masked and self.state_layout == "compact",
+                index=plan.indices(param.device) if plan.masked else None,
             )
         self.launches = launches
