@@ -3,70 +3,134 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained`` takes ``dtype=`` from transformers 4.56 on, ``torch_dtype=`` before."""
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _check_causal_config(path: str) -> None:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"model: {path} has no config.json (not a Hugging Face model folder)")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model: {config_path} is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"model: {config_path} does not hold a JSON object")
+    architectures = raw.get("architectures") or []
+    if architectures and not any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
+        raise ValueError(
+            f"model: {path} is a {architectures[0]}, not a causal language model (expected an "
+            f"architecture ending in {' / '.join(_CAUSAL_SUFFIXES)})"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"model: {path}: unusable config.json: {_first_line(exc)}") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"model: {path} has model_type {config.model_type!r}, which has no causal language model class"
+        )
 
 
 def load_model(
-    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-):
-    """``(model, tokenizer)`` from a local causal-LM directory (config.json + weights + tokenizer)."""
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` from a local causal-LM directory (config.json + weights + tokenizer).
+
+    Nothing is downloaded (``local_files_only=True``). ``dtype`` casts the weights (default: as
+    saved, or float32); the model is moved to ``device`` and put in eval mode. A tokenizer without a
+    pad token gets its EOS token as pad token.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model: {path} does not exist")
     if not os.path.isdir(path):
         raise NotADirectoryError(f"model: {path} is not a directory (expected a Hugging Face model folder)")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"model: {path} has no config.json (not a Hugging Face model folder)")
-    with open(config_path) as handle:
-        config = json.load(handle)
-    architectures = config.get("architectures") or []
-    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        raise ValueError(f"model: {path} is a {architectures[0]}, not a causal language model")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype such as torch.bfloat16, got {dtype!r}")
+    _check_causal_config(path)
     kwargs = {"local_files_only": True}
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        kwargs[_dtype_keyword()] = dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(
-            f"model: could not load a causal LM from {path}: {str(exc).splitlines()[0][:200]}"
-        ) from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"model: could not load a causal LM from {path}: {_first_line(exc)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"model: {path} has no usable tokenizer: {str(exc).splitlines()[0][:200]}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"model: {path} has no usable tokenizer: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.eos_token is None:
+            logger.warning("tokenizer of %s has neither a pad nor an eos token", path)
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
     if device is not None:
         model.to(device)
+    model.eval()
     return model, tokenizer
 
 
-def save_model(model, tokenizer, path: str | os.PathLike) -> None:
-    """Save model + tokenizer into ``path`` atomically: written to a temp folder beside it, then
-    renamed into place (an existing folder is replaced only after the new one is complete)."""
+def save_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, path: str | os.PathLike
+) -> None:
+    """Save model (safetensors) + tokenizer into the folder ``path``, atomically.
+
+    Everything is written to a temporary folder beside ``path`` and renamed into place; an existing
+    folder is replaced only once the new one is complete (and restored if the swap fails).
+    """
     path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"path: {path} exists and is not a directory")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
+    name = os.path.basename(path)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-model-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        if not os.path.exists(path):
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
+        os.rmdir(old)  # os.replace needs the target folder name to be free
+        os.replace(path, old)
+        try:
             os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,9 +12,18 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts`` (exact decode round trip; no download)."""
-    if vocab_size < 300:
-        raise ValueError(f"vocab_size: must be >= 300 (256 bytes + specials + merges), got {vocab_size}")
+    """A byte-level BPE tokenizer trained on ``texts`` (no download).
+
+    Byte-level pre-tokenization makes decoding an exact inverse of encoding for any text. Special
+    tokens: ``<pad>`` (0), ``<s>`` (bos), ``</s>`` (eos), ``<unk>``. Training is deterministic.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
+        raise ValueError(f"vocab_size: must be an integer >= 300 (256 bytes + specials), got {vocab_size!r}")
+    if isinstance(texts, str):
+        raise TypeError("texts: expected an iterable of strings, got a single string")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("texts: no training text given")
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -25,8 +34,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS
+    )
 
 
 def make_tiny_llama(
@@ -39,7 +50,22 @@ def make_tiny_llama(
     max_position_embeddings: int = 256,
     seed: int = 0,
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama sized to ``tokenizer`` (deterministic in ``seed``)."""
+    """A randomly initialised Llama sized to ``tokenizer`` (deterministic in ``seed``; untied
+    embeddings; the global torch RNG state is left as it was)."""
+    for name, value in (
+        ("hidden_size", hidden_size),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("intermediate_size", intermediate_size),
+        ("max_position_embeddings", max_position_embeddings),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        raise ValueError(
+            f"hidden_size: must be a multiple of 2 * num_heads (even rotary head size), got "
+            f"hidden_size={hidden_size}, num_heads={num_heads}"
+        )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -53,10 +79,7 @@ def make_tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
     return model
