@@ -280,6 +280,10 @@ def test_empty_and_odd_datasets(tmp_path):
     plain_dir.mkdir()
     with pytest.raises(ValueError, match="not one written by datasets' save_to_disk"):
         load_dataset_file(plain_dir, role="forget")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_dataset_file(latin)
     with pytest.raises(TypeError, match="expected a datasets.Dataset"):
         validate_dataset("question,answer")
 

@@ -75,8 +75,11 @@ def _records_of_dict(obj: dict, *, role: str, path: str) -> list:
 
 
 def _read_json(path: str, *, role: str, lines: bool) -> datasets.Dataset:
-    with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
-        text = handle.read()
+    try:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{role} data: could not read {path}: not UTF-8 text ({exc.reason})") from None
     if not text.strip():
         raise ValueError(f"{role} set is empty ({path})")
     if not lines:
