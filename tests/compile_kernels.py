@@ -147,91 +147,10 @@ def variants():
         {"words_ptr": "*i32", "bit_ptr": "*i64", "m": "i64", "BLOCK": "constexpr"},
         {"BLOCK": 4096},
     )
-    adam_scalars = {
-        "decay": "fp32",
-        "beta1": "fp32",
-        "beta2": "fp32",
-        "step_size": "fp32",
-        "inv_sqrt_bc2": "fp32",
-        "eps": "fp32",
-    }
-    for masked, compact in ((True, True), (True, False), (False, False)):
-        yield (
-            f"adamw masked={masked} compact={compact}",
-            masked_adamw._masked_adamw_kernel,
-            {
-                "p_ptr": "*bf16",
-                "g_ptr": "*bf16",
-                "m_ptr": "*fp32",
-                "v_ptr": "*fp32",
-                "bits_ptr": "*u8",
-                "prefix_ptr": "*i64",
-                "n": "i64",
-                **adam_scalars,
-                "MASKED": "constexpr",
-                "COMPACT": "constexpr",
-                "BLOCK": "constexpr",
-            },
-            {"MASKED": masked, "COMPACT": compact, "BLOCK": 2048},
-        )
-        yield (
-            f"adamw multi-tensor masked={masked} compact={compact}",
-            masked_adamw._masked_adamw_multi_kernel,
-            {
-                "p_base": "*bf16",
-                "g_base": "*bf16",
-                "m_base": "*fp32",
-                "v_base": "*fp32",
-                "bits_base": "*u8",
-                "prefix_base": "*i64",
-                "offsets_ptr": "*i64",
-                "numel_ptr": "*i64",
-                "block_owner_ptr": "*i32",
-                "block_index_ptr": "*i32",
-                "step_size_ptr": "*fp32",
-                "inv_sqrt_bc2_ptr": "*fp32",
-                "num_tensors": "i32",
-                "decay": "fp32",
-                "beta1": "fp32",
-                "beta2": "fp32",
-                "eps": "fp32",
-                "MASKED": "constexpr",
-                "COMPACT": "constexpr",
-                "BLOCK": "constexpr",
-            },
-            {"MASKED": masked, "COMPACT": compact, "BLOCK": 2048},
-        )
-    for momentum, first, nesterov in ((True, True, False), (True, False, True), (False, False, False)):
-        yield (
-            f"sgd momentum={momentum} first={first} nesterov={nesterov}",
-            masked_sgd._masked_sgd_kernel,
-            {
-                "p_ptr": "*bf16",
-                "g_ptr": "*bf16",
-                "b_ptr": "*fp32",
-                "bits_ptr": "*u8",
-                "prefix_ptr": "*i64",
-                "n": "i64",
-                "lr": "fp32",
-                "momentum": "fp32",
-                "dampening": "fp32",
-                "weight_decay": "fp32",
-                "MASKED": "constexpr",
-                "COMPACT": "constexpr",
-                "HAS_MOMENTUM": "constexpr",
-                "FIRST": "constexpr",
-                "NESTEROV": "constexpr",
-                "BLOCK": "constexpr",
-            },
-            {
-                "MASKED": True,
-                "COMPACT": True,
-                "HAS_MOMENTUM": momentum,
-                "FIRST": first,
-                "NESTEROV": nesterov,
-                "BLOCK": 2048,
-            },
-        )
+    for module in (masked_adamw, masked_sgd):
+        for dtypes in (("bf16", "fp32"), ("fp32", "fp32")):
+            for label, fn, signature, constexprs in module.compile_variants(16, *dtypes):
+                yield label, fn, signature, constexprs, masked_adamw.aligned_attrs(signature)
 
 
 def main(argv=None) -> int:
@@ -240,10 +159,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shared", type=int, default=227 * 1024, help="shared memory per block limit")
     args = parser.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
-    for label, fn, signature, constexprs in variants():
+    for label, fn, signature, constexprs, *attrs in variants():
         fn = getattr(fn, "fn", fn) if not isinstance(fn, triton.runtime.JITFunction) else fn
         try:
-            source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            source = ASTSource(
+                fn=fn, signature=signature, constexprs=constexprs, attrs=attrs[0] if attrs else None
+            )
             compiled = triton.compile(
                 source, target=target, options={"num_warps": 8, "enable_fp_fusion": False}
             )
