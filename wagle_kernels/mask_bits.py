@@ -54,19 +54,13 @@ if HAS_TRITON:
         return tl.load(prefix_ptr + pid) + before.to(tl.int64)
 
     @triton.jit
-    def block_elements(
-        bits_ptr, prefix_ptr, block, n, MASKED: tl.constexpr, COMPACT: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        """Offsets of block ``block`` (int64) of an ``n``-element tensor, their selected flags (all valid
-        ones when not MASKED) and their state indices (compact or the offsets themselves)."""
+    def block_selection(bits_ptr, n, block, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+        """Block ``block`` of an ``n``-element tensor: int64 offsets, in-range flags, and selected flags
+        (every in-range element when not MASKED)."""
         offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n
         if MASKED:
             selected = load_mask_bits(bits_ptr, offs, valid)
         else:
             selected = valid
-        if COMPACT:
-            state = compact_index(prefix_ptr, block, selected)
-        else:
-            state = offs
-        return offs, selected, state
+        return offs, valid, selected

@@ -240,7 +240,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .mask_bits import load_mask_bits
+    from .mask_bits import block_selection, compact_index
 
     @triton.jit
     def round_like(x, like, EMULATE_BF16: tl.constexpr):
@@ -270,7 +270,6 @@ if HAS_TRITON:
         offs,
         valid,
         sel,
-        flags,
         neg_step_size,
         bc2_sqrt,
         decay,
@@ -298,7 +297,7 @@ if HAS_TRITON:
         else:
             upd = sel
         if COMPACT:
-            state = tl.load(prefix_ptr + block) + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+            state = compact_index(prefix_ptr, block, sel)
             m_raw = tl.load(m_ptr + state, mask=sel, other=0.0)
             v_raw = tl.load(v_ptr + state, mask=sel, other=0.0)
         else:
@@ -348,40 +347,9 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
     ):
         """Block ``block`` (BLOCK elements from int64 offset ``block * BLOCK``) of an ``n``-element tensor:
-        read its mask bits, skip it when nothing is selected, else update it."""
-        offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        if MASKED:
-            sel = load_mask_bits(bits_ptr, offs, valid)
-        else:
-            sel = valid
-        flags = sel.to(tl.int32)
-        if MASKED and not DECAY_ALL:
-            if tl.sum(flags, axis=0) > 0:
-                _adamw_update_block(
-                    p_ptr,
-                    g_ptr,
-                    m_ptr,
-                    v_ptr,
-                    prefix_ptr,
-                    block,
-                    offs,
-                    valid,
-                    sel,
-                    flags,
-                    neg_step_size,
-                    bc2_sqrt,
-                    decay,
-                    beta2,
-                    w1,
-                    omb2,
-                    eps,
-                    COMPACT=COMPACT,
-                    DECAY_ALL=DECAY_ALL,
-                    LERP_SMALL=LERP_SMALL,
-                    EMULATE_BF16=EMULATE_BF16,
-                )
-        else:
+        read its mask bits, skip it when nothing is selected (DECAY_ALL still updates it), else update it."""
+        offs, valid, sel = block_selection(bits_ptr, n, block, MASKED=MASKED, BLOCK=BLOCK)
+        if (tl.sum(sel.to(tl.int32), axis=0) > 0) | DECAY_ALL:
             _adamw_update_block(
                 p_ptr,
                 g_ptr,
@@ -392,7 +360,6 @@ if HAS_TRITON:
                 offs,
                 valid,
                 sel,
-                flags,
                 neg_step_size,
                 bc2_sqrt,
                 decay,

@@ -115,7 +115,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .mask_bits import load_mask_bits
+    from .mask_bits import block_selection, compact_index
     from .masked_adamw import round_like
 
     @triton.jit
@@ -128,7 +128,6 @@ if HAS_TRITON:
         offs,
         valid,
         sel,
-        flags,
         first,
         neg_lr,
         momentum,
@@ -149,7 +148,7 @@ if HAS_TRITON:
             d = d + weight_decay * p
         if HAS_MOMENTUM:
             if COMPACT:
-                state = tl.load(prefix_ptr + block) + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+                state = compact_index(prefix_ptr, block, sel)
                 b_raw = tl.load(b_ptr + state, mask=sel, other=0.0)
             else:
                 state = offs
@@ -191,14 +190,8 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
     ):
         """Block ``block`` of an ``n``-element tensor; skipped when none of its weights is selected."""
-        offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        if MASKED:
-            sel = load_mask_bits(bits_ptr, offs, valid)
-        else:
-            sel = valid
-        flags = sel.to(tl.int32)
-        if tl.sum(flags, axis=0) > 0:
+        offs, valid, sel = block_selection(bits_ptr, n, block, MASKED=MASKED, BLOCK=BLOCK)
+        if tl.sum(sel.to(tl.int32), axis=0) > 0:
             _sgd_update_block(
                 p_ptr,
                 g_ptr,
@@ -208,7 +201,6 @@ if HAS_TRITON:
                 offs,
                 valid,
                 sel,
-                flags,
                 first,
                 neg_lr,
                 momentum,
