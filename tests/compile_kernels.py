@@ -38,61 +38,27 @@ def variants():
     """(label, jit function, {arg: type or 'constexpr'}, {constexpr: value})"""
     inputs = {"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32"}
     scalars = {"n": "i64", "start": "i64", "inv_gamma": "fp32", "seed": "i32"}
-    for method in range(5):
-        yield (
-            f"histogram method={method}",
-            select._histogram_kernel,
-            {
-                **inputs,
-                "hist_ptr": "*i64",
-                "nonfinite_ptr": "*i64",
-                **scalars,
-                "prefix": "i32",
-                "programs": "i32",
-                "iterations": "i32",
-                "PREFIX_SHIFT": "constexpr",
-                "DIGIT_SHIFT": "constexpr",
-                "DIGIT_BITS": "constexpr",
-                "METHOD": "constexpr",
-                "COUNT_NONFINITE": "constexpr",
-                "BLOCK": "constexpr",
-            },
-            {
-                "PREFIX_SHIFT": 31,
-                "DIGIT_SHIFT": 20,
-                "DIGIT_BITS": 11,
-                "METHOD": method,
-                "COUNT_NONFINITE": True,
-                "BLOCK": 4096,
-            },
-        )
-    yield (
-        "histogram digit 2",
-        select._histogram_kernel,
-        {
-            **inputs,
-            "hist_ptr": "*i64",
-            "nonfinite_ptr": "*i64",
-            **scalars,
-            "prefix": "i32",
-            "programs": "i32",
-            "iterations": "i32",
-            "PREFIX_SHIFT": "constexpr",
-            "DIGIT_SHIFT": "constexpr",
-            "DIGIT_BITS": "constexpr",
-            "METHOD": "constexpr",
-            "COUNT_NONFINITE": "constexpr",
-            "BLOCK": "constexpr",
-        },
-        {
-            "PREFIX_SHIFT": 10,
-            "DIGIT_SHIFT": 0,
-            "DIGIT_BITS": 10,
-            "METHOD": 0,
-            "COUNT_NONFINITE": False,
-            "BLOCK": 4096,
-        },
-    )
+    histogram_signature = {
+        **inputs,
+        "hist_ptr": "*i64",
+        "nonfinite_ptr": "*i64",
+        **scalars,
+        "prefix": "i32",
+        "programs": "i32",
+        "iterations": "i32",
+        "PREFIX_SHIFT": "constexpr",
+        "DIGIT_SHIFT": "constexpr",
+        "DIGIT_BITS": "constexpr",
+        "METHOD": "constexpr",
+        "COUNT_NONFINITE": "constexpr",
+        "BLOCK": "constexpr",
+    }
+    first_digit = {"PREFIX_SHIFT": 31, "DIGIT_SHIFT": 20, "DIGIT_BITS": 11, "COUNT_NONFINITE": True}
+    last_digit = {"PREFIX_SHIFT": 10, "DIGIT_SHIFT": 0, "DIGIT_BITS": 10, "COUNT_NONFINITE": False}
+    histograms = [(f"histogram method={m}", {**first_digit, "METHOD": m}) for m in range(5)]
+    histograms.append(("histogram digit 2", {**last_digit, "METHOD": 0}))
+    for label, constexprs in histograms:
+        yield label, select._histogram_kernel, histogram_signature, {**constexprs, "BLOCK": 4096}
     yield (
         "tie count",
         select._tie_count_kernel,
