@@ -179,3 +179,12 @@ def test_named_parameters_iterable_and_metadata():
     assert mask.names == ["weight", "bias"]
     assert mask.metadata["method"] == "wagle" and mask.metadata["ratio"] == "0.25"
     assert mask.num_selected == 6
+
+
+def test_to_device_copy_keeps_bits_counts_and_metadata():
+    mask = WeightMask.from_dict(sample_dict(), metadata={"method": "wagle"})
+    moved = mask.to("cpu")
+    assert moved is not mask and moved.names == mask.names and moved.metadata == mask.metadata
+    assert moved.num_selected == mask.num_selected and moved.densities() == mask.densities()
+    for name in mask:
+        assert torch.equal(moved[name], mask[name])

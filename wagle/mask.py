@@ -163,10 +163,12 @@ class WeightMask(Mapping):
         return sum(e.packed.numel() for e in self._entries.values())
 
     def to(self, device: torch.device | str) -> WeightMask:
-        """A copy with the packed bits on ``device``."""
-        return WeightMask(
-            {name: (e.shape, e.packed.to(device)) for name, e in self._entries.items()}, self.metadata
-        )
+        """A copy with the packed bits on ``device`` (entries already validated and counted)."""
+        moved = WeightMask({}, self.metadata)
+        moved._entries = {
+            name: _Entry(e.shape, e.packed.to(device), e.num_selected) for name, e in self._entries.items()
+        }
+        return moved
 
     def summary_rows(self) -> list[tuple[str, ShapeLike, int, int, float]]:
         """``(name, shape, selected, numel, density)`` per parameter, for a summary table."""
