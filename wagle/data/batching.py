@@ -75,7 +75,7 @@ def pad_id_of(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer: has neither a pad nor an eos token")
-    return pad
+    return int(pad)
 
 
 def make_dataloader(

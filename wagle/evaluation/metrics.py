@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from scipy import stats
 
+from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, encode_qa, format_question, pad_batch
 
 logger = logging.getLogger(__name__)
@@ -38,13 +39,6 @@ TOFU_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("tokenizer: has neither a pad nor an eos token")
-    return int(pad)
-
-
 def _input_device(model) -> torch.device:
     """Device of the input embeddings (the first device of a model dispatched over several)."""
     get = getattr(model, "get_input_embeddings", None)
@@ -133,7 +127,7 @@ def answer_nll(
     out = torch.zeros(len(questions), dtype=torch.float32)
     if not questions:
         return out
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     encoded = [encode_qa(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
     for i, example in enumerate(encoded):
         if all(label == IGNORE_INDEX for label in example["labels"]):
@@ -264,7 +258,7 @@ def greedy_answers(
         raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
     if not questions:
         return []
-    pad, eos, bos = _pad_id(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id
+    pad, eos, bos = pad_id_of(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id
     prompts = [
         ([bos] if bos is not None else [])
         + list(tokenizer(format_question(q), add_special_tokens=False)["input_ids"])

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 
 from wagle.data.batching import collate_examples, encode_dataset
-from wagle.data.loading import validate_dataset
 
 
 def encode_examples(
@@ -16,13 +15,7 @@ def encode_examples(
     """Tokenize every example once (QA: answer-only labels; text: all tokens) and tag its index."""
     if dataset is None:
         raise ValueError(f"{role}: no data set given")
-    validate_dataset(dataset, role=role)
-    return encode_dataset(dataset, tokenizer, max_length=max_length, answer_column=answer_column)
-
-
-def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a list of encoded examples and keep their ``example_index``."""
-    return collate_examples(list(examples), pad_token_id)
+    return encode_dataset(dataset, tokenizer, max_length=max_length, answer_column=answer_column, role=role)
 
 
 def micro_batch_indices(micro_step: int, num_examples: int, batch_size: int, seed: int) -> list[int]:
@@ -48,4 +41,4 @@ def micro_batch_indices(micro_step: int, num_examples: int, batch_size: int, see
 def ordered_batches(examples: Sequence[dict], batch_size: int, pad_token_id: int):
     """All examples once, in order, as padded batches (for precomputation passes)."""
     for start in range(0, len(examples), batch_size):
-        yield collate(examples[start : start + batch_size], pad_token_id)
+        yield collate_examples(list(examples[start : start + batch_size]), pad_token_id)

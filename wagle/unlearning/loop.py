@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from wagle.data.batching import collate_examples, pad_id_of
 from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
 from wagle.objectives.preference import REFUSAL_COLUMN, refusal_for
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .examples import collate, encode_examples, micro_batch_indices, ordered_batches
+from .examples import encode_examples, micro_batch_indices, ordered_batches
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +147,7 @@ def unlearn(
     if precision is not None:
         model.to(PRECISIONS[precision])
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("tokenizer: needs a pad or eos token")
+    pad_id = pad_id_of(tokenizer)
     forget_rows = _with_refusals(forget, seed) if objective.forget_answer_column == REFUSAL_COLUMN else forget
     forget_examples = encode_examples(
         forget_rows,
@@ -236,11 +235,11 @@ def unlearn(
             for micro in range(grad_accum):
                 j = step * grad_accum + micro
                 f_idx = micro_batch_indices(j, len(forget_examples), batch_size, seed)
-                forget_batch = to_device(collate([forget_examples[i] for i in f_idx], pad_id))
+                forget_batch = to_device(collate_examples([forget_examples[i] for i in f_idx], pad_id))
                 retain_batch = None
                 if retain_examples is not None:
                     r_idx = micro_batch_indices(j, len(retain_examples), batch_size, seed + 1)
-                    retain_batch = to_device(collate([retain_examples[i] for i in r_idx], pad_id))
+                    retain_batch = to_device(collate_examples([retain_examples[i] for i in r_idx], pad_id))
                 loss, stats = objective(model, forget_batch, retain_batch)
                 if not torch.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
