@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
 from torch.utils.data import DataLoader
 
 from .format import encode_qa, encode_text, pad_batch
 from .loading import validate_dataset
+
+if TYPE_CHECKING:
+    import datasets
 
 
 def _check_int(name: str, value, low: int) -> None:

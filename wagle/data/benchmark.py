@@ -15,8 +15,10 @@ import json
 import os
 import random
 import tempfile
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 FIRST_NAMES = (
     "Arlen",
@@ -410,6 +412,8 @@ def generate_rows(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]
 
 def generate_benchmark(num_authors: int = 100, seed: int = 0) -> datasets.DatasetDict:
     """The benchmark as a ``datasets.DatasetDict`` with the splits listed in :data:`SPLITS`."""
+    import datasets
+
     rows = generate_rows(num_authors, seed)
     return datasets.DatasetDict({name: datasets.Dataset.from_list(rows[name]) for name in SPLITS})
 
@@ -419,6 +423,8 @@ def benchmark_split(name: str, num_authors: int = 100, seed: int = 0) -> dataset
     ``general``)."""
     if name not in SPLITS:
         raise ValueError(f"name: unknown split {name!r}; expected one of {list(SPLITS)}")
+    import datasets
+
     return datasets.Dataset.from_list(generate_rows(num_authors, seed)[name])
 
 

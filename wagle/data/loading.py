@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:  # imported where used: `import wagle` stays light (datasets takes ~1 s to import)
+    import datasets
 
 QA_COLUMNS = ("question", "answer")
 TEXT_COLUMNS = ("text",)
@@ -40,6 +42,8 @@ def _from_records(records, *, role: str, path: str) -> datasets.Dataset:
             raise ValueError(
                 f"{role} data: {path}: record {number} is a {type(record).__name__}, expected an object"
             )
+    import datasets
+
     try:
         return datasets.Dataset.from_list(records)
     except Exception as exc:  # pyarrow type errors (a column mixing strings and numbers, ...)
@@ -103,6 +107,7 @@ def _read_json(path: str, *, role: str, lines: bool) -> datasets.Dataset:
 
 
 def _read_csv(path: str, *, role: str) -> datasets.Dataset:
+    import datasets
     import pandas as pd
 
     try:
@@ -117,6 +122,7 @@ def _read_csv(path: str, *, role: str) -> datasets.Dataset:
 
 
 def _read_parquet(path: str, *, role: str) -> datasets.Dataset:
+    import datasets
     import pyarrow.parquet as pq
     from datasets.table import InMemoryTable
 
@@ -136,6 +142,8 @@ def _saved_without_shards(path: str) -> bool:
 
 
 def _read_saved(path: str, *, role: str) -> datasets.Dataset:
+    import datasets
+
     try:
         loaded = datasets.load_from_disk(path)
     except FileNotFoundError:
@@ -220,6 +228,8 @@ def validate_dataset(
 ) -> str:
     """Check columns and values of a data set (a ``Dataset`` or a list of dicts); returns the schema
     (``qa`` or ``text``). Raises ``ValueError`` naming the role, the path, the column and the row."""
+    import datasets
+
     if schema not in SCHEMAS:
         raise ValueError(f"schema: expected one of {list(SCHEMAS)}, got {schema!r}")
     where = f" ({path})" if path else ""

@@ -25,8 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rouge_score import rouge_scorer
-from scipy import stats
 
 from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, encode_qa, format_question, pad_batch
@@ -222,7 +220,7 @@ def truth_ratio_statistic(ratios: torch.Tensor | Sequence[float], split_kind: st
 
 
 # ----------------------------------------------------------------------------------------- generation
-_SCORER: rouge_scorer.RougeScorer | None = None
+_SCORER = None  # rouge_score.rouge_scorer.RougeScorer, made on first use (its import takes ~1.5 s)
 
 
 def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
@@ -234,6 +232,8 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
     if len(predictions) != len(references):
         raise ValueError(f"predictions/references: lengths differ ({len(predictions)} vs {len(references)})")
     if _SCORER is None:
+        from rouge_score import rouge_scorer
+
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [
         float(_SCORER.score(ref, pred)["rougeL"].recall)
@@ -316,6 +316,8 @@ def forget_quality(truth_ratios, reference_truth_ratios) -> float:
     """
     a = _sample(truth_ratios, "truth_ratios")
     b = _sample(reference_truth_ratios, "reference_truth_ratios")
+    from scipy import stats
+
     return float(stats.ks_2samp(a, b).pvalue)
 
 
@@ -331,4 +333,6 @@ def model_utility(values: Sequence[float] | Mapping[str, float]) -> float:
         raise ValueError(f"values: must all be >= 0 (and not NaN), got {floats}")
     if any(v == 0 for v in floats):
         return 0.0
+    from scipy import stats
+
     return float(stats.hmean(floats))

@@ -8,8 +8,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -19,6 +19,9 @@ from wagle.data.benchmark import RETAIN_OF, generate_benchmark
 from wagle.data.format import format_answer, format_question
 
 from .tiny import make_tiny_llama, train_tokenizer
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +236,8 @@ def build_demo_models(
             )
             if device is not None:
                 model.to(device)
+            import datasets
+
             data = datasets.concatenate_datasets([benchmark[split], benchmark["general"]])
             stats[name] = finetune(
                 model,
