@@ -6,11 +6,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from wagle.files import replace_folder, temporary_folder
 
 logger = logging.getLogger(__name__)
 
@@ -112,25 +113,12 @@ def save_model(
         raise NotADirectoryError(f"path: {path} exists and is not a directory")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(path)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    tmp = temporary_folder(parent, f".tmp-{os.path.basename(path)}-")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-        if not os.path.exists(path):
-            os.replace(tmp, path)
-            return
-        old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
-        os.rmdir(old)  # os.replace needs the target folder name to be free
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

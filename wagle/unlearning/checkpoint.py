@@ -10,21 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from wagle.files import atomic_write_text, replace_folder, temporary_folder
+
 LATEST = "latest"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,7 +38,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` checkpoints."""
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"checkpoint-{step:06d}")
-    tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=directory)
+    tmp = temporary_folder(directory, ".tmp-checkpoint-")
     try:
         save_file(_model_tensors(model), os.path.join(tmp, "model.safetensors"))
         torch.save(
@@ -58,13 +51,11 @@ def save_checkpoint(
         )
         with open(os.path.join(tmp, "trainer_state.json"), "w") as handle:
             json.dump({**trainer_state, "step": step}, handle, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(os.path.join(directory, LATEST), os.path.basename(final))
+    atomic_write_text(os.path.join(directory, LATEST), os.path.basename(final))
     checkpoints = sorted(d for d in os.listdir(directory) if d.startswith("checkpoint-"))
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
