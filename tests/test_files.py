@@ -61,7 +61,8 @@ def test_replace_folder_swaps_complete_folders(tmp_path, umask_027):
         with open(os.path.join(tmp, "f"), "w") as handle:
             handle.write(content)
         replace_folder(tmp, final)
-    assert open(os.path.join(final, "f")).read() == "second"
+    with open(os.path.join(final, "f")) as handle:
+        assert handle.read() == "second"
     assert os.listdir(tmp_path) == ["out"]
 
 

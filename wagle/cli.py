@@ -30,6 +30,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_checkpointing_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in backward (less memory, ~1 extra forward pass)",
+    )
+
+
 def _add_mask_options(parser: argparse.ArgumentParser) -> None:
     from wagle.attribution.from_model import ATTRIBUTION_METHODS
 
@@ -95,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(mask)
     _add_data_options(mask)
     _add_mask_options(mask)
+    _add_checkpointing_option(mask)
     mask.add_argument("--out", required=True, help="output mask file (.safetensors)")
 
     unl = sub.add_parser(
@@ -123,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="step each parameter during backward and free its gradient (clipping becomes per parameter)",
     )
+    _add_checkpointing_option(unl)
     unl.add_argument("--beta", type=float, default=None, help="beta of NPO/SimNPO")
     unl.add_argument("--checkpoint-every", type=int, default=0)
     unl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")

@@ -100,6 +100,7 @@ def run_mask(args: argparse.Namespace) -> int:
         backend=args.backend,
         seed=args.seed,
         offload_gradients=args.offload_gradients,
+        gradient_checkpointing=args.gradient_checkpointing,
         progress=not args.no_progress,
     )
     mask.save(args.out)
@@ -139,6 +140,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
         state_layout=args.state_layout,
         state_dtype=DTYPES[args.state_dtype],
         step_in_backward=args.step_in_backward,
+        gradient_checkpointing=args.gradient_checkpointing,
         objective_kwargs=objective_kwargs,
         checkpoint_dir=os.path.join(args.out, "checkpoints"),
         checkpoint_every=args.checkpoint_every,

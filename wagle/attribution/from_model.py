@@ -172,6 +172,7 @@ def attribute(
     nonfinite: str = "error",
     max_batches: int | None = None,
     offload_gradients: bool = False,
+    gradient_checkpointing: bool = False,
     progress: bool = True,
 ) -> WeightMask:
     """Compute a weight mask for ``model`` from forget/retain batches.
@@ -186,6 +187,8 @@ def attribute(
     Memory: g_f is moved out of ``.grad`` before the retain pass, so weights + 2 gradient buffers are
     held. ``offload_gradients=True`` keeps g_f in (pinned) host memory instead and streams it to the
     device tensor by tensor during selection: device memory ~ weights + 1 gradient buffer.
+    ``gradient_checkpointing=True`` recomputes each decoder layer's activations in backward (Hugging
+    Face models; same gradients, about one extra forward pass) so long batches fit.
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
@@ -216,22 +219,30 @@ def attribute(
         }
         if method in ("magnitude", "random"):
             return mask_from_gradients(params, None, None, **select_kw)
+        from wagle.models.checkpointing import activation_checkpointing  # transformers, on use
+
         saved = {name: p.grad for name, p in model.named_parameters()}
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
         try:
             for name, p in model.named_parameters():
                 p.grad = None
                 p.requires_grad_(name in params)
-            accumulate_gradients(
-                model, forget, params, max_batches=max_batches, progress=progress, desc="forget gradients"
-            )
-            grad_forget = _take_grads(params, to_host=offload_gradients)
-            grad_retain = None
-            if needs_retain:
+            with activation_checkpointing(model, gradient_checkpointing, keep_eval=True):
                 accumulate_gradients(
-                    model, retain, params, max_batches=max_batches, progress=progress, desc="retain gradients"
+                    model, forget, params, max_batches=max_batches, progress=progress, desc="forget gradients"
                 )
-                grad_retain = _take_grads(params)
+                grad_forget = _take_grads(params, to_host=offload_gradients)
+                grad_retain = None
+                if needs_retain:
+                    accumulate_gradients(
+                        model,
+                        retain,
+                        params,
+                        max_batches=max_batches,
+                        progress=progress,
+                        desc="retain gradients",
+                    )
+                    grad_retain = _take_grads(params)
             logger.info("scoring %d tensors with method=%s", len(params), method)
             mask = mask_from_gradients(
                 params, grad_forget, grad_retain, gamma=gamma, host_gradients=offload_gradients, **select_kw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -100,6 +101,7 @@ def unlearn(
     seed: int = 0,
     state_dtype: torch.dtype = torch.float32,
     step_in_backward: bool = False,
+    gradient_checkpointing: bool = False,
     progress: bool = True,
 ) -> UnlearnResult:
     """Unlearn ``forget`` from ``model`` while keeping ``retain``, in place.
@@ -120,8 +122,11 @@ def unlearn(
     Memory options for large models: ``state_dtype=torch.bfloat16`` halves the moments;
     ``step_in_backward=True`` steps every parameter as soon as its gradient is complete and frees it
     (:class:`~wagle.optim.StepInBackward`), so no model-sized gradient buffer exists; clipping then
-    applies ``max_grad_norm`` to each parameter's gradient on its own instead of the global norm.
+    applies ``max_grad_norm`` to each parameter's gradient on its own instead of the global norm;
+    ``gradient_checkpointing=True`` recomputes each decoder layer's activations in backward (Hugging
+    Face models), trading about one extra forward pass for most of the activation memory.
     """
+    from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
     from wagle.optim import MaskedAdamW, StepInBackward  # late: the optimizer module imports the kernels
 
     _check_positive("steps", steps, integer=True)
@@ -209,6 +214,7 @@ def unlearn(
     started = time.perf_counter()
     was_training = model.training
     hooks = None
+    checkpointing = contextlib.ExitStack()
     try:
         if step_in_backward:
             hooks = StepInBackward(
@@ -220,6 +226,7 @@ def unlearn(
             list(ordered_batches(retain_examples, batch_size, pad_id)) if retain_examples else None,
             progress=progress,
         )
+        checkpointing.enter_context(activation_checkpointing(model, gradient_checkpointing))
         model.train()
         params = [p for _, p in trainable]
         bar = tqdm(
@@ -280,6 +287,7 @@ def unlearn(
     finally:
         if hooks is not None:
             hooks.remove()
+        checkpointing.close()
         model.train(was_training)
         for name, param in named:
             param.requires_grad_(flags[name])

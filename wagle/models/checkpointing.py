@@ -1,0 +1,76 @@
+"""Activation (gradient) checkpointing for Hugging Face models, on for the duration of a block.
+
+Each decoder layer keeps only its input in the forward pass and recomputes its activations during
+backward: activation memory drops from ``layers x (everything a layer saves)`` to ``layers x hidden``
+per token, for about one extra forward pass of compute. Hugging Face applies it only to modules whose
+``training`` flag is set; with ``keep_eval=True`` only those modules' own flags are set, so every other
+module (dropout, attention dropout) still computes as in ``eval()`` and gradients are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+_REENTRANT_FREE = {"use_reentrant": False}  # frozen inputs (e.g. a frozen embedding) still get grads
+
+
+def _enable(model: torch.nn.Module) -> None:
+    # transformers >= 5.20 renamed gradient_checkpointing_enable (deprecated there) to this
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=_REENTRANT_FREE)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_REENTRANT_FREE)
+
+
+def _disable(model: torch.nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _is_enabled(model: torch.nn.Module) -> bool:
+    return bool(checkpointed_modules(model))
+
+
+def checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that decide on checkpointing (decoder layers, or the base model in older transformers)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextlib.contextmanager
+def activation_checkpointing(
+    model: torch.nn.Module, enabled: bool = True, *, keep_eval: bool = False
+) -> Iterator[None]:
+    """Turn on activation checkpointing for the block and restore the previous setting after it.
+
+    ``keep_eval=True`` (for a model in ``eval()`` mode, as during attribution) sets the ``training``
+    flag of the checkpointing modules alone, and clears it again afterwards. Raises ``ValueError`` for a
+    model that does not support checkpointing."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} does not support activation checkpointing "
+            "(a Hugging Face PreTrainedModel with supports_gradient_checkpointing=True is needed)"
+        )
+    was_enabled = _is_enabled(model)
+    if not was_enabled:
+        _enable(model)
+    flagged = []
+    try:
+        if keep_eval:
+            for module in checkpointed_modules(model):
+                if not module.training:
+                    module.training = True
+                    flagged.append(module)
+        yield
+    finally:
+        for module in flagged:
+            module.training = False
+        if not was_enabled:
+            _disable(model)
