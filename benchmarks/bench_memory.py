@@ -63,7 +63,6 @@ def build_model(arch: str, device: str):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    model.gradient_checkpointing_enable()
     model.config.use_cache = False
     return model
 
@@ -121,6 +120,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import wagle
+    from wagle.models import activation_checkpointing
     from wagle.objectives import NPO
 
     device, rows = args.device, []
@@ -133,7 +133,13 @@ def main(argv=None) -> int:
         offload = index > 0  # the first ratio with g_f on the device, the others with g_f in host memory
         with Phase(f"attribution r={ratio} offload_gradients={offload}", device, rows):
             masks[ratio] = wagle.attribute(
-                model, [forget], [retain], ratio=ratio, offload_gradients=offload, progress=False
+                model,
+                [forget],
+                [retain],
+                ratio=ratio,
+                offload_gradients=offload,
+                gradient_checkpointing=True,
+                progress=False,
             )
     for (ratio, mask), state_dtype in [(item, dt) for item in masks.items() for dt in STATE_DTYPES]:
         trial = model  # the step changes selected weights only; fine for a memory/time measurement
@@ -149,7 +155,8 @@ def main(argv=None) -> int:
         hooks = wagle.StepInBackward(optimizer, clip_norm_per_param=1.0)
         trial.train()
         for step in range(2):  # the first step allocates optimizer state (and compiles kernels)
-            with Phase(f"npo+wagle step {step} r={ratio} state={str(state_dtype)[6:]}", device, rows):
+            name = f"npo+wagle step {step} r={ratio} state={str(state_dtype)[6:]}"
+            with Phase(name, device, rows), activation_checkpointing(trial):
                 loss, _ = objective(trial, forget, retain)
                 loss.backward()
         hooks.remove()
@@ -161,7 +168,9 @@ def main(argv=None) -> int:
     if not args.skip_reference:
         mask = masks[max(masks)]
         bool_masks = {n: mask[n].to(device) for n in mask}
-        with Phase("reference step (frozen copy, full AdamW, grad*mask)", device, rows):
+        name = "reference step (frozen copy, full AdamW, grad*mask)"
+        with Phase(name, device, rows), activation_checkpointing(model):
+            model.train()
             frozen = copy.deepcopy(model).eval()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
             for _ in range(2):

@@ -6,7 +6,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -37,6 +36,8 @@ SHAPE_SETS: dict[str, Callable[[], dict[str, tuple[int, ...]]]] = {
     # ~52M weights: the size at which the reference procedure was measured on a 2-core CPU
     "llama2-50m": lambda: llama_shapes(hidden=512, intermediate=1376, layers=6),
     "llama2-5m": lambda: llama_shapes(vocab=4096, hidden=256, intermediate=688, layers=4),
+    # ~17K weights: smoke tests of the scripts themselves (tests/test_benchmarks.py)
+    "llama2-tiny": lambda: llama_shapes(vocab=128, hidden=32, intermediate=48, layers=1),
 }
 
 
@@ -106,13 +107,9 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: i
 
 def write_json(path: str, payload: dict) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, path)
+    from wagle.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def results_path(kind: str, info: dict) -> str:

@@ -1,22 +1,120 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (issue 6): compiled-kernel test suite + benchmarks, results under $OUT
-# (or benchmarks/results/). Runs from the source tree: PYTHONPATH=. , no install needed.
-#   bash benchmarks/gpu_session.sh [quick|full]
+# Everything issue 6 needs from a lent GPU, in stages that each fit one device call (10 minutes) and
+# return at most 8 files. Runs from the source tree (PYTHONPATH=.), installs nothing but the carried
+# wheels (.whl, made here by benchmarks/gpu_wheels.sh) into /tmp/site.
+#
+#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]      stages: env tests mask optimizer memory
+#
+# Results go to $OUT (the device tool's folder) or benchmarks/results/gpu-<date>/. Planned calls
+# (device tool `run`, carry [".whl"]), about 20 minutes of device time in all:
+#   1. bash benchmarks/gpu_session.sh env tests        compiled-kernel suite incl. the gpu-marked tests
+#   2. bash benchmarks/gpu_session.sh mask             7B mask generation, 50M side by side with the
+#                                                      reference procedure, block/warps sweep
+#   3. bash benchmarks/gpu_session.sh optimizer memory masked AdamW at 7B; 7B attribution + NPO step
+# Set SMOKE=1 to run the same stages on tiny shapes (CPU: Triton interpreter); the test suite does.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE="${1:-full}"
-OUT_DIR="${OUT:-benchmarks/results}"
+OUT_DIR="${OUT:-benchmarks/results/gpu-$(date -u +%F)}"
 mkdir -p "$OUT_DIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT_DIR/gpu.txt"
-python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT_DIR/gpu.txt"
-python -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT_DIR/gpu-tests.txt"
-if [ "$MODE" = "full" ]; then
-  python benchmarks/bench_mask.py --shapes llama2-7b --out "$OUT_DIR/mask-llama2-7b.json" 2>&1 | tee "$OUT_DIR/mask-llama2-7b.txt"
-  for r in 0.1 0.5 0.95; do
-    python benchmarks/bench_mask.py --shapes llama2-7b --ratio "$r" --methods triton --out "$OUT_DIR/mask-llama2-7b-r$r.json" 2>&1 | tail -3
-  done
-  python benchmarks/bench_optimizer.py --shapes llama2-7b --out "$OUT_DIR/optimizer-llama2-7b.json" 2>&1 | tee "$OUT_DIR/optimizer-llama2-7b.txt"
-  python benchmarks/bench_memory.py --arch llama2-7b --out "$OUT_DIR/memory-llama2-7b.json" 2>&1 | tee "$OUT_DIR/memory-llama2-7b.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+SMOKE="${SMOKE:-0}"
+BUDGET="${BUDGET:-570}"  # seconds for this whole invocation; one device call allows 600
+DEADLINE=$(( $(date +%s) + BUDGET ))
+if [ "$SMOKE" = 1 ]; then
+  export TRITON_INTERPRET=1
+  SHAPES=llama2-tiny; SMALL=llama2-tiny; ARCH=tiny; DEVICE=(--device cpu); INTERP=(--interpreter --repeats 1)
+  SWEEP=(--sweep --sweep-limit 2 --repeats 0)
+else
+  unset TRITON_INTERPRET
+  SHAPES=llama2-7b; SMALL=llama2-50m; ARCH=llama2-7b; DEVICE=(); INTERP=(); SWEEP=(--sweep --repeats 2)
 fi
+
+install_wheels() {
+  [ -n "${WAGLE_WHEELS_DONE:-}" ] || [ "$SMOKE" = 1 ] && return 0  # the smoke run uses this machine's
+  export WAGLE_WHEELS_DONE=1
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "no carried wheels (.whl): tests needing datasets/rouge-score fail if the machine lacks them"
+    return 0
+  fi
+  local wheels=(.whl/*.whl)
+  if ! "$PY" -c "import sys, pyarrow; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null; then
+    wheels+=(.whl/pyarrow/*.whl)  # datasets 5.2 needs pyarrow >= 24
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${wheels[@]}" && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+}
+
+run_stage() {  # run_stage NAME COMMAND...: output tee'd to $OUT_DIR/NAME.log, stopped at the deadline
+  local name="$1"; shift
+  local left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: SKIPPED, ${left}s left of BUDGET=$BUDGET: $*" | tee -a "$OUT_DIR/$name.log"
+    return 1
+  fi
+  echo "== $name (${left}s left): $*" | tee -a "$OUT_DIR/$name.log"
+  timeout "$left" "$@" 2>&1 | tee -a "$OUT_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc" | tee -a "$OUT_DIR/$name.log"
+  return "$rc"
+}
+
+stage_env() {
+  {
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv \
+      2>&1 || echo "nvidia-smi: not available"
+    "$PY" - <<'EOF'
+import importlib, platform
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "| SMs", p.multi_processor_count, "| memory GiB", round(p.total_memory / 2**30, 1))
+for name in ("triton", "transformers", "datasets", "pyarrow", "rouge_score", "scipy", "safetensors",
+             "tokenizers", "accelerate", "pytest", "xdist"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name:<13} {getattr(module, '__version__', 'ok')}")
+    except Exception as exc:
+        print(f"{name:<13} MISSING: {type(exc).__name__}: {exc}")
+EOF
+  } 2>&1 | tee "$OUT_DIR/env.txt"
+}
+
+stage_tests() {
+  local workers=8
+  [ "$SMOKE" = 1 ] && workers=2
+  run_stage tests "$PY" -m pytest -q -rfEs -n "$workers" -p no:cacheprovider tests
+}
+
+stage_mask() {
+  run_stage mask "$PY" benchmarks/bench_mask.py --shapes "$SHAPES" --methods triton,torch \
+    --ratios 0.1,0.5,0.95 "${DEVICE[@]}" "${INTERP[@]}" --out "$OUT_DIR/mask-$SHAPES.json"
+  run_stage mask "$PY" benchmarks/bench_mask.py --shapes "$SMALL" --methods triton,torch,reference \
+    "${DEVICE[@]}" "${INTERP[@]}" --out "$OUT_DIR/mask-$SMALL-vs-reference.json"
+  run_stage mask "$PY" benchmarks/bench_mask.py --shapes "$SHAPES" --methods triton "${DEVICE[@]}" \
+    "${INTERP[@]}" "${SWEEP[@]}" --out "$OUT_DIR/mask-$SHAPES-sweep.json"
+}
+
+stage_optimizer() {
+  run_stage optimizer "$PY" benchmarks/bench_optimizer.py --shapes "$SHAPES" "${DEVICE[@]}" \
+    --out "$OUT_DIR/optimizer-$SHAPES.json"
+}
+
+stage_memory() {
+  run_stage memory "$PY" benchmarks/bench_memory.py --arch "$ARCH" "${DEVICE[@]}" \
+    --out "$OUT_DIR/memory-$ARCH.json"
+}
+
+[ $# -gt 0 ] || { sed -n '2,14p' "$0"; exit 2; }
+install_wheels
+status=0
+for stage in "$@"; do
+  case "$stage" in
+    env|tests|mask|optimizer|memory) "stage_$stage" || status=1 ;;
+    *) echo "unknown stage: $stage (env tests mask optimizer memory)" >&2; exit 2 ;;
+  esac
+done
+echo "results in $OUT_DIR:"; ls -la "$OUT_DIR"
+exit "$status"

@@ -375,3 +375,41 @@ def test_kernels_compile_for_sm90():
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("ok ") == 7
+
+
+@pytest.mark.gpu
+def test_gpu_adamw_past_two_to_the_31():
+    """One bf16 tensor of more than 2^31 weights, compact state: the selected weights on both sides
+    of 2^31 (and the last one) follow AdamW; nothing else is written (needs ~15 GB)."""
+    n = 2**31 + 3000
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    p = torch.randn(n, generator=gen, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(n, generator=gen, device="cuda", dtype=torch.bfloat16)
+    idx = (
+        torch.cat(
+            [
+                torch.tensor([0, 5, 2047, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, n - 1]),
+                torch.randint(2**31, n, (50,)),
+                torch.randint(0, n, (50,)),
+            ]
+        )
+        .unique()
+        .cuda()
+    )
+    sel = torch.zeros(n, dtype=torch.bool, device="cuda")
+    sel[idx] = True
+    bits = pack_bits(sel)
+    del sel
+    k = idx.numel()
+    m = torch.zeros(k, device="cuda")
+    v = torch.zeros(k, device="cuda")
+    before = p.clone()
+    ref_p, ref_m, ref_v = p[idx].clone(), torch.zeros(k, device="cuda"), torch.zeros(k, device="cuda")
+    scalars = AdamWScalars.make(1e-2, (0.9, 0.999), 1e-8, 0.1, 1)
+    masked_adamw_step_triton([p], [grad], [m], [v], [bits], [block_prefix(bits, n)], [scalars])
+    masked_adamw_step_torch(ref_p, grad[idx], ref_m, ref_v, None, scalars)
+    torch.testing.assert_close(p[idx].float(), ref_p.float(), rtol=BF16_ULP, atol=1e-6)
+    torch.testing.assert_close(m, ref_m, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-7)
+    p[idx] = before[idx]
+    assert torch.equal(p, before)
