@@ -27,6 +27,7 @@ too). On CPU the masked rows run the torch reference path, so their GB/s says li
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import os
@@ -38,9 +39,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SHAPE_SETS, copy_bandwidth, environment, results_path, synchronize, write_json  # noqa: E402
 
+import wagle.optim.adamw  # noqa: E402
 from wagle import MaskedAdamW, WeightMask  # noqa: E402
 from wagle_kernels.bitpack import popcount  # noqa: E402
 from wagle_kernels.mask_bits import STATE_BLOCK, block_prefix  # noqa: E402
+from wagle_kernels.masked_adamw import masked_adamw_step_triton  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -124,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
+        "--num-warps", default="8", help="comma list: time the fused kernel with each (CUDA), e.g. 4,8,16"
+    )
+    parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/optimizer-...json)"
     )
     args = parser.parse_args(argv)
@@ -132,6 +138,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     state_dtypes = [DTYPES[s] for s in (args.state_dtypes or ("fp32,bf16" if cuda else "fp32")).split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
+    warp_options = [int(w) for w in args.num_warps.split(",")] if cuda else [8]
     shapes = SHAPE_SETS[shapes_name]()
     numel = sum(math.prod(s) for s in shapes.values())
     elem = torch.empty((), dtype=dtype).element_size()
@@ -158,7 +165,11 @@ def main(argv=None) -> int:
         selected, active = mask.num_selected, active_weights(mask)
         for state_dtype in state_dtypes:
             state = torch.empty((), dtype=state_dtype).element_size()
-            for layout in ("dense", "compact"):
+            for layout, warps in [(lay, w) for lay in ("dense", "compact") for w in warp_options]:
+                # the optimizer calls the kernel launcher through its module: time it with each num_warps
+                wagle.optim.adamw.masked_adamw_step_triton = functools.partial(
+                    masked_adamw_step_triton, num_warps=warps
+                )
                 opt = MaskedAdamW(
                     named, mask, lr=1e-5, weight_decay=0.1, state_layout=layout, state_dtype=state_dtype
                 )
@@ -177,6 +188,7 @@ def main(argv=None) -> int:
                     state_bytes=opt.state_nbytes(),
                     metadata_bytes=opt.metadata_nbytes(),
                     launches=opt.launches,
+                    num_warps=warps if cuda else None,
                     path="triton" if cuda else "torch",
                     selected=selected,
                     active=active,
@@ -239,7 +251,7 @@ def main(argv=None) -> int:
     )
     print(
         f"{'method':<18} {'state':>8} {'ratio':>5} {'step ms':>9} {'GB/s':>7} {'% copy':>6} "
-        f"{'state MB':>9} {'launch':>6}"
+        f"{'state MB':>9} {'launch':>6} {'warps':>5}"
     )
     for r in rows:
         if r["seconds"] is None:
@@ -248,7 +260,7 @@ def main(argv=None) -> int:
         print(
             f"{r['method']:<18} {r.get('state_dtype', ''):>8} {r['ratio']:>5} {r['seconds'] * 1e3:>9.2f} "
             f"{r['GBps']:>7.1f} {r['pct_copy']:>6.0f} {r['state_bytes'] / 2**20:>9.1f} "
-            f"{r.get('launches', ''):>6}"
+            f"{r.get('launches', ''):>6} {r.get('num_warps') or '':>5}"
         )
     print(f"results: {path}")
     return 0

@@ -98,8 +98,10 @@ stage_mask() {
 }
 
 stage_optimizer() {
+  local warps=4,8,16
+  [ "$SMOKE" = 1 ] && warps=8
   run_stage optimizer "$PY" benchmarks/bench_optimizer.py --shapes "$SHAPES" "${DEVICE[@]}" \
-    --out "$OUT_DIR/optimizer-$SHAPES.json"
+    --num-warps "$warps" --out "$OUT_DIR/optimizer-$SHAPES.json"
 }
 
 stage_memory() {
