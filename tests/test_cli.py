@@ -114,6 +114,12 @@ def test_mask_unlearn_eval_end_to_end(workspace, capsys):
         assert torch.equal(p[~mask[name]], q[~mask[name]])
 
     report = root / "report.json"
+    facts = root / "world_facts.jsonl"  # TOFU's world-facts schema: no paraphrased answer
+    with open(paths["general"]) as src, open(facts, "w") as dst:
+        for line in src:
+            row = json.loads(line)
+            row.pop("paraphrased_answer")
+            dst.write(json.dumps(row) + "\n")
     code, out, err = run_cli(
         [
             "eval",
@@ -125,6 +131,8 @@ def test_mask_unlearn_eval_end_to_end(workspace, capsys):
             paths["retain90"],
             "--general",
             paths["general"],
+            "--world-facts",
+            facts,
             "--reference-model",
             root / "model",
             "--batch-size",
@@ -137,7 +145,9 @@ def test_mask_unlearn_eval_end_to_end(workspace, capsys):
     )
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert set(data["splits"]) == {"forget", "retain", "general"} and data["forget_quality"] is not None
+    assert set(data["splits"]) == {"forget", "retain", "general", "world_facts"}
+    assert data["forget_quality"] is not None and data["splits"]["world_facts"]["kind"] == "options"
+    assert "world_facts/probability" in data["utility_components"]
 
 
 def test_demo_quick(tmp_path, capsys):

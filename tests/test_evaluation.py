@@ -349,3 +349,42 @@ def test_evaluate_validates_its_inputs():
         evaluate(model, tok, splits, **{**kw, "batch_size": 0})
     with pytest.raises(ValueError, match="results"):
         format_table({})
+
+
+def test_option_splits_use_the_answer_share_of_its_options(monkeypatch):
+    """TOFU's real-authors / world-facts sets: probability = P~(a) / (P~(a) + sum_j P~(perturbed_j)),
+    the truth ratio uses the answer itself when there is no paraphrase."""
+    rows = [
+        {"question": "q1", "answer": "a1", "perturbed_answer": ["x", "y"]},
+        {"question": "q2", "answer": "a2", "perturbed_answer": ["z"], "paraphrased_answer": "p2"},
+    ]
+    table = {"a1": 0.5, "x": 1.0, "y": 2.0, "a2": 3.0, "z": 0.25, "p2": 1.5}
+    monkeypatch.setattr(
+        metrics_module, "answer_nll", lambda m, t, q, answers, **kw: torch.tensor([table[a] for a in answers])
+    )
+    monkeypatch.setattr(
+        metrics_module, "greedy_answers", lambda m, t, questions, **kw: ["a1", "no"][: len(questions)]
+    )
+    splits = {"forget": [{**rows[1], "paraphrased_answer": "p2"}], "facts": rows}
+    result = evaluate(None, None, splits, utility_splits=("facts",), option_splits=("facts",), progress=False)
+    facts = result.splits["facts"]
+    assert facts.kind == "options"
+    share = [
+        math.exp(-0.5) / (math.exp(-0.5) + math.exp(-1.0) + math.exp(-2.0)),
+        math.exp(-3.0) / (math.exp(-3.0) + math.exp(-0.25)),
+    ]
+    assert facts.probabilities == pytest.approx(share)
+    # R = exp(NLL(paraphrase or answer) - mean NLL(perturbed)); statistic mean(max(0, 1 - R))
+    ratios = [math.exp(0.5 - 1.5), math.exp(1.5 - 0.25)]
+    assert facts.truth_ratios == pytest.approx(ratios)
+    assert facts.truth_ratio_stat == pytest.approx((1 - ratios[0]) / 2)
+    assert result.model_utility == pytest.approx(model_utility([sum(share) / 2, 0.5, (1 - ratios[0]) / 2]))
+    plain = evaluate(None, None, {**splits, "facts": [rows[1]]}, utility_splits=("facts",), progress=False)
+    assert plain.splits["facts"].probabilities == pytest.approx([math.exp(-3.0)])
+    with pytest.raises(ValueError, match="option_splits"):
+        evaluate(None, None, splits, utility_splits=(), option_splits=("world_facts",), progress=False)
+    with pytest.raises(ValueError, match="option_splits: contains the forget split"):
+        evaluate(None, None, splits, utility_splits=(), option_splits=("forget",), progress=False)
+    with pytest.raises(ValueError, match="missing column"):
+        no_options = [{"question": "q", "answer": "a"}]
+        evaluate(None, None, {**splits, "facts": no_options}, utility_splits=(), option_splits=("facts",))

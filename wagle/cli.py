@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--forget", required=True, help="forget split (TOFU QA schema)")
     ev.add_argument("--retain", required=True, help="retain split (TOFU QA schema)")
     ev.add_argument("--general", default=None, help="held-out general QA split (optional)")
+    for flag, what in (("--real-authors", "real authors"), ("--world-facts", "world facts")):
+        ev.add_argument(
+            flag,
+            default=None,
+            help=f"TOFU's {what} set (question, answer, perturbed_answer; optional): in model utility, "
+            "with probability = the answer's share among its options",
+        )
     ev.add_argument("--reference-model", default=None, help="retain model directory (for forget quality)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--out", required=True, help="output report (.json)")

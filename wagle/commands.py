@@ -168,19 +168,24 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     if args.general:
         splits["general"] = load_dataset_file(args.general, schema="qa", role="general")
+    options = {"real_authors": args.real_authors, "world_facts": args.world_facts}
+    for name, path in options.items():
+        if path:
+            splits[name] = load_dataset_file(path, schema="qa", role=name.replace("_", " "))
     model, tokenizer = _load(args)
     reference = None
     if args.reference_model:
         from wagle.models import load_model
 
         reference, _ = load_model(args.reference_model, device=_device(args.device))
-    utility = tuple(name for name in ("retain", "general") if name in splits)
+    utility = tuple(name for name in ("retain", "general", *options) if name in splits)
     result = evaluate(
         model,
         tokenizer,
         splits,
         reference=reference,
         utility_splits=utility,
+        option_splits=tuple(name for name in options if name in splits),
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )

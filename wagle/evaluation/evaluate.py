@@ -1,8 +1,10 @@
 """``wagle.evaluate``: TOFU-style evaluation of a model on forget / retain / general splits.
 
-Per split: mean answer probability ``mean_i P~(answer_i | q_i)``, mean ROUGE-L recall of the greedy
-answers, and the truth-ratio statistic (``mean(min(R, 1/R))`` on the forget split,
-``mean(max(0, 1 - R))`` elsewhere). Across splits: forget quality (KS-test p-value between the
+Per split: mean answer probability ``mean_i P~(answer_i | q_i)`` (on TOFU's real-authors and
+world-facts style "option" splits the answer's share of its options,
+``P~(answer) / (P~(answer) + sum_j P~(perturbed_j))``), mean ROUGE-L recall of the greedy answers, and
+the truth-ratio statistic (``mean(min(R, 1/R))`` on the forget split, ``mean(max(0, 1 - R))``
+elsewhere). Across splits: forget quality (KS-test p-value between the
 forget-split truth ratios and a reference's, usually the retain model's) and model utility (harmonic
 mean of the three metrics of every utility split). See :mod:`wagle.evaluation.metrics`.
 """
@@ -22,6 +24,8 @@ from tqdm.auto import tqdm
 from . import metrics as _metrics
 from .metrics import (
     FORGET_KIND,
+    OPTIONS_KIND,
+    TOFU_COLUMNS,
     UTILITY_KIND,
     eval_mode,
     forget_quality,
@@ -32,6 +36,8 @@ from .metrics import (
     truth_ratio_statistic,
     truth_ratios_from_nll,
 )
+
+_OPTION_COLUMNS = ("question", "answer", "perturbed_answer")  # paraphrased_answer optional
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +62,10 @@ def _encode_floats(values: Sequence[float]) -> list[float | str]:
 class SplitMetrics:
     """Metrics of one split, with the per-example values (so a result can serve as a reference).
 
-    ``probability``: mean of ``exp(-NLL(answer | question))``; ``rouge_l``: mean ROUGE-L recall of the
-    greedy answers; ``truth_ratio_stat``: TOFU statistic of the truth ratios for ``kind``
-    (``"forget"``: mean(min(R, 1/R)); ``"utility"``: mean(max(0, 1 - R))).
+    ``probability``: mean of ``exp(-NLL(answer | question))`` (``kind="options"``: of the answer's
+    normalised share among its options); ``rouge_l``: mean ROUGE-L recall of the greedy answers;
+    ``truth_ratio_stat``: TOFU statistic of the truth ratios for ``kind`` (``"forget"``:
+    mean(min(R, 1/R)); ``"utility"`` and ``"options"``: mean(max(0, 1 - R))).
     """
 
     probability: float
@@ -168,9 +175,16 @@ def evaluate_split(
 ) -> SplitMetrics:
     """Answer probability, greedy ROUGE-L recall and truth ratios of one split (TOFU QA columns).
 
-    ``kind`` is ``"forget"`` or ``"utility"`` and picks the truth-ratio statistic. The answer,
+    ``kind`` is ``"forget"`` or ``"utility"`` (it picks the truth-ratio statistic) or ``"options"``
+    (TOFU's real-authors / world-facts sets: a utility split whose probability is the answer's share
+    of its options, ``P~(a) / (P~(a) + sum_j P~(perturbed_j))``; rows without a
+    ``paraphrased_answer`` use the answer itself in the truth ratio, as TOFU does there). The answer,
     paraphrased and perturbed NLLs are computed in one length-sorted pass.
     """
+    if kind not in (FORGET_KIND, UTILITY_KIND, OPTIONS_KIND):
+        raise ValueError(f"kind: expected 'forget', 'utility' or 'options', got {kind!r}")
+    if kind == OPTIONS_KIND:
+        rows = [{"paraphrased_answer": r["answer"], **r} for r in rows_of(rows, "rows", _OPTION_COLUMNS)]
     rows = rows_of(rows, "rows")
     perturbed = [_metrics._perturbed_of(row, i, "rows") for i, row in enumerate(rows)]
     questions = [row["question"] for row in rows]
@@ -184,8 +198,16 @@ def evaluate_split(
     ).double()
     if bar is not None:
         bar.update(1)
+    perturbed_nll = list(nll[2 * n :].split([len(g) for g in perturbed]))
     probabilities = torch.exp(-nll[:n])
-    ratios = truth_ratios_from_nll(nll[n : 2 * n], list(nll[2 * n :].split([len(g) for g in perturbed])))
+    if kind == OPTIONS_KIND:  # softmax over the options of each question, in log space
+        probabilities = torch.stack(
+            [
+                torch.exp(-a - torch.logsumexp(-torch.cat([a[None], p]), 0))
+                for a, p in zip(nll[:n], perturbed_nll, strict=True)
+            ]
+        )
+    ratios = truth_ratios_from_nll(nll[n : 2 * n], perturbed_nll)
     answers = _metrics.greedy_answers(
         model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
@@ -235,6 +257,7 @@ def evaluate(
     reference=None,
     forget_split: str = "forget",
     utility_splits: Sequence[str] = ("retain", "general"),
+    option_splits: Sequence[str] = (),
     batch_size: int = 16,
     max_new_tokens: int = 48,
     max_length: int = 256,
@@ -248,8 +271,10 @@ def evaluate(
     ``forget_quality = ks_2samp(R_model, R_reference).pvalue`` on ``forget_split``, None without a
     reference. ``model_utility`` is the harmonic mean of probability, ROUGE-L recall and the
     truth-ratio statistic ``mean(max(0, 1 - R))`` of each of ``utility_splits`` (None if empty).
-    Splits that are neither forget nor utility are reported but enter no summary. ``max_examples``
-    evaluates only the first N rows of each split. Train/eval modes are restored afterwards.
+    ``option_splits`` (e.g. TOFU's ``real_authors``, ``world_facts``) are evaluated with
+    ``kind="options"`` (see :func:`evaluate_split`); list them in ``utility_splits`` too for TOFU's
+    model utility. Splits that are neither forget nor utility are reported but enter no summary.
+    ``max_examples`` evaluates only the first N rows of each split. Train/eval modes are restored afterwards.
     """
     if not isinstance(splits, Mapping) or not splits:
         raise ValueError("splits: expected a non-empty mapping of split name -> dataset")
@@ -263,12 +288,23 @@ def evaluate(
         raise ValueError(f"utility_splits: {missing} not in splits {sorted(splits)}")
     if forget_split in utility_splits:
         raise ValueError(f"utility_splits: contains the forget split {forget_split!r}")
+    option_splits = [option_splits] if isinstance(option_splits, str) else list(option_splits)
+    missing = [s for s in option_splits if s not in splits]
+    if missing:
+        raise ValueError(f"option_splits: {missing} not in splits {sorted(splits)}")
+    if forget_split in option_splits:
+        raise ValueError(f"option_splits: contains the forget split {forget_split!r}")
     _metrics._check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
         raise ValueError(f"max_examples: must be None or an int >= 1, got {max_examples!r}")
-    rows = {name: rows_of(data, f"splits[{name!r}]")[:max_examples] for name, data in splits.items()}
+    rows = {
+        name: rows_of(data, f"splits[{name!r}]", _OPTION_COLUMNS if name in option_splits else TOFU_COLUMNS)[
+            :max_examples
+        ]
+        for name, data in splits.items()
+    }
     reference_is_model = isinstance(reference, torch.nn.Module)
 
     results: dict[str, SplitMetrics] = {}
@@ -280,6 +316,7 @@ def evaluate(
         for name, split_rows in rows.items():
             bar.set_postfix_str(f"{name} ({len(split_rows)} examples)")
             kind = FORGET_KIND if name == forget_split else UTILITY_KIND
+            kind = OPTIONS_KIND if name in option_splits else kind
             results[name] = evaluate_split(
                 model,
                 tokenizer,

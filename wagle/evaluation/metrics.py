@@ -31,8 +31,8 @@ from wagle.data.format import IGNORE_INDEX, encode_qa, format_question, pad_batc
 
 logger = logging.getLogger(__name__)
 
-FORGET_KIND, UTILITY_KIND = "forget", "utility"
-_UTILITY_ALIASES = (UTILITY_KIND, "retain")
+FORGET_KIND, UTILITY_KIND, OPTIONS_KIND = "forget", "utility", "options"
+_UTILITY_ALIASES = (UTILITY_KIND, "retain", OPTIONS_KIND)
 TOFU_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 
 
