@@ -61,6 +61,8 @@ def test_mask_unlearn_eval_end_to_end(workspace, capsys):
             "0.25",
             "--offload-gradients",
             "--gradient-checkpointing",
+            "--plot",
+            root / "densities.png",
             "--out",
             mask_path,
             "--no-progress",
@@ -69,6 +71,7 @@ def test_mask_unlearn_eval_end_to_end(workspace, capsys):
     )
     assert code == 0, err
     assert "total" in out and mask_path.exists()
+    assert (root / "densities.png").read_bytes()[:4] == b"\x89PNG"
     mask = WeightMask.load(mask_path)
     assert abs(mask.density - 0.25) < 1e-3
 
@@ -157,6 +160,7 @@ def test_demo_quick(tmp_path, capsys):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert set(report["results"]) == {"retain model", "target", "NPO", "NPO+WAGLE", "NPO+random"}
     assert (tmp_path / "demo" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "demo" / "mask_densities.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ result = wagle.evaluate(model, tok, splits, reference=retain_model)             
 from .attribution import attribute, mask_from_gradients
 from .evaluation import EvaluationResult, evaluate
 from .mask import MaskMismatchError, WeightMask
+from .mask_plot import layer_densities, plot_mask_densities
 from .optim import MaskedAdamW, MaskedSGD, StepInBackward
 from .unlearning import UnlearningDiverged, UnlearnResult, unlearn
 
@@ -25,6 +26,8 @@ __all__ = [
     "__version__",
     "attribute",
     "evaluate",
+    "layer_densities",
     "mask_from_gradients",
+    "plot_mask_densities",
     "unlearn",
 ]

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_options(mask)
     _add_checkpointing_option(mask)
     mask.add_argument("--out", required=True, help="output mask file (.safetensors)")
+    mask.add_argument("--plot", default=None, help="also write a PNG of the density per layer and module")
 
     unl = sub.add_parser(
         "unlearn",

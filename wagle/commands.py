@@ -104,6 +104,10 @@ def run_mask(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     mask.save(args.out)
+    if args.plot:
+        from wagle.mask_plot import plot_mask_densities
+
+        plot_mask_densities(mask, args.plot)
     print(mask.summary(max_rows=40))
     print(
         f"saved {args.out}: {mask.num_selected}/{mask.numel} weights selected ({mask.density:.2%}), "
@@ -208,9 +212,8 @@ def run_demo(args: argparse.Namespace) -> int:
         config.steps = args.steps
     report = run(config, out_dir=args.out, device=_device(args.device), progress=not args.no_progress)
     print(report["table"])
-    print(
-        f"\nreport: {os.path.join(args.out, 'report.json')}\nplot:   {os.path.join(args.out, 'tradeoff.png')}"
-    )
+    print(f"\nreport: {os.path.join(args.out, 'report.json')}")
+    print(f"plots:  {os.path.join(args.out, 'tradeoff.png')}, {os.path.join(args.out, 'mask_densities.png')}")
     return 0
 
 

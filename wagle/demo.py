@@ -55,6 +55,7 @@ def run(
     from wagle.attribution import attribute
     from wagle.data import make_dataloader
     from wagle.evaluation import evaluate, format_table, plot_tradeoff, write_json
+    from wagle.mask_plot import plot_mask_densities
     from wagle.models import build_demo_models
     from wagle.unlearning import unlearn
 
@@ -151,4 +152,5 @@ def run(
     }
     write_json(os.path.join(out_dir, "report.json"), report)
     plot_tradeoff(results, os.path.join(out_dir, "tradeoff.png"))
+    plot_mask_densities(wagle_mask, os.path.join(out_dir, "mask_densities.png"))
     return report
