@@ -29,6 +29,24 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
+# Files from which AutoTokenizer can build a tokenizer (any one is enough); used for error messages only.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+)
+
+
+def _has_tokenizer_files(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES)
+
+
 def _check_causal_config(path: str) -> None:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -87,8 +105,12 @@ def load_model(
         raise ValueError(f"model: could not load a causal LM from {path}: {_first_line(exc)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"model: {path} has no usable tokenizer: {_first_line(exc)}") from None
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        # A folder without tokenizer files, or with a corrupt one, gives OSError, ImportError (the
+        # slow-tokenizer fallback, without protobuf) or ValueError, depending on the transformers
+        # version (4.45 / 4.51 / 4.57 / 5.x differ).
+        hint = "" if _has_tokenizer_files(path) else " (the folder has no tokenizer files)"
+        raise ValueError(f"model: {path} has no usable tokenizer{hint}: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             logger.warning("tokenizer of %s has neither a pad nor an eos token", path)
