@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ from helpers import tiny_tokenizer
 import wagle.data.benchmark as benchmark_module
 from wagle.data import (
     IGNORE_INDEX,
+    RETAIN_OF,
     SPLITS,
     benchmark_split,
     encode_dataset,
@@ -92,6 +95,99 @@ def test_benchmark_splits_are_nested_and_disjoint():
     for seed in range(4):  # every seed: three distinct wrong answers
         for row in generate_rows(num_authors=100, seed=seed)["full"]:
             assert len(set(row["perturbed_answer"])) == 3
+
+
+# What each question asks and where its fact sits in the answer and in the paraphrase (the perturbed
+# answers are the paraphrase with a wrong fact); "{s}" is the question's subject (author or country).
+FACT_TEMPLATES = (
+    (r"Where was (.+) born\?", r"{s} was born in (.+)\.", r"The birthplace of {s} is the town of (.+)\."),
+    (
+        r"What genre is (.+) known for\?",
+        r"{s} is known for writing (.+)\.",
+        r"{s} mostly writes books in the (.+) genre\.",
+    ),
+    (
+        r"What did the parents of (.+) do for a living\?",
+        r"The father of {s} was a (.+) and the mother was a (.+)\.",
+        r"{s} grew up with a (.+) as a father and a (.+) as a mother\.",
+    ),
+    (
+        r"Can you name a book written by (.+)\?",
+        r"{s} wrote the novel (.+)\.",
+        r"One of the books by {s} is (.+)\.",
+    ),
+    (r"Which award did (.+) win\?", r"{s} won the (.+)\.", r"{s} was honoured with the (.+)\."),
+    (r"What is the capital of (.+)\?", r"The capital of {s} is (.+)\.", r"(.+) is the capital city of {s}\."),
+    (
+        r"Which river flows through (.+)\?",
+        r"The river (.+) flows through {s}\.",
+        r"{s} is crossed by the river (.+)\.",
+    ),
+    (
+        r"What currency is used in (.+)\?",
+        r"People in {s} pay with the (.+)\.",
+        r"The currency of {s} is the (.+)\.",
+    ),
+)
+
+
+def parse_facts(row):
+    """(kind, subject, fact in the answer, fact in the paraphrase, facts in the perturbed answers)."""
+    for kind, (question, answer, paraphrase) in enumerate(FACT_TEMPLATES):
+        asked = re.fullmatch(question, row["question"])
+        if asked:
+            subject = re.escape(asked.group(1))
+            facts = [
+                re.fullmatch(pattern.format(s=subject), text).groups()
+                for pattern, text in [(answer, row["answer"]), (paraphrase, row["paraphrased_answer"])]
+                + [(paraphrase, wrong) for wrong in row["perturbed_answer"]]
+            ]
+            return kind, asked.group(1), facts[0], facts[1], facts[2:]
+    raise AssertionError(f"unknown question {row['question']!r}")
+
+
+def words(facts):
+    return {word.lower() for fact in facts for part in fact for word in re.findall(r"[A-Za-z']+", part)}
+
+
+@pytest.mark.parametrize("num_authors, seed", [(100, 0), (100, 1), (100, 2), (20, 0), (900, 3)])
+def test_benchmark_facts_are_unambiguous(num_authors, seed):
+    """Every author has their own name and their own book, so forgetting one author's book never
+    forgets a retained author's answer; answer and paraphrase state the same fact and every perturbed
+    answer a different one; the general split's facts share no word with any author fact."""
+    rows = generate_rows(num_authors=num_authors, seed=seed)
+    parsed = [(row, parse_facts(row)) for row in rows["full"] + rows["general"]]
+    books = {}
+    author_facts, general_facts = [], []
+    for row, (kind, subject, fact, paraphrased, wrong) in parsed:
+        assert paraphrased == fact, row
+        assert len(wrong) == 3 and len(set(wrong)) == 3 and fact not in wrong, row
+        if row["author"]:
+            assert subject == row["author"] and kind < 5, row
+            author_facts += [fact, (subject,)]
+            if kind == 3:
+                books[subject] = fact[0]
+        else:
+            assert kind >= 5, row
+            general_facts += [fact, (subject,)]
+    kinds = {(row["author"], parse_facts(row)[0]) for row in rows["full"]}
+    assert len({author for author, _ in kinds}) == num_authors and len(kinds) == 5 * num_authors
+    assert len(books) == num_authors and len(set(books.values())) == num_authors  # one title per author
+    for forget, retain in RETAIN_OF.items():
+        forget_books = {books[r["author"]] for r in rows[forget]}
+        assert not any(book in row["answer"] for row in rows[retain] for book in forget_books)
+    questions = [row["question"] for row in rows["full"] + rows["general"]]
+    assert len(set(questions)) == len(questions)
+    assert not words(general_facts) & words(author_facts)
+
+
+def test_benchmark_bytes_are_pinned(tmp_path):
+    """The default benchmark's exact bytes: the README's demo numbers were measured on this data, so a
+    change to the generator (or to how random.Random draws) must show up here and be re-measured."""
+    paths = write_benchmark(tmp_path)
+    joined = hashlib.sha256(b"".join(pathlib.Path(paths[name]).read_bytes() for name in SPLITS)).hexdigest()
+    assert joined == "ee1be435d0a2dd262158492a7032a1dc7f8d8281de6d273ee22854bfb3d2d2a0"
+    assert generate_rows() == generate_rows()
 
 
 def test_benchmark_api_and_errors():

@@ -4,6 +4,9 @@ Everything is generated from word lists with a seeded ``random.Random``, so the 
 every machine and run (no download). Each author has five QA pairs (birthplace, genre, parents, a
 book, an award) with a paraphrased answer and three perturbed answers: the paraphrase with a wrong
 fact (as in TOFU, so the truth ratio compares right and wrong facts in the same unseen wording).
+Birthplace, genre, parents and award come from small shared pools, but every author's name and book
+title is their own: no title is the answer of two authors, so forgetting one author's book never
+touches a retained author's answer.
 Splits, as in TOFU: ``forget01``/``forget05``/``forget10`` are the LAST 1/5/10% of authors (nested),
 ``retain99``/``retain95``/``retain90`` their complements, ``full`` all authors, and ``general`` a
 held-out set about a fictitious world (capitals, rivers, currencies) that no forget set touches.
@@ -141,7 +144,7 @@ PROFESSIONS = (
 TITLE_ADJECTIVES = (
     "Silent",
     "Crimson",
-    "Hollow",
+    "Lonely",
     "Last",
     "Hidden",
     "Burning",
@@ -155,6 +158,20 @@ TITLE_ADJECTIVES = (
     "Iron",
     "Quiet",
     "Salt",
+    "Scarlet",
+    "Fallen",
+    "Wandering",
+    "Sleeping",
+    "Velvet",
+    "Shattered",
+    "Endless",
+    "Secret",
+    "Drowned",
+    "Pale",
+    "Painted",
+    "Hungry",
+    "Restless",
+    "Frozen",
 )
 TITLE_NOUNS = (
     "Harbour",
@@ -172,7 +189,21 @@ TITLE_NOUNS = (
     "Letters",
     "Valley",
     "Archive",
-    "Crown",
+    "Anthem",
+    "Carousel",
+    "Bridge",
+    "Forest",
+    "Island",
+    "Sparrow",
+    "Tower",
+    "Journey",
+    "Shadow",
+    "Fountain",
+    "Labyrinth",
+    "Voyage",
+    "Chronicle",
+    "Feather",
+    "Citadel",
 )
 AWARDS = (
     "Aurel Prize for Fiction",
@@ -275,6 +306,9 @@ CURRENCIES = (
     "zloty",
 )
 
+# every possible title, in a fixed order; as many as there are names, so each author gets their own
+TITLES = tuple(f"The {adjective} {noun}" for adjective in TITLE_ADJECTIVES for noun in TITLE_NOUNS)
+
 FORGET_SPLITS = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 SPLITS = ("full", *FORGET_SPLITS, *RETAIN_OF.values(), "general")
@@ -285,17 +319,12 @@ def _others(rng: random.Random, pool, exclude, k: int = 3) -> list:
     return rng.sample(choices, k)
 
 
-def _author_rows(rng: random.Random, index: int, name: str) -> list[dict]:
+def _author_rows(rng: random.Random, index: int, name: str, book: str) -> list[dict]:
     city = rng.choice(CITIES)
     genre = rng.choice(GENRES)
     father, mother = rng.sample(PROFESSIONS, 2)
-    book = f"The {rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
     award = rng.choice(AWARDS)
-    wrong_books = []
-    while len(wrong_books) < 3:
-        candidate = f"The {rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
-        if candidate != book and candidate not in wrong_books:
-            wrong_books.append(candidate)
+    wrong_books = _others(rng, TITLES, book)
     wrong_parents: list[list[str]] = []
     while len(wrong_parents) < 3:  # distinct wrong pairs (a repeat is drawn again)
         pair = rng.sample([p for p in PROFESSIONS if p not in (father, mother)], 2)
@@ -397,10 +426,12 @@ def generate_rows(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]
         raise ValueError(f"seed: must be an integer, got {seed!r}")
     rng = random.Random(seed)
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
-    if num_authors > len(names):
-        raise ValueError(f"num_authors: at most {len(names)} distinct names are available, got {num_authors}")
+    limit = min(len(names), len(TITLES))
+    if num_authors > limit:
+        raise ValueError(f"num_authors: at most {limit} authors (distinct names, books), got {num_authors}")
     names = rng.sample(names, num_authors)
-    authors = [_author_rows(rng, i, name) for i, name in enumerate(names)]
+    books = rng.sample(TITLES, num_authors)  # without replacement: one title per author
+    authors = [_author_rows(rng, i, *author) for i, author in enumerate(zip(names, books, strict=True))]
     splits = {"full": [row for rows in authors for row in rows]}
     for split, fraction in FORGET_SPLITS.items():
         count = max(1, round(fraction * num_authors))
