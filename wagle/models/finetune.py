@@ -160,8 +160,9 @@ class DemoModels:
 class TinyRecipe:
     """Model size and fine-tuning schedule of the demo models.
 
-    The default makes the target model reproduce every training answer under greedy decoding
-    (ROUGE-L recall 1.0 on forget10, retain90 and general) in about 20 s per model on 2 CPU cores.
+    The default makes the target model reproduce (nearly) every training answer under greedy decoding
+    (ROUGE-L recall 1.0 on retain90 and general, 0.997 on forget10 on 2026-11-23) in about 20 s per
+    model on 2 CPU cores.
     """
 
     hidden_size: int = 128
