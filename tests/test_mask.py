@@ -188,3 +188,24 @@ def test_to_device_copy_keeps_bits_counts_and_metadata():
     assert moved.num_selected == mask.num_selected and moved.densities() == mask.densities()
     for name in mask:
         assert torch.equal(moved[name], mask[name])
+
+
+def test_saved_masks_are_reproducible_and_only_random_records_a_seed(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    params = {"a": torch.randn(300, generator=g), "b": torch.randn(7, 3, generator=g)}
+    grads = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    paths = []
+    for i in range(2):
+        mask = mask_from_gradients(params, grads, grads, ratio=0.4, backend="torch")
+        assert "seed" not in mask.metadata
+        paths.append(tmp_path / f"m{i}.safetensors")
+        mask.save(paths[-1])
+    # safetensors writes its metadata map in hash order, so compare what the files hold
+    first, second = WeightMask.load(paths[0]), WeightMask.load(paths[1])
+    assert first.metadata == second.metadata
+    assert all(torch.equal(first.packed(n), second.packed(n)) for n in params)
+    randomized = mask_from_gradients(params, None, ratio=0.4, method="random", backend="torch")
+    again = mask_from_gradients(
+        params, None, ratio=0.4, method="random", seed=int(randomized.metadata["seed"]), backend="torch"
+    )
+    assert all(torch.equal(randomized.packed(n), again.packed(n)) for n in params)

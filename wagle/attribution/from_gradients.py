@@ -177,8 +177,8 @@ def mask_from_gradients(
         )
     device = devices.pop() if devices else torch.device("cpu")
 
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if seed is None:  # only the random baseline uses a seed; other masks stay byte-reproducible
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if method == "random" else 0
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
 
@@ -217,7 +217,9 @@ def mask_from_gradients(
         packed.update(select_top_k(selector, k, n, stats))
         stats.nonfinite.update(selector.nonfinite)
 
-    metadata = {"method": method, "ratio": repr(ratio), "scope": scope, "seed": str(seed)}
+    metadata = {"method": method, "ratio": repr(ratio), "scope": scope}
+    if method == "random":
+        metadata["seed"] = str(seed)
     if method == "wagle":
         metadata["gamma"] = repr(float(gamma))
     mask = WeightMask({name: (shapes[name], packed[name]) for name in shapes}, metadata)
