@@ -177,7 +177,7 @@ def mask_from_gradients(
         )
     device = devices.pop() if devices else torch.device("cpu")
 
-    if seed is None:  # only the random baseline uses a seed; other masks stay byte-reproducible
+    if seed is None:  # only the random baseline uses a seed; other masks stay reproducible
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if method == "random" else 0
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed: must be an integer in [0, 2^32), got {seed!r}")

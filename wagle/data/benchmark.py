@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from typing import TYPE_CHECKING
+
+from wagle.files import atomic_write_text
 
 if TYPE_CHECKING:
     import datasets
@@ -459,22 +460,6 @@ def benchmark_split(name: str, num_authors: int = 100, seed: int = 0) -> dataset
     return datasets.Dataset.from_list(generate_rows(num_authors, seed)[name])
 
 
-def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
-    try:
-        # newline="\n" and ensure_ascii keep the bytes identical on every platform and locale
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, sort_keys=True, ensure_ascii=True) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_benchmark(out_dir: str | os.PathLike, num_authors: int = 100, seed: int = 0) -> dict[str, str]:
     """Write ``<split>.jsonl`` for every split into ``out_dir``; returns split -> path.
 
@@ -489,6 +474,9 @@ def write_benchmark(out_dir: str | os.PathLike, num_authors: int = 100, seed: in
     paths = {}
     for name in SPLITS:
         path = os.path.join(out_dir, f"{name}.jsonl")
-        _write_jsonl_atomic(path, rows[name])
+        # sort_keys and ensure_ascii (and atomic_write_text's "\n" line ends) keep the bytes identical
+        # on every platform and locale
+        lines = [json.dumps(row, sort_keys=True, ensure_ascii=True) + "\n" for row in rows[name]]
+        atomic_write_text(path, "".join(lines))
         paths[name] = path
     return paths

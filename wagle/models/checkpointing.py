@@ -32,10 +32,6 @@ def _disable(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_disable()
 
 
-def _is_enabled(model: torch.nn.Module) -> bool:
-    return bool(checkpointed_modules(model))
-
-
 def checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Modules that decide on checkpointing (decoder layers, or the base model in older transformers)."""
     return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
@@ -58,7 +54,7 @@ def activation_checkpointing(
             f"gradient_checkpointing: {type(model).__name__} does not support activation checkpointing "
             "(a Hugging Face PreTrainedModel with supports_gradient_checkpointing=True is needed)"
         )
-    was_enabled = _is_enabled(model)
+    was_enabled = bool(checkpointed_modules(model))
     if not was_enabled:
         _enable(model)
     flagged = []
