@@ -277,3 +277,43 @@ def test_deepspeed_and_partitioned_parameters_are_refused(tmp_path):
     weight.ds_id, weight.ds_numel = 7, 2048
     with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3"):
         masked(GradDiffLike)(model=zero3, wagle_mask=mask, **common)
+
+
+def test_optimizer_cls_and_kwargs_is_mapped_where_the_trainer_takes_it(tmp_path):
+    import inspect
+
+    from trainer_patterns import GradDiffLike, paired_collator, paired_dataset, random_mask, training_args
+
+    from wagle import MaskedSGD
+    from wagle.integrations import masked
+
+    if "optimizer_cls_and_kwargs" not in inspect.signature(transformers.Trainer.__init__).parameters:
+        pytest.skip(f"transformers {transformers.__version__} has no optimizer_cls_and_kwargs")
+    model = tiny_model()
+    common = {
+        "args": training_args(tmp_path),
+        "train_dataset": paired_dataset(),
+        "data_collator": paired_collator,
+    }
+    trainer = masked(GradDiffLike)(
+        model=model,
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.2, "momentum": 0.5}),
+        wagle_mask=random_mask(model),
+        **common,
+    )
+    trainer.create_optimizer()
+    assert isinstance(trainer.wagle_optimizer, MaskedSGD)
+    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in trainer.wagle_optimizer.param_groups] == [
+        (0.2, 0.5, 0.1),
+        (0.2, 0.5, 0.0),
+    ]
+    assert trainer.optimizer_cls_and_kwargs[0] is torch.optim.SGD  # the user's setting is left as given
+    other = tiny_model()
+    trainer = masked(GradDiffLike)(
+        model=other,
+        optimizer_cls_and_kwargs=(torch.optim.Adagrad, {"lr": 0.2}),
+        wagle_mask=random_mask(other),
+        **common,
+    )
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs.*Adagrad"):
+        trainer.create_optimizer()

@@ -157,17 +157,19 @@ class WagleTrainerMixin:
             ), kwargs
 
         given = getattr(self, "optimizer_cls_and_kwargs", None)
+        shadowed = self.__dict__.get("get_optimizer_cls_and_kwargs")
         self.get_optimizer_cls_and_kwargs = masked_cls_and_kwargs
         if given is not None:
             masked, kwargs = masked_kwargs(given[0], given[1], "optimizer_cls_and_kwargs")
-            self.optimizer_cls_and_kwargs = (
-                bind(masked, self.model, self.wagle_mask, **self._wagle_options()),
-                kwargs,
-            )
+            bound = bind(masked, self.model, self.wagle_mask, **self._wagle_options())
+            self.optimizer_cls_and_kwargs = (bound, kwargs)
         try:
             yield
         finally:
-            del self.get_optimizer_cls_and_kwargs
+            if shadowed is None:
+                del self.get_optimizer_cls_and_kwargs
+            else:
+                self.get_optimizer_cls_and_kwargs = shadowed
             if given is not None:
                 self.optimizer_cls_and_kwargs = given
 
