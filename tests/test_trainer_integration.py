@@ -120,7 +120,7 @@ ADAMW_VARIANTS = [
 ]
 
 
-def _patterns_trainer(tmp_path, mask, **overrides):
+def _patterns_trainer(tmp_path, mask, trainer_kwargs=None, **overrides):
     from trainer_patterns import GradDiffLike, paired_collator, paired_dataset, training_args
 
     from wagle.integrations import masked
@@ -131,6 +131,7 @@ def _patterns_trainer(tmp_path, mask, **overrides):
         train_dataset=paired_dataset(),
         data_collator=paired_collator,
         wagle_mask=mask,
+        **(trainer_kwargs or {}),
     )
 
 
@@ -317,3 +318,21 @@ def test_optimizer_cls_and_kwargs_is_mapped_where_the_trainer_takes_it(tmp_path)
     )
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs.*Adagrad"):
         trainer.create_optimizer()
+
+
+def test_state_options(tmp_path):
+    from trainer_patterns import random_mask
+
+    mask = random_mask(tiny_model())
+    options = {"wagle_state_dtype": "bfloat16", "wagle_state_layout": "dense"}
+    trainer = _patterns_trainer(tmp_path, mask, trainer_kwargs=options)
+    trainer.create_optimizer()
+    assert trainer.wagle_optimizer.state_dtype == torch.bfloat16
+    assert trainer.wagle_optimizer.state_layout == "dense"
+    for option, value in (
+        ("wagle_state_dtype", "float16"),
+        ("wagle_state_layout", "sparse"),
+        ("wagle_clip_mode", "clip"),
+    ):
+        with pytest.raises(ValueError, match=option):
+            _patterns_trainer(tmp_path, mask, trainer_kwargs={option: value})

@@ -28,6 +28,7 @@ from trainer_patterns import (  # noqa: E402
     training_args,
 )
 
+from wagle import MaskMismatchError  # noqa: E402
 from wagle.integrations import masked  # noqa: E402
 from wagle.optim import MaskedAdamW, MaskedSGD  # noqa: E402
 
@@ -161,3 +162,16 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
     steps = {float(state["step"]) for state in optimizer.state.values()}
     assert steps == {4.0}
     assert all(state["exp_avg"].dim() == 1 for state in optimizer.state.values())  # compact layout
+    other = tiny_model()
+    wrong = masked(NPOLike)(
+        model=other,
+        args=training_args(tmp_path / "c", **kw),
+        train_dataset=paired_dataset(),
+        data_collator=paired_collator,
+        wagle_mask=random_mask(other, seed=8),
+    )
+    with (
+        torch.serialization.safe_globals(numpy_state),
+        pytest.raises(MaskMismatchError, match="another mask"),
+    ):
+        wrong.train(resume_from_checkpoint=checkpoint)
