@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from wagle.errors import UserError
 from wagle.files import atomic_write
 from wagle_kernels.bitpack import pack_bits, packed_size, popcount, unpack_bits
 
@@ -46,7 +47,7 @@ def named_shapes(source) -> dict[str, ShapeLike]:
     return shapes
 
 
-class MaskMismatchError(ValueError):
+class MaskMismatchError(UserError):
     """A mask does not belong to the model (names or shapes differ)."""
 
 
@@ -80,16 +81,16 @@ class WeightMask(Mapping):
         for name, (shape, packed) in entries.items():
             shape = tuple(int(d) for d in shape)
             if packed.dtype != torch.uint8 or packed.dim() != 1:
-                raise ValueError(f"mask entry {name!r}: packed bits must be a 1-D uint8 tensor")
+                raise UserError(f"mask entry {name!r}: packed bits must be a 1-D uint8 tensor")
             numel = 1
             for d in shape:
                 numel *= d
             if packed.numel() != packed_size(numel):
-                raise ValueError(
+                raise UserError(
                     f"mask entry {name!r}: {packed.numel()} bytes do not hold {numel} bits of shape {shape}"
                 )
             if numel % 8 and packed.numel() and int(packed[-1]) >> (numel % 8):
-                raise ValueError(f"mask entry {name!r}: padding bits past the last weight are set")
+                raise UserError(f"mask entry {name!r}: padding bits past the last weight are set")
             self._entries[name] = _Entry(shape, packed, popcount(packed))
         self.metadata: dict[str, str] = dict(metadata or {})
 
@@ -266,9 +267,9 @@ class WeightMask(Mapping):
             with safe_open(path, framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
         except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"{path}: not a safetensors mask file ({exc})") from exc
+            raise UserError(f"{path}: not a safetensors mask file ({exc})") from exc
         if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path}: not a wagle mask file (metadata format={metadata.get('format')!r})")
+            raise UserError(f"{path}: not a wagle mask file (metadata format={metadata.get('format')!r})")
         shapes = json.loads(metadata.pop("shapes"))
         order = json.loads(metadata.pop("order"))
         fingerprint = metadata.pop("fingerprint")
@@ -277,7 +278,7 @@ class WeightMask(Mapping):
         tensors = load_file(path, device=str(device))
         mask = cls({name: (tuple(shapes[name]), tensors[name]) for name in order}, metadata)
         if mask.fingerprint != fingerprint:
-            raise ValueError(f"{path}: corrupted mask file (fingerprint does not match its shapes)")
+            raise UserError(f"{path}: corrupted mask file (fingerprint does not match its shapes)")
         if model is not None:
             mask.check_compatible(model)
         return mask

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle_kernels.bitpack import pack_bits
 
@@ -39,7 +40,7 @@ def select_parameters(
             continue
         chosen[name] = param
     if not chosen:
-        raise ValueError(f"include/exclude: no parameter matches (include={include}, exclude={exclude})")
+        raise UserError(f"include/exclude: no parameter matches (include={include}, exclude={exclude})")
     return chosen
 
 
@@ -80,7 +81,7 @@ def accumulate_gradients(
         loss.backward()
         count += 1
     if count == 0:
-        raise ValueError(f"{desc}: no batches (the data set is empty)")
+        raise UserError(f"{desc}: no batches (the data set is empty)")
     return count
 
 
@@ -120,7 +121,7 @@ def wanda_mask(
     }
     targets = {name: linear[name] for name in params if name in linear}
     if not targets:
-        raise ValueError("method='wanda': no nn.Linear weight among the selected parameters")
+        raise UserError("method='wanda': no nn.Linear weight among the selected parameters")
     sq_norms = {
         name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
         for name, m in targets.items()
@@ -191,18 +192,18 @@ def attribute(
     Face models; same gradients, about one extra forward pass) so long batches fit.
     """
     if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
+        raise UserError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise ValueError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
     params = select_parameters(model, include, exclude)
     needs_forget = method in ("wagle", "snip", "gradient", "wanda")
     needs_retain = method == "wagle"
     if needs_forget and forget is None:
-        raise ValueError(f"forget: method={method!r} needs forget-set batches")
+        raise UserError(f"forget: method={method!r} needs forget-set batches")
     if needs_retain and retain is None:
-        raise ValueError(f"retain: method={method!r} needs retain-set batches")
+        raise UserError(f"retain: method={method!r} needs retain-set batches")
     if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+        raise UserError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
 
     was_training = model.training
     model.eval()

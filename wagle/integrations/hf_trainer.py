@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle.optim import MaskedAdamW
 
@@ -36,7 +37,7 @@ def masked_adamw_from_training_args(
         (n, p) for n, p in model.named_parameters() if p.requires_grad and n in mask and mask.selected(n) > 0
     ]
     if not named:
-        raise ValueError("mask: selects no weight of a trainable parameter")
+        raise UserError("mask: selects no weight of a trainable parameter")
     return MaskedAdamW(
         named,
         mask,

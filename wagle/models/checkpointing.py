@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from wagle.errors import UserError
+
 _REENTRANT_FREE = {"use_reentrant": False}  # frozen inputs (e.g. a frozen embedding) still get grads
 
 
@@ -50,7 +52,7 @@ def activation_checkpointing(
         yield
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(
+        raise UserError(
             f"gradient_checkpointing: {type(model).__name__} does not support activation checkpointing "
             "(a Hugging Face PreTrainedModel with supports_gradient_checkpointing=True is needed)"
         )

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wagle.data.batching import collate_examples, pad_id_of
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
 from wagle.objectives.preference import REFUSAL_COLUMN, refusal_for
@@ -51,7 +52,7 @@ def _check_positive(name: str, value, *, integer: bool = False, allow_zero: bool
         or (value == 0 and not allow_zero)
     ):
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise UserError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def linear_schedule(warmup_steps: int, total_steps: int):
@@ -70,7 +71,7 @@ def _with_refusals(dataset, seed: int) -> list[dict]:
     rows = [dict(r) for r in dataset]
     for index, row in enumerate(rows):
         if "question" not in row:
-            raise ValueError("forget: method 'po' needs a QA forget set (a 'question' column)")
+            raise UserError("forget: method 'po' needs a QA forget set (a 'question' column)")
         row[REFUSAL_COLUMN] = refusal_for(index, seed)
     return rows
 
@@ -138,15 +139,15 @@ def unlearn(
     _check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
     _check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
     if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
+        raise UserError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
     if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
+        raise UserError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
 
     objective = (
         method if isinstance(method, Objective) else make_objective(method, **(objective_kwargs or {}))
     )
     if objective.uses_retain and retain is None and objective.name not in ("grad_ascent",):
-        raise ValueError(f"retain: method {objective.name!r} needs a retain set")
+        raise UserError(f"retain: method {objective.name!r} needs a retain set")
     if mask is not None:
         mask.check_compatible(model)
     if precision is not None:
@@ -183,7 +184,7 @@ def unlearn(
         optimizer_mask = WeightMask({})
         unmasked = "dense"
     if not trainable:
-        raise ValueError("mask: selects no weight of a trainable parameter; nothing to unlearn")
+        raise UserError("mask: selects no weight of a trainable parameter; nothing to unlearn")
     trainable_names = {n for n, _ in trainable}
     for name, param in named:
         param.requires_grad_(name in trainable_names)
