@@ -82,6 +82,13 @@ def run_mask(args: argparse.Namespace) -> int:
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
     model, tokenizer = _load(args)
+    if args.backend == "triton":
+        from wagle_kernels._runtime import require_triton
+
+        try:
+            require_triton([next(model.parameters())], "--backend triton")
+        except RuntimeError as exc:  # no triton, or a device it cannot run on
+            raise UserError(str(exc)) from None
     loader_kw = {"batch_size": args.batch_size, "max_length": args.max_length}
     started = time.perf_counter()
     mask = attribute(

@@ -195,10 +195,7 @@ def mask_from_gradients(
     else:
         use_triton = backend == "triton"
         if use_triton:
-            try:
-                require_triton([torch.empty(0, device=device)], "backend='triton'")
-            except RuntimeError as exc:  # no triton, or tensors it cannot run on: the caller's choice
-                raise UserError(str(exc)) from None
+            require_triton([torch.empty(0, device=device)], "mask_from_gradients(backend='triton')")
 
     spec = ScoreSpec(method, inverse_gamma(gamma) if method == "wagle" else 1.0, seed)
     groups = [sources] if scope == "global" else [[s] for s in sources]
