@@ -3,14 +3,18 @@
 Each decoder layer keeps only its input in the forward pass and recomputes its activations during
 backward: activation memory drops from ``layers x (everything a layer saves)`` to ``layers x hidden``
 per token, for about one extra forward pass of compute. Hugging Face applies it only to modules whose
-``training`` flag is set; with ``keep_eval=True`` only those modules' own flags are set, so every other
-module (dropout, attention dropout) still computes as in ``eval()`` and gradients are unchanged.
+``training`` flag is set. With ``keep_eval=True`` only those modules' own flags are set, and only for
+the decision: the checkpointed function (the layer's forward, in the forward pass and again in its
+recompute) runs with the flag cleared. Layers that apply dropout from their own flag (OPT's
+``dropout(..., training=self.training)``) and every child module therefore compute exactly as in
+``eval()``: the gradients are those of the plain eval-mode model, bit for bit, and runs repeat.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -39,6 +43,23 @@ def checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
 
+def _in_eval(module: torch.nn.Module, checkpoint: Callable) -> Callable:
+    """A checkpoint function that runs the checkpointed function with ``module.training`` cleared."""
+
+    def run_in_eval(function, *args, **kwargs):
+        @functools.wraps(function)
+        def evaluated(*inner_args, **inner_kwargs):
+            module.training = False
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                module.training = True
+
+        return checkpoint(evaluated, *args, **kwargs)
+
+    return run_in_eval
+
+
 @contextlib.contextmanager
 def activation_checkpointing(
     model: torch.nn.Module, enabled: bool = True, *, keep_eval: bool = False
@@ -46,8 +67,9 @@ def activation_checkpointing(
     """Turn on activation checkpointing for the block and restore the previous setting after it.
 
     ``keep_eval=True`` (for a model in ``eval()`` mode, as during attribution) sets the ``training``
-    flag of the checkpointing modules alone, and clears it again afterwards. Raises ``ValueError`` for a
-    model that does not support checkpointing."""
+    flag of the checkpointing modules alone, so that they checkpoint, and clears it while their
+    checkpointed forward runs (and is recomputed) and again afterwards: dropout stays off. Raises
+    ``ValueError`` for a model that does not support checkpointing."""
     if not enabled:
         yield
         return
@@ -64,11 +86,14 @@ def activation_checkpointing(
         if keep_eval:
             for module in checkpointed_modules(model):
                 if not module.training:
+                    checkpoint = module._gradient_checkpointing_func
+                    flagged.append((module, checkpoint))
                     module.training = True
-                    flagged.append(module)
+                    module._gradient_checkpointing_func = _in_eval(module, checkpoint)
         yield
     finally:
-        for module in flagged:
+        for module, checkpoint in flagged:
             module.training = False
+            module._gradient_checkpointing_func = checkpoint
         if not was_enabled:
             _disable(model)
