@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(unl)
     unl.add_argument("--mask", default=None, help="mask file from 'wagle mask' (default: no mask, dense)")
     unl.add_argument(
+        "--allow-partial-mask",
+        action="store_true",
+        help="accept a mask that leaves model parameters uncovered (frozen) although it was not made "
+        "for this model (e.g. one without its biases, or from a tied-embedding variant)",
+    )
+    unl.add_argument(
         "--method", default="npo", help="grad_ascent, grad_diff, npo, simnpo, po, rmu (default npo)"
     )
     unl.add_argument("--steps", type=int, default=100)

@@ -129,7 +129,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
     model, tokenizer = _load(args)
-    mask = WeightMask.load(args.mask, model) if args.mask else None
+    partial = "allow" if args.allow_partial_mask else "error"
+    mask = WeightMask.load(args.mask, model, partial=partial) if args.mask else None
     objective_kwargs = {"beta": args.beta} if args.beta is not None else None
     result = unlearn(
         model,

@@ -164,6 +164,7 @@ class WeightMask(Mapping):
                 raise UserError(f"mask entry {name!r}: padding bits past the last weight are set")
             self._entries[name] = _Entry(shape, packed, popcount(packed))
         self.metadata: dict[str, str] = dict(metadata or {})
+        self._accepted_model: str | None = None  # a model this mask was accepted for with partial='allow'
 
     # ---- mapping protocol -------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -237,6 +238,7 @@ class WeightMask(Mapping):
     def to(self, device: torch.device | str) -> WeightMask:
         """A copy with the packed bits on ``device`` (entries already validated and counted)."""
         moved = WeightMask({}, self.metadata)
+        moved._accepted_model = self._accepted_model
         moved._entries = {
             name: _Entry(e.shape, e.packed.to(device), e.num_selected) for name, e in self._entries.items()
         }
@@ -273,7 +275,8 @@ class WeightMask(Mapping):
         with ``include``/``exclude`` or Wanda); otherwise (a mask of another model, e.g. one without
         the attention biases or with tied embeddings, or a mask recording no model) ``partial``
         decides: ``"warn"`` (a :class:`PartialMaskWarning`), ``"error"`` (:class:`MaskMismatchError`)
-        or ``"allow"``. ``require_all=True`` requires an entry for every model parameter.
+        or ``"allow"`` (later checks of this mask against the same model then stay quiet).
+        ``require_all=True`` requires an entry for every model parameter.
         """
         if partial not in PARTIAL_POLICIES:
             raise UserError(f"partial: expected one of {list(PARTIAL_POLICIES)}, got {partial!r}")
@@ -296,18 +299,22 @@ class WeightMask(Mapping):
         unmasked = [n for n in shapes if n not in self._entries]
         if require_all and unmasked:
             raise MaskMismatchError(f"mask has no entry for model parameter(s) {unmasked[:5]}")
-        if not unmasked or partial == "allow":
+        if not unmasked:
             return
+        actual = model_fingerprint(model_or_params)
         recorded = self.metadata.get("model_fingerprint")
-        if recorded is not None and recorded == model_fingerprint(model_or_params):
-            return  # made for this model: the uncovered parameters were left out on purpose
+        if recorded == actual or self._accepted_model == actual:
+            return  # made for this model (the uncovered parameters were left out on purpose), or accepted
+        if partial == "allow":
+            self._accepted_model = actual  # later checks against the same model stay quiet
+            return
         why = (
-            "it was made for another model (its parameter fingerprint differs)"
+            "was made for another model (its parameter fingerprint differs)"
             if recorded is not None
-            else "it records no model (an older wagle, or a mask built from a dict)"
+            else "records no model (made by an older wagle, or built from a dict)"
         )
         message = (
-            f"mask covers {len(self._entries)} of the model's {len(shapes)} parameters and {why}; "
+            f"mask covers {len(self._entries)} of the model's {len(shapes)} parameters but {why}; "
             f"{len(unmasked)} parameter(s) would stay frozen: {unmasked[:5]}"
             + (f" (+{len(unmasked) - 5} more)" if len(unmasked) > 5 else "")
         )
