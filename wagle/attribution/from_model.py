@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from wagle.errors import UserError
 from wagle.mask import WeightMask, model_metadata, parameter_aliases
+from wagle.positions import check_sequence_length
 
 from .from_gradients import METHODS, mask_from_gradients
 from .wanda import wanda_mask
@@ -67,8 +68,6 @@ def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 def _checked(model: torch.nn.Module, batch: Batch, what: str) -> Batch:
     """``batch``, after checking it is a batch mapping whose length fits the model's positions."""
-    from wagle.models.positions import check_sequence_length  # wagle.models imports transformers
-
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise TypeError("batches must be mappings with 'input_ids' (and 'labels'), e.g. from make_dataloader")
     check_sequence_length(model, int(batch["input_ids"].shape[-1]), what=what, option=MAX_LENGTH_OPTION)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, encode_qa, format_question, pad_batch
 from wagle.errors import UserError
+from wagle.positions import check_examples, check_sequence_length
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ def answer_nll(
     for i, example in enumerate(encoded):
         if all(label == IGNORE_INDEX for label in example["labels"]):
             raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
+    check_examples(model, encoded, role="evaluation")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = _input_device(model)
     with eval_mode(model):
@@ -265,6 +267,14 @@ def greedy_answers(
         + list(tokenizer(format_question(q), add_special_tokens=False)["input_ids"])
         for q in questions
     ]
+    longest = max(len(p) for p in prompts)
+    check_sequence_length(
+        model,
+        longest + max_new_tokens,
+        what=f"generation: prompt of {longest} tokens + max_new_tokens={max_new_tokens}",
+        option="max_new_tokens (CLI: --max-new-tokens)",
+        used=longest,
+    )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     device = _input_device(model)

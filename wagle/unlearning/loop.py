@@ -18,6 +18,7 @@ from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
 from wagle.objectives.preference import REFUSAL_COLUMN, refusal_for
+from wagle.positions import check_examples
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .examples import encode_examples, micro_batch_indices, ordered_batches
@@ -167,6 +168,8 @@ def unlearn(
         if retain is not None
         else None
     )
+    check_examples(model, forget_examples, role="forget")
+    check_examples(model, retain_examples, role="retain")
     device = next(model.parameters()).device
 
     def to_device(batch):

@@ -21,17 +21,29 @@ def position_limit(model: torch.nn.Module) -> int | None:
     return None
 
 
-def check_sequence_length(model: torch.nn.Module, length: int, *, what: str, option: str) -> None:
+def check_sequence_length(
+    model: torch.nn.Module, length: int, *, what: str, option: str, used: int = 0
+) -> None:
     """Raise :class:`~wagle.errors.UserError` when ``length`` tokens do not fit the model's positions.
 
-    ``what`` names the sequence (e.g. ``"forget batch 3"``), ``option`` the setting that shortens it
-    (e.g. ``"--max-length / max_length"``)."""
+    ``what`` names the sequence (e.g. ``"forget gradients: batch 3"``), ``option`` the setting that
+    shortens it; ``used`` tokens of ``length`` do not come from that option (a generation prompt), so
+    the option's largest value that fits is ``limit - used``."""
     limit = position_limit(model)
     if limit is not None and length > limit:
         raise UserError(
-            f"{what}: {length} tokens, but {type(model).__name__} has {limit} positions; "
-            f"set {option} to {limit} or less"
+            f"{what}: {length} tokens, more than the {limit} positions of {type(model).__name__}; "
+            f"set {option} to {max(limit - used, 0)} or less"
         )
 
 
-__all__ = ["check_sequence_length", "position_limit"]
+def check_examples(model: torch.nn.Module, examples, *, role: str) -> None:
+    """:func:`check_sequence_length` for the longest of encoded ``examples`` (dicts with ``input_ids``)."""
+    if examples:
+        longest = max(len(example["input_ids"]) for example in examples)
+        check_sequence_length(
+            model, longest, what=f"{role} set: longest example", option="max_length (CLI: --max-length)"
+        )
+
+
+__all__ = ["check_examples", "check_sequence_length", "position_limit"]
