@@ -60,6 +60,18 @@ def _in_eval(module: torch.nn.Module, checkpoint: Callable) -> Callable:
     return run_in_eval
 
 
+def _deciding_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose ``training`` flag turns checkpointing on: the decoder layers themselves
+    (``GradientCheckpointingLayer``, transformers >= 4.52), else the base model that loops over them."""
+    modules = checkpointed_modules(model)
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: the base model decides
+        return modules
+    layers = [m for m in modules if isinstance(m, GradientCheckpointingLayer)]
+    return layers or modules
+
+
 @contextlib.contextmanager
 def activation_checkpointing(
     model: torch.nn.Module, enabled: bool = True, *, keep_eval: bool = False
@@ -84,7 +96,7 @@ def activation_checkpointing(
     flagged = []
     try:
         if keep_eval:
-            for module in checkpointed_modules(model):
+            for module in _deciding_modules(model):
                 if not module.training:
                     checkpoint = module._gradient_checkpointing_func
                     flagged.append((module, checkpoint))
