@@ -192,6 +192,8 @@ def wanda_mask(
             for count, batch in enumerate(tqdm(batches, desc="wanda activations", disable=not progress)):
                 if max_batches is not None and count >= max_batches:
                     break
+                if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                    raise TypeError("batches must be mappings with 'input_ids', e.g. from make_dataloader")
                 if check_batch is not None:
                     batch = check_batch(batch, count)
                 inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
