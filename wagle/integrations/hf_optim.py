@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle.optim import MaskedAdamW, MaskedOptimizer, MaskedSGD
 
@@ -82,7 +83,7 @@ def masked_kwargs(cls: type, kwargs: Mapping[str, Any], where: str) -> tuple[typ
         masked, keys = MaskedAdamW, _ADAMW_KEYS
         refused = {"correct_bias": True, "no_deprecation_warning": None}
     else:
-        raise ValueError(
+        raise UserError(
             f"{where}: the Trainer would build {getattr(cls, '__qualname__', cls)!r}, which has no masked "
             "counterpart in wagle (torch.optim.AdamW -> MaskedAdamW, torch.optim.SGD -> MaskedSGD)"
         )
@@ -93,7 +94,7 @@ def masked_kwargs(cls: type, kwargs: Mapping[str, Any], where: str) -> tuple[typ
         elif key in _IGNORED_KEYS or (key in refused and refused[key] in (None, value)):
             continue
         else:
-            raise ValueError(
+            raise UserError(
                 f"{where}: {cls.__name__} option {key}={value!r} is not supported by {masked.__name__}"
             )
     return masked, out
@@ -168,13 +169,13 @@ def named_groups(params, names: Mapping[int, str]) -> list[dict[str, Any]]:
             continue
         missing = [i for i, t in enumerate(tensors) if id(t) not in names]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"optimizer: {len(missing)} tensor(s) of a param group are not parameters of the trained "
                 "model (cannot pair them with mask entries by name)"
             )
         out.append({**group, "params": tensors, "param_names": [names[id(t)] for t in tensors]})
     if not out:
-        raise ValueError("optimizer: the Trainer passed no trainable parameter (every param group is empty)")
+        raise UserError("optimizer: the Trainer passed no trainable parameter (every param group is empty)")
     return out
 
 
@@ -185,7 +186,7 @@ def masked_from_torch_optimizer(
     per-group hyperparameters), for Trainer subclasses whose ``create_optimizer`` builds its own."""
     where = f"optimizer {type(optimizer).__name__}"
     if optimizer.state:
-        raise ValueError(f"{where}: it has already stepped; a masked optimizer can only replace a fresh one")
+        raise UserError(f"{where}: it has already stepped; a masked optimizer can only replace a fresh one")
     cls, groups = None, []
     for group in optimizer.param_groups:
         settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}

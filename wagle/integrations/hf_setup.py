@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def reject_unsupported_setup(trainer) -> None:
     ):
         stage = getattr(plugin, "zero_stage", None)
         where = f"DeepSpeed ZeRO stage {stage}" if stage is not None else "DeepSpeed"
-        raise ValueError(
+        raise UserError(
             f"WagleTrainerMixin: {where} is not supported (DeepSpeed flattens and partitions the parameters "
             "and runs its own optimizer wrapper, so they cannot be paired with mask entries); run on "
             f"{SUPPORTED_SETUPS}: e.g. launch accelerate with a config without deepspeed_config"
@@ -58,13 +59,13 @@ def reject_unsupported_setup(trainer) -> None:
         or getattr(trainer, "is_fsdp_xla_enabled", False)
         or (getattr(args, "fsdp", None))
     ):
-        raise ValueError(
+        raise UserError(
             f"WagleTrainerMixin: FSDP is not supported (sharded flat parameters); run on {SUPPORTED_SETUPS}"
         )
     model = trainer.model
     partitioned = [n for n, p in model.named_parameters() if hasattr(p, "ds_id") or hasattr(p, "ds_numel")]
     if partitioned:
-        raise ValueError(
+        raise UserError(
             f"WagleTrainerMixin: parameters such as {partitioned[0]!r} are partitioned by DeepSpeed ZeRO-3 "
             "(empty local tensors), which is not supported; load the model without a ZeRO-3 config and run "
             f"on {SUPPORTED_SETUPS}"

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle.optim import MaskedAdamW, MaskedOptimizer
 from wagle.optim.clipping import check_clip_mode, mask_gradients_
@@ -64,7 +65,7 @@ def masked_adamw_from_training_args(
         (n, p) for n, p in model.named_parameters() if p.requires_grad and n in mask and mask.selected(n) > 0
     ]
     if not named:
-        raise ValueError("mask: selects no weight of a trainable parameter")
+        raise UserError("mask: selects no weight of a trainable parameter")
     return MaskedAdamW(
         named,
         mask,
@@ -83,7 +84,7 @@ def _state_dtype(value) -> torch.dtype:
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in STATE_DTYPES:
         return STATE_DTYPES[value.removeprefix("torch.")]
-    raise ValueError(f"wagle_state_dtype: expected float32 or bfloat16, got {value!r}")
+    raise UserError(f"wagle_state_dtype: expected float32 or bfloat16, got {value!r}")
 
 
 def _inner(optimizer):
@@ -122,7 +123,7 @@ class WagleTrainerMixin:
     ):
         check_mask_argument(wagle_mask)
         if wagle_state_layout not in ("compact", "dense"):
-            raise ValueError(f"wagle_state_layout: expected 'compact' or 'dense', got {wagle_state_layout!r}")
+            raise UserError(f"wagle_state_layout: expected 'compact' or 'dense', got {wagle_state_layout!r}")
         self.wagle_state_layout = wagle_state_layout
         self.wagle_state_dtype = _state_dtype(wagle_state_dtype)
         self.wagle_clip_mode = check_clip_mode(wagle_clip_mode, "wagle_clip_mode")
@@ -193,7 +194,7 @@ class WagleTrainerMixin:
         optimizer = self.wagle_optimizer
         trained = {id(p) for p, plan in optimizer.named_plans() if not optimizer.skips(plan)}
         if not trained:
-            raise ValueError(
+            raise UserError(
                 "wagle_mask: selects no weight of a parameter the Trainer's optimizer trains (check the mask "
                 "against the trainer's trainable parameters, e.g. a trainable_params_regex)"
             )

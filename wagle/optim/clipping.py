@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from wagle.errors import UserError
+
 from .masked import MaskedOptimizer
 
 CLIP_MODES = ("mask_then_clip", "clip_then_mask")
@@ -27,7 +29,7 @@ CLIP_MODES = ("mask_then_clip", "clip_then_mask")
 def check_clip_mode(mode: str, what: str = "clip_mode") -> str:
     """Return ``mode`` if it is one of :data:`CLIP_MODES`; otherwise raise a ValueError naming ``what``."""
     if mode not in CLIP_MODES:
-        raise ValueError(f"{what}: expected one of {CLIP_MODES}, got {mode!r}")
+        raise UserError(f"{what}: expected one of {CLIP_MODES}, got {mode!r}")
     return mode
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import MaskMismatchError, WeightMask
 from wagle_kernels._runtime import require_triton, triton_supports
 from wagle_kernels.bitpack import unpack_bits
@@ -118,7 +119,7 @@ def require_nonnegative(**values: float) -> None:
     """Raise a ValueError naming the first hyperparameter that is negative or NaN."""
     for name, value in values.items():
         if not float(value) >= 0.0:
-            raise ValueError(f"{name}: must be >= 0, got {value}")
+            raise UserError(f"{name}: must be >= 0, got {value}")
 
 
 def _named_pairs(group: Mapping, where: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -191,13 +192,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if not isinstance(mask, WeightMask):
             raise TypeError(f"mask: expected a wagle.WeightMask, got {type(mask).__name__}")
         if state_layout not in STATE_LAYOUTS:
-            raise ValueError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
+            raise UserError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
         if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype: expected torch.float32 or torch.bfloat16, got {state_dtype}")
+            raise UserError(f"state_dtype: expected torch.float32 or torch.bfloat16, got {state_dtype}")
         if unmasked not in UNMASKED_POLICIES:
-            raise ValueError(f"unmasked: expected one of {UNMASKED_POLICIES}, got {unmasked!r}")
+            raise UserError(f"unmasked: expected one of {UNMASKED_POLICIES}, got {unmasked!r}")
         if fused not in (None, True, False):
-            raise ValueError(f"fused: expected None, True or False, got {fused!r}")
+            raise UserError(f"fused: expected None, True or False, got {fused!r}")
         if isinstance(params, torch.Tensor):
             raise TypeError(
                 "params: expected (name, tensor) pairs (e.g. model.named_parameters()), got a tensor"
@@ -212,7 +213,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._digest: str | None = None
         params = list(params)
         if not params:
-            raise ValueError("params: empty parameter list")
+            raise UserError("params: empty parameter list")
         if not isinstance(params[0], Mapping):
             params = [{"params": params}]
         super().__init__(params, defaults)
@@ -246,14 +247,14 @@ class MaskedOptimizer(torch.optim.Optimizer):
         where = f"params (group {len(self.param_groups)})"
         names, tensors = _named_pairs(param_group, where)
         if not tensors:
-            raise ValueError(f"{where}: empty parameter group")
+            raise UserError(f"{where}: empty parameter group")
         known = {plan.name for plan in self._plans.values()}
         plans, missing, seen, seen_ids = [], [], set(), set()
         for name, param in zip(names, tensors, strict=True):
             if name in known or name in seen:
-                raise ValueError(f"{where}: parameter {name!r} appears twice")
+                raise UserError(f"{where}: parameter {name!r} appears twice")
             if param in self._plans or id(param) in seen_ids:
-                raise ValueError(f"{where}: parameter {name!r} is the same tensor as another parameter")
+                raise UserError(f"{where}: parameter {name!r} is the same tensor as another parameter")
             seen.add(name)
             seen_ids.add(id(param))
             plans.append(self._make_plan(name, param, missing, where))
@@ -266,7 +267,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if self.fused:
             devices = {t.device for t in tensors}
             if len(devices) > 1:
-                raise ValueError(
+                raise UserError(
                     f"{where}: a fused group must be on one device, got {sorted(map(str, devices))} "
                     f"(parameters {names[:3]}...)"
                 )
@@ -289,7 +290,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if param.is_complex() or not param.is_floating_point():
             raise TypeError(f"{where}: {name!r} has dtype {param.dtype}; only real floating-point parameters")
         if param.is_sparse or not param.is_contiguous():
-            raise ValueError(f"{where}: {name!r} must be a dense contiguous tensor")
+            raise UserError(f"{where}: {name!r} must be a dense contiguous tensor")
         shape = tuple(param.shape)
         if name in self.mask:
             if tuple(self.mask.shape(name)) != shape:
@@ -311,7 +312,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """The :class:`ParamPlan` of one of this optimizer's parameters."""
         plan = self._plans.get(param)
         if plan is None:
-            raise ValueError("this tensor is not a parameter of the optimizer")
+            raise UserError("this tensor is not a parameter of the optimizer")
         return plan
 
     def group_of(self, param: torch.Tensor) -> dict[str, Any]:
@@ -348,16 +349,16 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if grad.is_complex():
             raise TypeError(f"{owner}: parameter {plan.name!r} has a complex gradient (not supported)")
         if grad.shape != param.shape:
-            raise ValueError(
+            raise UserError(
                 f"{owner}: gradient of {plan.name!r} has shape {tuple(grad.shape)}, "
                 f"parameter {tuple(param.shape)}"
             )
         if grad.device != param.device:
-            raise ValueError(
+            raise UserError(
                 f"{owner}: gradient of {plan.name!r} is on {grad.device}, the parameter on {param.device}"
             )
         if not param.is_contiguous():
-            raise ValueError(f"{owner}: parameter {plan.name!r} is no longer contiguous")
+            raise UserError(f"{owner}: parameter {plan.name!r} is no longer contiguous")
 
     def new_state_tensor(self, param: torch.Tensor, plan: ParamPlan) -> torch.Tensor:
         """A zero state tensor: compact (selected weights, 1-D) or param-shaped."""
@@ -472,13 +473,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def _check_meta(self, state_dict: Mapping[str, Any]) -> None:
         meta = state_dict.get("wagle") if isinstance(state_dict, Mapping) else None
         if meta is None:
-            raise ValueError(
+            raise UserError(
                 "state_dict: not saved by a wagle masked optimizer (no 'wagle' entry with the mask digest)"
             )
         if meta.get("optimizer") != type(self).__name__:
-            raise ValueError(f"state_dict: saved by {meta.get('optimizer')}, not {type(self).__name__}")
+            raise UserError(f"state_dict: saved by {meta.get('optimizer')}, not {type(self).__name__}")
         if meta.get("state_layout") != self.state_layout:
-            raise ValueError(
+            raise UserError(
                 f"state_dict: saved with state_layout={meta.get('state_layout')!r}, this optimizer uses "
                 f"{self.state_layout!r}"
             )
@@ -504,7 +505,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return value
         expected = plan.state_numel(self.state_layout)
         if value.numel() != expected:
-            raise ValueError(
+            raise UserError(
                 f"state_dict: {key!r} of {plan.name!r} has {value.numel()} elements, expected "
                 f"{expected} ({self.state_layout} layout)"
             )
@@ -542,16 +543,16 @@ def _checked_state(optimizer: MaskedOptimizer, state_dict: dict[str, Any]) -> di
     if len(saved_groups) != len(groups) or any(
         len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, groups, strict=True)
     ):
-        raise ValueError("state_dict: parameter groups differ from this optimizer's")
+        raise UserError("state_dict: parameter groups differ from this optimizer's")
     index_to_param = {}
     for saved, group in zip(saved_groups, groups, strict=True):
         if "param_names" in saved and list(saved["param_names"]) != list(group["param_names"]):
-            raise ValueError("state_dict: parameter names differ from this optimizer's")
+            raise UserError("state_dict: parameter names differ from this optimizer's")
         index_to_param.update(zip(saved["params"], group["params"], strict=True))
     state = {}
     for index, values in state_dict["state"].items():
         if index not in index_to_param:
-            raise ValueError(f"state_dict: state for unknown parameter index {index}")
+            raise UserError(f"state_dict: state for unknown parameter index {index}")
         param = index_to_param[index]
         state[index] = {
             key: _Placed(optimizer._restored_value(param, key, value)) for key, value in values.items()

@@ -14,9 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from wagle.data.batching import collate_examples, pad_id_of
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
 from wagle.objectives.preference import REFUSAL_COLUMN, refusal_for
+from wagle.positions import check_examples
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .examples import encode_examples, micro_batch_indices, ordered_batches
@@ -51,7 +53,7 @@ def _check_positive(name: str, value, *, integer: bool = False, allow_zero: bool
         or (value == 0 and not allow_zero)
     ):
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise UserError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def linear_schedule(warmup_steps: int, total_steps: int):
@@ -70,7 +72,7 @@ def _with_refusals(dataset, seed: int) -> list[dict]:
     rows = [dict(r) for r in dataset]
     for index, row in enumerate(rows):
         if "question" not in row:
-            raise ValueError("forget: method 'po' needs a QA forget set (a 'question' column)")
+            raise UserError("forget: method 'po' needs a QA forget set (a 'question' column)")
         row[REFUSAL_COLUMN] = refusal_for(index, seed)
     return rows
 
@@ -145,17 +147,17 @@ def unlearn(
     # clip_then_mask: fully unselected tensors keep gradients so that they enter the norm
     keep_unselected = clip_mode == "clip_then_mask" and max_grad_norm > 0
     if keep_unselected and step_in_backward:
-        raise ValueError("clip_mode: 'clip_then_mask' needs the global norm, not step_in_backward=True")
+        raise UserError("clip_mode: 'clip_then_mask' needs the global norm, not step_in_backward=True")
     if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
+        raise UserError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
     if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
+        raise UserError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
 
     objective = (
         method if isinstance(method, Objective) else make_objective(method, **(objective_kwargs or {}))
     )
     if objective.uses_retain and retain is None and objective.name not in ("grad_ascent",):
-        raise ValueError(f"retain: method {objective.name!r} needs a retain set")
+        raise UserError(f"retain: method {objective.name!r} needs a retain set")
     if mask is not None:
         mask.check_compatible(model)
     if precision is not None:
@@ -175,6 +177,8 @@ def unlearn(
         if retain is not None
         else None
     )
+    check_examples(model, forget_examples, role="forget")
+    check_examples(model, retain_examples, role="retain")
     device = next(model.parameters()).device
 
     def to_device(batch):
@@ -194,7 +198,7 @@ def unlearn(
         optimizer_mask = WeightMask({})
         unmasked = "dense"
     if not any(mask is None or mask.selected(n) > 0 for n, _ in trainable):
-        raise ValueError("mask: selects no weight of a trainable parameter; nothing to unlearn")
+        raise UserError("mask: selects no weight of a trainable parameter; nothing to unlearn")
     trainable_names = {n for n, _ in trainable}
     for name, param in named:
         param.requires_grad_(name in trainable_names)
