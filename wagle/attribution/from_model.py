@@ -156,6 +156,14 @@ def wanda_mask(
     return WeightMask(entries, {"method": "wanda", "ratio": repr(float(ratio)), "scope": "per_row"})
 
 
+def _with_prompt_format(mask: WeightMask, forget) -> WeightMask:
+    """Record the prompt format of the forget batches (a loader from ``make_dataloader``) in the mask."""
+    fmt = getattr(forget, "prompt_format", None)
+    if fmt is not None:
+        mask.metadata.update(fmt.describe())
+    return mask
+
+
 def attribute(
     model: torch.nn.Module,
     forget: Iterable[Batch] | None,
@@ -189,6 +197,7 @@ def attribute(
     device tensor by tensor during selection: device memory ~ weights + 1 gradient buffer.
     ``gradient_checkpointing=True`` recomputes each decoder layer's activations in backward (Hugging
     Face models; same gradients, about one extra forward pass) so long batches fit.
+    The prompt format of the forget loader (``prompt_format``) is recorded in the mask's metadata.
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
@@ -208,7 +217,8 @@ def attribute(
     model.eval()
     try:
         if method == "wanda":
-            return wanda_mask(model, forget, params, ratio=ratio, max_batches=max_batches, progress=progress)
+            mask = wanda_mask(model, forget, params, ratio=ratio, max_batches=max_batches, progress=progress)
+            return _with_prompt_format(mask, forget)
         select_kw = {
             "ratio": ratio,
             "method": method,
@@ -251,6 +261,6 @@ def attribute(
             for name, p in model.named_parameters():
                 p.requires_grad_(flags[name])
                 p.grad = saved[name]
-        return mask
+        return _with_prompt_format(mask, forget)
     finally:
         model.train(was_training)

@@ -2,11 +2,23 @@
 
 from .batching import collate_examples, encode_dataset, make_dataloader, pad_id_of
 from .benchmark import RETAIN_OF, SPLITS, benchmark_split, generate_benchmark, generate_rows, write_benchmark
-from .format import IGNORE_INDEX, encode_qa, encode_text, format_answer, format_question, pad_batch
+from .format import (
+    IGNORE_INDEX,
+    PROMPT_FORMATS,
+    PromptFormat,
+    encode_qa,
+    encode_text,
+    format_answer,
+    format_question,
+    get_prompt_format,
+    pad_batch,
+)
 from .loading import detect_schema, load_dataset_file, validate_dataset
 
 __all__ = [
     "IGNORE_INDEX",
+    "PROMPT_FORMATS",
+    "PromptFormat",
     "RETAIN_OF",
     "SPLITS",
     "benchmark_split",
@@ -19,6 +31,7 @@ __all__ = [
     "format_question",
     "generate_benchmark",
     "generate_rows",
+    "get_prompt_format",
     "load_dataset_file",
     "make_dataloader",
     "pad_batch",
