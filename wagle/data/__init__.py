@@ -1,7 +1,17 @@
 """Data: the bundled benchmark, local data files, prompt formatting and batching."""
 
 from .batching import collate_examples, encode_dataset, make_dataloader, pad_id_of
-from .benchmark import RETAIN_OF, SPLITS, benchmark_split, generate_benchmark, generate_rows, write_benchmark
+from .benchmark import (
+    HOLDOUT_OF,
+    HOLDOUT_SPLITS,
+    RETAIN_OF,
+    SPLITS,
+    benchmark_split,
+    generate_benchmark,
+    generate_holdout,
+    generate_rows,
+    write_benchmark,
+)
 from .format import (
     IGNORE_INDEX,
     PROMPT_FORMATS,
@@ -14,8 +24,11 @@ from .format import (
     pad_batch,
 )
 from .loading import detect_schema, load_dataset_file, validate_dataset
+from .multiple_choice import hazard_corpus, hazard_multiple_choice
 
 __all__ = [
+    "HOLDOUT_OF",
+    "HOLDOUT_SPLITS",
     "IGNORE_INDEX",
     "PROMPT_FORMATS",
     "PromptFormat",
@@ -30,8 +43,11 @@ __all__ = [
     "format_answer",
     "format_question",
     "generate_benchmark",
+    "generate_holdout",
     "generate_rows",
     "get_prompt_format",
+    "hazard_corpus",
+    "hazard_multiple_choice",
     "load_dataset_file",
     "make_dataloader",
     "pad_batch",
