@@ -81,7 +81,7 @@ def token_statistics(
     template: str | PromptFormat | None = None,
 ) -> list[TokenStats]:
     """Per-token log-probabilities, argmax agreement and vocabulary moments of each answer (one
-    forward pass per length-sorted batch; logits upcast to fp32, moments in float64)."""
+    forward pass per length-sorted batch; log-softmax and moments in float64, one example at a time)."""
     questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
     if len(questions) != len(answers):
         raise ValueError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
@@ -104,7 +104,7 @@ def token_statistics(
             for row, i in enumerate(index):
                 valid = targets[row] != IGNORE_INDEX
                 y = targets[row][valid]
-                logp = F.log_softmax(logits[row, :-1][valid].float(), dim=-1).double()
+                logp = F.log_softmax(logits[row, :-1][valid].double(), dim=-1)
                 p = logp.exp()
                 mu = (p * logp).sum(-1)
                 var = (p * logp.square()).sum(-1) - mu.square()
