@@ -204,7 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="greedy generation length (default 200, as OpenUnlearning)",
     )
-    ev.add_argument("--max-length", type=int, default=256, help="max tokens per scored example (default 256)")
+    ev.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        help="max tokens per scored QA example (default 256; multiple-choice items keep up to 2048)",
+    )
     ev.add_argument(
         "--plot", default=None, help="also write a PNG of the MIA ROC curves and AUCs (needs --holdout)"
     )
