@@ -120,3 +120,23 @@ def test_option_split_truth_ratio_uses_the_answer_even_with_a_paraphrase_column(
     # and it is not the paraphrase's truth ratio
     as_utility = evaluate_split(model, tok, rows, "utility", **kw)
     assert with_column.truth_ratios != pytest.approx(as_utility.truth_ratios)
+
+
+def test_corpus_style_forgetting_of_the_hazard_facts_then_multiple_choice():
+    """The text rows unlearn as any corpus; the questions are then scored on the unlearned model."""
+    from wagle import unlearn
+
+    tok, model = tiny_tokenizer(), tiny_model()
+    before = multiple_choice_accuracy(model, tok, hazard_multiple_choice()[:8])
+    unlearn(
+        model,
+        hazard_corpus()[:8],
+        None,
+        tokenizer=tok,
+        method="grad_ascent",
+        steps=2,
+        lr=1e-2,
+        progress=False,
+    )
+    after = multiple_choice_accuracy(model, tok, hazard_multiple_choice()[:8])
+    assert after.answers == before.answers and after.loglikelihoods != before.loglikelihoods

@@ -174,7 +174,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else {}
     final_loss = last.get("loss", float("nan"))
     print(
-        f"unlearned {args.steps} steps ({result.seconds:.1f}s); final loss {final_loss:.4f}; "
+        f"unlearned {args.steps} steps ({result.seconds:.1f}s, prompt format {template.name}); "
+        f"final loss {final_loss:.4f}; "
         f"model saved to {os.path.join(args.out, 'model')}"
     )
     return 0
