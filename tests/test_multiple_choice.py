@@ -84,6 +84,10 @@ def test_file_formats_and_errors(tmp_path):
     assert rows[0]["choices"] == ["a", "b", "c"] and rows[0]["answer"] == "2" and rows[1]["answer"] == "B"
     result = multiple_choice_accuracy(tiny_model(), tiny_tokenizer(), rows)
     assert result.answers == [2, 1]
+    from wagle.data import make_dataloader
+
+    with pytest.raises(ValueError, match="multiple-choice rows"):
+        make_dataloader(loaded, tiny_tokenizer(), batch_size=2)
     for bad, message in (
         ({"question": "q", "choices": ["a"], "answer": 0}, "at least two"),
         ({"question": "q", "choices": ["a", "b"], "answer": 2}, "'answer' must be the index"),

@@ -42,6 +42,11 @@ def encode_dataset(
     if not isinstance(answer_column, str) or not answer_column:
         raise ValueError(f"answer_column: must be a column name, got {answer_column!r}")
     schema = validate_dataset(dataset, role=role)
+    if schema == "multiple_choice":
+        raise ValueError(
+            f"{role} data: multiple-choice rows (question/choices/answer) are scored by evaluation only; "
+            "train or unlearn from question/answer or text rows"
+        )
     rows = dataset if isinstance(dataset, list) else dataset.to_list()
     if answer_column != "answer":
         if schema != "qa":

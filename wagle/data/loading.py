@@ -206,7 +206,8 @@ def _decode_lists(dataset: datasets.Dataset, column: str, role: str, path: str) 
 
 
 def detect_schema(column_names: Iterable[str], *, role: str = "data", path: str = "") -> str:
-    """``qa`` when there are question+answer columns, ``text`` when there is a text column."""
+    """``multiple_choice`` with question+choices+answer columns, else ``qa`` with question+answer,
+    ``text`` with a text column."""
     names = set(column_names)
     if {"question", "choices", "answer"} <= names:
         return "multiple_choice"
