@@ -38,6 +38,22 @@ def _add_data_options(parser: argparse.ArgumentParser, *, retain_required: bool 
     parser.add_argument("--max-length", type=int, default=256, help="max tokens per example (default 256)")
 
 
+def _add_template_options(parser: argparse.ArgumentParser) -> None:
+    from wagle.data.format import DEFAULT_PROMPT_FORMAT, PROMPT_FORMATS
+
+    parser.add_argument(
+        "--template",
+        choices=list(PROMPT_FORMATS),
+        default=DEFAULT_PROMPT_FORMAT,
+        help="prompt format of QA rows (default wagle: 'Question: {q}\\nAnswer:'; reference: the WAGLE "
+        "reference code's '### Question:'; openunlearning: 'Question: {q}\\nAnswer: '; llama2-chat: "
+        "'[INST] {q} [/INST]'; chat: the tokenizer's chat template)",
+    )
+    parser.add_argument(
+        "--system-prompt", default=None, help="system message for --template chat (default: none)"
+    )
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -129,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(mask)
     _add_data_options(mask)
     _add_mask_options(mask)
+    _add_template_options(mask)
     _add_checkpointing_option(mask)
     mask.add_argument("--out", required=True, help="output mask file (.safetensors)")
     mask.add_argument("--plot", default=None, help="also write a PNG of the density per layer and module")
@@ -166,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="step each parameter during backward and free its gradient (clipping becomes per parameter)",
     )
     _add_checkpointing_option(unl)
+    _add_template_options(unl)
     unl.add_argument("--beta", type=finite_float, default=None, help="beta of NPO/SimNPO")
     unl.add_argument("--checkpoint-every", type=int, default=0)
     unl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
@@ -177,11 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="TOFU-style evaluation of a model",
         description="Evaluate answer probability, "
-        "ROUGE-L, truth ratio, forget quality (vs --reference-model) and model utility.",
+        "ROUGE-L, truth ratio, forget quality (vs --reference-model) and model utility; with --holdout "
+        "also memorisation and membership-inference metrics; with --multiple-choice WMDP-style accuracy.",
     )
     _add_model_options(ev)
-    ev.add_argument("--forget", required=True, help="forget split (TOFU QA schema)")
-    ev.add_argument("--retain", required=True, help="retain split (TOFU QA schema)")
+    ev.add_argument("--forget", default=None, help="forget split (TOFU QA schema)")
+    ev.add_argument("--retain", default=None, help="retain split (TOFU QA schema; needed with --forget)")
     ev.add_argument("--general", default=None, help="held-out general QA split (optional)")
     for flag, what in (("--real-authors", "real authors"), ("--world-facts", "world facts")):
         ev.add_argument(
@@ -191,7 +210,43 @@ def build_parser() -> argparse.ArgumentParser:
             "with probability = the answer's share among its options",
         )
     ev.add_argument("--reference-model", default=None, help="retain model directory (for forget quality)")
+    ev.add_argument(
+        "--holdout",
+        default=None,
+        help="QA set the model never saw (question, answer): adds exact memorisation, extraction strength, "
+        "MIA AUCs of forget vs holdout and privleak (vs --reference-model)",
+    )
+    ev.add_argument(
+        "--gradnorm", action="store_true", help="also the gradient-norm MIA (one backward per row)"
+    )
+    ev.add_argument(
+        "--mia-k", type=finite_float, default=0.4, help="k of the min-k / min-k++ attacks (default 0.4)"
+    )
+    ev.add_argument(
+        "--multiple-choice",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="multiple-choice set (question, choices, answer index; WMDP/MMLU columns): accuracy by answer "
+        "log-likelihood (repeatable)",
+    )
+    _add_template_options(ev)
     ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        help="greedy generation length (default 200, as OpenUnlearning)",
+    )
+    ev.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        help="max tokens per scored QA example (default 256; multiple-choice items keep up to 2048)",
+    )
+    ev.add_argument(
+        "--plot", default=None, help="also write a PNG of the MIA ROC curves and AUCs (needs --holdout)"
+    )
     ev.add_argument("--out", required=True, help="output report (.json)")
     return parser
 

@@ -67,6 +67,15 @@ def _load(args: argparse.Namespace):
     )
 
 
+def _template(args: argparse.Namespace):
+    from wagle.data import get_prompt_format
+
+    try:
+        return get_prompt_format(args.template, system_prompt=args.system_prompt)
+    except ValueError as exc:
+        raise UserError(f"--{str(exc).replace('_', '-', 1)}") from None
+
+
 def run_mask(args: argparse.Namespace) -> int:
     from wagle.attribution import attribute
     from wagle.data import load_dataset_file, make_dataloader
@@ -81,6 +90,7 @@ def run_mask(args: argparse.Namespace) -> int:
         check_writable(args.plot, "--plot")
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
+    template = _template(args)
     model, tokenizer = _load(args)
     if args.backend == "triton":
         from wagle_kernels._runtime import require_triton
@@ -89,7 +99,7 @@ def run_mask(args: argparse.Namespace) -> int:
             require_triton([next(model.parameters())], "--backend triton")
         except RuntimeError as exc:  # no triton, or a device it cannot run on
             raise UserError(str(exc)) from None
-    loader_kw = {"batch_size": args.batch_size, "max_length": args.max_length}
+    loader_kw = {"batch_size": args.batch_size, "max_length": args.max_length, "template": template}
     started = time.perf_counter()
     mask = attribute(
         model,
@@ -131,6 +141,13 @@ def run_unlearn(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     partial = "allow" if args.allow_partial_mask else "error"
     mask = WeightMask.load(args.mask, model, partial=partial) if args.mask else None
+    template = _template(args)
+    if mask is not None and mask.metadata.get("prompt_format", template.name) != template.name:
+        logger.warning(
+            "the mask was computed with prompt format %r, unlearning uses %r",
+            mask.metadata["prompt_format"],
+            template.name,
+        )
     objective_kwargs = {"beta": args.beta} if args.beta is not None else None
     result = unlearn(
         model,
@@ -157,12 +174,14 @@ def run_unlearn(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         seed=args.seed,
         progress=not args.no_progress,
+        template=template,
     )
     save_model(model, tokenizer, os.path.join(args.out, "model"))
     last = result.history[-1] if result.history else {}
     final_loss = last.get("loss", float("nan"))
     print(
-        f"unlearned {args.steps} steps ({result.seconds:.1f}s); final loss {final_loss:.4f}; "
+        f"unlearned {args.steps} steps ({result.seconds:.1f}s, prompt format {template.name}); "
+        f"final loss {final_loss:.4f}; "
         f"model saved to {os.path.join(args.out, 'model')}"
     )
     return 0
@@ -170,38 +189,88 @@ def run_unlearn(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from wagle.data import load_dataset_file
-    from wagle.evaluation import evaluate, format_table, write_json
+    from wagle.evaluation import evaluate, format_privacy_table, format_table, write_json
 
     check_writable(args.out, "--out")
-    splits = {
-        "forget": load_dataset_file(args.forget, schema="qa", role="forget"),
-        "retain": load_dataset_file(args.retain, schema="qa", role="retain"),
-    }
+    if args.forget is None and not args.multiple_choice:
+        raise UserError("--forget: give a forget split (with --retain) or --multiple-choice FILE")
+    if args.forget is not None and args.retain is None:
+        raise UserError("--retain: a retain split is needed with --forget")
+    if args.forget is None:
+        for flag in ("general", "real_authors", "world_facts", "holdout", "reference_model"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag.replace('_', '-')}: needs --forget and --retain")
+    if args.plot and not args.holdout:
+        raise UserError("--plot: the MIA plot needs --holdout")
+    _check_range("--batch-size", args.batch_size, 1)
+    _check_range("--max-new-tokens", args.max_new_tokens, 1)
+    _check_range("--max-length", args.max_length, 2)
+    _check_range("--mia-k", args.mia_k, 0.0, 1.0, inclusive_low=False)
+    template = _template(args)
+    splits, holdout = {}, None
+    if args.forget:
+        splits["forget"] = load_dataset_file(args.forget, schema="qa", role="forget")
+        splits["retain"] = load_dataset_file(args.retain, schema="qa", role="retain")
     if args.general:
         splits["general"] = load_dataset_file(args.general, schema="qa", role="general")
     options = {"real_authors": args.real_authors, "world_facts": args.world_facts}
     for name, path in options.items():
         if path:
             splits[name] = load_dataset_file(path, schema="qa", role=name.replace("_", " "))
+    if args.holdout:
+        holdout = load_dataset_file(args.holdout, schema="qa", role="holdout")
+    choice_sets = {
+        path: load_dataset_file(path, schema="multiple_choice", role="multiple-choice")
+        for path in args.multiple_choice or ()
+    }
     model, tokenizer = _load(args)
-    reference = None
-    if args.reference_model:
-        from wagle.models import load_model
+    label = os.path.basename(os.path.normpath(args.model))
+    report: dict = {}
+    if splits:
+        reference = None
+        if args.reference_model:
+            from wagle.models import load_model
 
-        reference, _ = load_model(args.reference_model, device=_device(args.device))
-    utility = tuple(name for name in ("retain", "general", *options) if name in splits)
-    result = evaluate(
-        model,
-        tokenizer,
-        splits,
-        reference=reference,
-        utility_splits=utility,
-        option_splits=tuple(name for name in options if name in splits),
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
-    write_json(args.out, result.to_dict())
-    print(format_table({os.path.basename(os.path.normpath(args.model)): result}))
+            reference, _ = load_model(args.reference_model, device=_device(args.device))
+        utility = tuple(name for name in ("retain", "general", *options) if name in splits)
+        result = evaluate(
+            model,
+            tokenizer,
+            splits,
+            reference=reference,
+            utility_splits=utility,
+            option_splits=tuple(name for name in options if name in splits),
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            max_length=args.max_length,
+            template=template,
+            holdout=holdout,
+            mia_k=args.mia_k,
+            gradnorm=args.gradnorm,
+            progress=not args.no_progress,
+        )
+        report = result.to_dict()
+        print(format_table({label: result}))
+        if result.privacy is not None:
+            print("\n" + format_privacy_table({label: result}))
+        if args.plot:
+            from wagle.evaluation import plot_privacy
+
+            plot_privacy({label: result}, args.plot)
+            print(f"plot written to {args.plot}")
+    if choice_sets:
+        from wagle.evaluation import multiple_choice_accuracy
+
+        report["multiple_choice"] = {}
+        for path, data in choice_sets.items():
+            outcome = multiple_choice_accuracy(model, tokenizer, data, batch_size=args.batch_size)
+            report["multiple_choice"][path] = outcome.to_dict()
+            print(
+                f"multiple choice {path}: accuracy {outcome.accuracy:.3f} on {outcome.num_examples} "
+                f"questions (chance {sum(1 / len(c) for c in data['choices']) / outcome.num_examples:.3f})"
+            )
+    report.setdefault("settings", {**template.describe(), "max_new_tokens": args.max_new_tokens})
+    write_json(args.out, report)
     print(f"report written to {args.out}")
     return 0
 
@@ -219,8 +288,12 @@ def run_demo(args: argparse.Namespace) -> int:
         config.steps = args.steps
     report = run(config, out_dir=args.out, device=_device(args.device), progress=not args.no_progress)
     print(report["table"])
+    print("\n" + report["privacy_table"])
     print(f"\nreport: {os.path.join(args.out, 'report.json')}")
-    print(f"plots:  {os.path.join(args.out, 'tradeoff.png')}, {os.path.join(args.out, 'mask_densities.png')}")
+    plots = ", ".join(
+        os.path.join(args.out, name) for name in ("tradeoff.png", "mask_densities.png", "privacy.png")
+    )
+    print(f"plots:  {plots}")
     return 0
 
 

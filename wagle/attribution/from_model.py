@@ -127,6 +127,14 @@ def _take_grads(params: Mapping[str, torch.nn.Parameter], to_host: bool = False)
     return grads
 
 
+def _with_prompt_format(mask: WeightMask, forget) -> WeightMask:
+    """Record the prompt format of the forget batches (a loader from ``make_dataloader``) in the mask."""
+    fmt = getattr(forget, "prompt_format", None)
+    if fmt is not None:
+        mask.metadata.update(fmt.describe())
+    return mask
+
+
 def attribute(
     model: torch.nn.Module,
     forget: Iterable[Batch] | None,
@@ -160,6 +168,7 @@ def attribute(
     device tensor by tensor during selection: device memory ~ weights + 1 gradient buffer.
     ``gradient_checkpointing=True`` recomputes each decoder layer's activations in backward (Hugging
     Face models; same gradients, about one extra forward pass) so long batches fit.
+    The prompt format of the forget loader (``prompt_format``) is recorded in the mask's metadata.
     """
     if method not in ATTRIBUTION_METHODS:
         raise UserError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
@@ -198,7 +207,7 @@ def attribute(
     finally:
         model.train(was_training)
     mask.metadata.update(model_metadata(model))
-    return mask
+    return _with_prompt_format(mask, forget)
 
 
 def _attribute(  # the computation of attribute(), on validated arguments, with the model in eval()

@@ -6,7 +6,10 @@ and checked against a schema:
 * ``qa``: ``question`` and ``answer`` (non-empty strings); optional ``paraphrased_answer`` (string)
   and ``perturbed_answer`` (a list of strings; in CSV, a JSON-encoded list);
 * ``text``: ``text`` (non-empty strings), for corpus-style forgetting;
-* ``auto``: ``qa`` when ``question`` and ``answer`` are present, else ``text``.
+* ``multiple_choice``: ``question``, ``choices`` (a list of strings) and ``answer`` (the correct
+  choice's index), as WMDP and MMLU (see :mod:`wagle.data.multiple_choice`);
+* ``auto``: ``multiple_choice`` when there is a ``choices`` column beside ``question`` and
+  ``answer``, ``qa`` when ``question`` and ``answer`` are present, else ``text``.
 
 Every error names the file, the role of the set (``forget``, ``retain`` ...) and the column or row.
 """
@@ -25,9 +28,9 @@ if TYPE_CHECKING:  # imported where used: `import wagle` stays light (datasets t
 
 QA_COLUMNS = ("question", "answer")
 TEXT_COLUMNS = ("text",)
-SCHEMAS = ("auto", "qa", "text")
+SCHEMAS = ("auto", "qa", "text", "multiple_choice")
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
-LIST_COLUMNS = ("perturbed_answer",)
+LIST_COLUMNS = ("perturbed_answer", "choices")
 OPTIONAL_TEXT_COLUMNS = ("paraphrased_answer",)
 
 
@@ -203,8 +206,11 @@ def _decode_lists(dataset: datasets.Dataset, column: str, role: str, path: str) 
 
 
 def detect_schema(column_names: Iterable[str], *, role: str = "data", path: str = "") -> str:
-    """``qa`` when there are question+answer columns, ``text`` when there is a text column."""
+    """``multiple_choice`` with question+choices+answer columns, else ``qa`` with question+answer,
+    ``text`` with a text column."""
     names = set(column_names)
+    if {"question", "choices", "answer"} <= names:
+        return "multiple_choice"
     if set(QA_COLUMNS) <= names:
         return "qa"
     if set(TEXT_COLUMNS) <= names:
@@ -246,6 +252,11 @@ def validate_dataset(
     if dataset.num_rows == 0:
         raise UserError(f"{role} set is empty{where}")
     found = detect_schema(dataset.column_names, role=role, path=path) if schema == "auto" else schema
+    if found == "multiple_choice":
+        from .multiple_choice import validate_multiple_choice
+
+        validate_multiple_choice(dataset.to_list(), role=role, where=where)
+        return found
     required = QA_COLUMNS if found == "qa" else TEXT_COLUMNS
     missing = [c for c in required if c not in dataset.column_names]
     if missing:

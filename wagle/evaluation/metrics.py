@@ -1,7 +1,8 @@
 """TOFU-style metrics (Maini et al., 2024) as pure functions.
 
 Notation: for a question ``q`` and an answer ``a`` with answer tokens ``y_1..y_T`` (EOS included,
-exactly as :func:`wagle.data.format.encode_qa` builds training examples),
+exactly as :func:`wagle.data.format.encode_qa` builds training examples, in the prompt format
+``template`` that every function here takes: a preset name or a :class:`~wagle.data.PromptFormat`),
 
 * answer NLL      ``NLL(a|q) = -(1/T) * sum_t log p(y_t | q, y_<t)``  (length-normalised);
 * probability     ``P~(a|q) = exp(-NLL(a|q))``;
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
-from wagle.data.format import IGNORE_INDEX, encode_qa, format_question, pad_batch
+from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad_batch
 from wagle.errors import UserError
 from wagle.positions import check_examples, check_sequence_length
 
@@ -110,6 +111,7 @@ def answer_nll(
     *,
     batch_size: int = 16,
     max_length: int = 256,
+    template: str | PromptFormat | None = None,
 ) -> torch.Tensor:
     """Length-normalised NLL of each answer given its question.
 
@@ -128,7 +130,8 @@ def answer_nll(
     if not questions:
         return out
     pad_id = pad_id_of(tokenizer)
-    encoded = [encode_qa(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
+    fmt = get_prompt_format(template)
+    encoded = [fmt.encode(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
     for i, example in enumerate(encoded):
         if all(label == IGNORE_INDEX for label in example["labels"]):
             raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
@@ -163,9 +166,12 @@ def answer_probability(
     *,
     batch_size: int = 16,
     max_length: int = 256,
+    template: str | PromptFormat | None = None,
 ) -> torch.Tensor:
     """``P~_i = exp(-NLL_i)``: the geometric-mean per-token probability of each answer (fp32, CPU)."""
-    nll = answer_nll(model, tokenizer, questions, answers, batch_size=batch_size, max_length=max_length)
+    nll = answer_nll(
+        model, tokenizer, questions, answers, batch_size=batch_size, max_length=max_length, template=template
+    )
     return torch.exp(-nll)
 
 
@@ -184,7 +190,15 @@ def truth_ratios_from_nll(
     return torch.exp(para - pert)
 
 
-def truth_ratio(model, tokenizer, dataset, *, batch_size: int = 16, max_length: int = 256) -> torch.Tensor:
+def truth_ratio(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 16,
+    max_length: int = 256,
+    template: str | PromptFormat | None = None,
+) -> torch.Tensor:
     """Per-example truth ratio ``R = P~(perturbed) / P~(paraphrased)``.
 
     ``P~(perturbed)`` is the geometric mean over the K perturbed answers (their NLLs are averaged), so
@@ -199,7 +213,9 @@ def truth_ratio(model, tokenizer, dataset, *, batch_size: int = 16, max_length: 
     # One pass over paraphrased and perturbed answers together: fuller, length-sorted batches.
     flat_q = questions + [q for q, group in zip(questions, perturbed, strict=True) for _ in group]
     flat_a = [row["paraphrased_answer"] for row in rows] + [a for group in perturbed for a in group]
-    nll = answer_nll(model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length)
+    nll = answer_nll(
+        model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length, template=template
+    )
     return truth_ratios_from_nll(nll[: len(rows)], list(nll[len(rows) :].split([len(g) for g in perturbed])))
 
 
@@ -246,11 +262,18 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
 
 @torch.no_grad()
 def greedy_answers(
-    model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 200,
+    batch_size: int = 16,
+    template: str | PromptFormat | None = None,
 ) -> list[str]:
-    """Greedy (argmax) continuation of each question prompt ``format_question(q)``.
+    """Greedy (argmax) continuation of each question's prompt in format ``template``.
 
-    Prompts are encoded as in training (BOS + prompt tokens), left-padded into batches (in length
+    Prompts are encoded as in training (``PromptFormat.prompt_ids``: BOS, prompt and answer tag, or
+    the chat template's generation prompt), left-padded into batches (in length
     order, to limit padding), and ``model.generate(do_sample=False)`` continues them for at most
     ``max_new_tokens`` tokens. Only the new tokens are decoded, cut at the first EOS, special tokens
     skipped, whitespace stripped. The model's train/eval modes are restored.
@@ -261,12 +284,9 @@ def greedy_answers(
         raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
     if not questions:
         return []
-    pad, eos, bos = pad_id_of(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id
-    prompts = [
-        ([bos] if bos is not None else [])
-        + list(tokenizer(format_question(q), add_special_tokens=False)["input_ids"])
-        for q in questions
-    ]
+    pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
+    fmt = get_prompt_format(template)
+    prompts = [fmt.prompt_ids(tokenizer, q) for q in questions]
     longest = max(len(p) for p in prompts)
     check_sequence_length(
         model,

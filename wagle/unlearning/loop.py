@@ -106,6 +106,7 @@ def unlearn(
     step_in_backward: bool = False,
     gradient_checkpointing: bool = False,
     progress: bool = True,
+    template=None,
 ) -> UnlearnResult:
     """Unlearn ``forget`` from ``model`` while keeping ``retain``, in place.
 
@@ -130,6 +131,7 @@ def unlearn(
     applies ``max_grad_norm`` to each parameter's gradient on its own instead of the global norm;
     ``gradient_checkpointing=True`` recomputes each decoder layer's activations in backward (Hugging
     Face models), trading about one extra forward pass for most of the activation memory.
+    ``template`` is the prompt format of QA rows (see :func:`wagle.data.get_prompt_format`).
     """
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
     from wagle.optim import MaskedAdamW, StepInBackward  # late: the optimizer module imports the kernels
@@ -171,9 +173,10 @@ def unlearn(
         role="forget",
         max_length=max_length,
         answer_column=objective.forget_answer_column,
+        template=template,
     )
     retain_examples = (
-        encode_examples(retain, tokenizer, role="retain", max_length=max_length)
+        encode_examples(retain, tokenizer, role="retain", max_length=max_length, template=template)
         if retain is not None
         else None
     )
