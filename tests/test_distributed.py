@@ -87,3 +87,19 @@ def test_sharded_save_loads_at_world_1_and_other_sizes(job, world):
             part = load_sharded(folder / "sharded_mask", ranges, rank=rank, world_size=other)
             for name, (lo, num) in ranges.items():
                 assert torch.equal(part.local()[name], single[name].reshape(-1)[lo : lo + num])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("config", ["adamw_dense", "adamw_compact", "sgd_momentum"])
+def test_masked_optimizer_steps_on_fsdp2_equal_one_device(job, world, config):
+    results = job[1][world]
+    assert results[f"{config}_moved"]  # the one-device steps changed the weights
+    assert results[config]  # two steps with weight decay and clipping, bit for bit
+    assert results[f"{config}_digest"]  # the state_dict's mask digest is global
+    assert results[f"{config}_local_state"]  # moments are plain local-shaped tensors
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("config", ["adamw_dense", "adamw_compact", "sgd_momentum"])
+def test_masked_optimizer_resumes_from_torch_distributed_checkpoint(job, world, config):
+    assert job[1][world][f"{config}_resume"]

@@ -297,3 +297,26 @@ def test_save_load_any_world_size(tmp_path):
     (folder / "mask-00001-of-00003.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="a file of the sharded mask is missing"):
         load_sharded(folder)
+
+
+def test_deepspeed_models_are_refused_with_what_is_supported():
+    import wagle
+
+    model = torch.nn.Linear(3, 2)
+    model.weight.ds_id = 0  # what DeepSpeed ZeRO puts on the parameters it partitions
+    with pytest.raises(TypeError, match="DeepSpeed models are not supported.*FSDP2.*DistributedDataParallel"):
+        wagle.attribute(model, [], ratio=0.5, method="magnitude")
+    mask = wagle.WeightMask.from_dict(
+        {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    )
+    with pytest.raises(TypeError, match="'weight' is a DeepSpeed ZeRO parameter. DeepSpeed models are not"):
+        wagle.MaskedAdamW(model.named_parameters(), mask)
+
+
+def test_sharded_mask_on_plain_parameters_is_refused():
+    params, _, _ = make_tensors(0)
+    sharded = ShardedMask({n: tuple(t.shape) for n, t in params.items()}, {})
+    import wagle
+
+    with pytest.raises(TypeError, match="ShardedMask holds one rank's bits; the parameters are not DTensors"):
+        wagle.MaskedAdamW(list(params.items()), sharded)

@@ -59,6 +59,87 @@ def shard(model):
     return model
 
 
+def one_rank_backward(model, batch, rank):
+    """Backward of ``batch`` on rank 0; zero-weighted on the others (the summed gradient is exact)."""
+    out = model(**batch)
+    (out.loss if rank == 0 else out.loss * 0.0).backward()
+
+
+def optimizer_checks(out, rank, world, forget, retain):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from wagle.distributed.attribution import summed_fsdp_gradients
+    from wagle.distributed.clipping import clip_grad_norm_
+    from wagle.distributed.optim import load_optimizer_state_dict, optimizer_state_dict
+
+    base = random_llama(seed=8)
+    full_mask = wagle.attribute(copy.deepcopy(base), forget, retain, ratio=0.5, progress=False)
+    data = batches(9, 2)
+    results = {}
+    configs = [
+        ("adamw_dense", wagle.MaskedAdamW, {"lr": 1e-2, "weight_decay": 0.1, "state_layout": "dense"}),
+        ("adamw_compact", wagle.MaskedAdamW, {"lr": 1e-2, "weight_decay": 0.1, "state_layout": "compact"}),
+        ("sgd_momentum", wagle.MaskedSGD, {"lr": 1e-1, "momentum": 0.9, "weight_decay": 0.1}),
+    ]
+    for key, cls, kw in configs:
+        single = copy.deepcopy(base)
+        opt = cls(single.named_parameters(), full_mask, **kw)
+        for batch in data:
+            single(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(single.parameters(), 0.05)
+            opt.step()
+            opt.zero_grad()
+        model = shard(copy.deepcopy(base))
+        # the mask: sharded attribution's own parts (dense) or the full single-file mask (others)
+        mask = (
+            wagle.attribute(model, forget, retain, ratio=0.5, progress=False)
+            if key == "adamw_dense"
+            else full_mask
+        )
+        sharded_opt = cls(model.named_parameters(), mask, **kw)
+        with summed_fsdp_gradients(model):
+            for step, batch in enumerate(data):
+                one_rank_backward(model, batch, rank)
+                clip_grad_norm_(model.parameters(), 0.05)
+                sharded_opt.step()
+                sharded_opt.zero_grad()
+                if step == 0:
+                    folder = os.path.join(out, f"dcp_{key}")
+                    dcp.save(
+                        {"model": get_model_state_dict(model), "optim": optimizer_state_dict(sharded_opt)},
+                        checkpoint_id=folder,
+                    )
+        single_params = dict(single.named_parameters())
+        results[f"{key}_moved"] = not all(
+            torch.equal(p, single_params[n]) for n, p in base.named_parameters()
+        )
+        results[key] = all(
+            torch.equal(p.full_tensor(), single_params[n]) for n, p in model.named_parameters()
+        )
+        digests = [None] * world
+        dist.all_gather_object(digests, sharded_opt.mask_digest())
+        results[f"{key}_digest"] = len(set(digests)) == 1
+        state = next(iter(sharded_opt.state.values()))
+        results[f"{key}_local_state"] = all(not hasattr(v, "device_mesh") for v in state.values())
+
+        # resume from the DCP checkpoint of step 1 and take step 2
+        resumed = shard(copy.deepcopy(base))
+        resumed_opt = cls(resumed.named_parameters(), mask, **kw)
+        template = {"model": get_model_state_dict(resumed), "optim": optimizer_state_dict(resumed_opt)}
+        dcp.load(template, checkpoint_id=folder)
+        set_model_state_dict(resumed, template["model"])
+        load_optimizer_state_dict(resumed_opt, template["optim"])
+        with summed_fsdp_gradients(resumed):
+            one_rank_backward(resumed, data[1], rank)
+            clip_grad_norm_(resumed.parameters(), 0.05)
+            resumed_opt.step()
+        results[f"{key}_resume"] = all(
+            torch.equal(p.full_tensor(), single_params[n]) for n, p in resumed.named_parameters()
+        )
+    return results
+
+
 def same(a, b) -> bool:
     return list(a) == list(b) and all(torch.equal(a.packed(n), b.packed(n)) for n in a)
 
@@ -134,6 +215,9 @@ def main(out: str) -> None:
     ).gather()
     if rank == 0:
         results["fsdp_offload_checkpointing"] = same(sharded, ref)
+
+    # two masked optimizer steps (weight decay, clipping) on FSDP2 == one device; DCP resume
+    results.update(optimizer_checks(out, rank, world, forget, retain))
 
     # DDP: reduce-scatter, select per range, all-gather: the full mask on every rank
     ddp_base = random_llama(seed=6)
