@@ -55,6 +55,10 @@ def test_fsdp_attribution_leaves_the_model_as_it_was(job, world):
     assert results["settings_restored"] and results["params_unchanged"] and results["local_matches"]
 
 
+def test_unlearn_loop_refuses_fsdp_models(job):
+    assert job[1][2]["unlearn_refused"]
+
+
 def test_fsdp_empty_shards_at_world_3(job):
     assert job[1][3]["empty_shard"]
 

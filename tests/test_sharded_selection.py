@@ -320,3 +320,12 @@ def test_sharded_mask_on_plain_parameters_is_refused():
 
     with pytest.raises(TypeError, match="ShardedMask holds one rank's bits; the parameters are not DTensors"):
         wagle.MaskedAdamW(list(params.items()), sharded)
+
+
+def test_unlearn_refuses_deepspeed_models():
+    import wagle
+
+    model = torch.nn.Linear(3, 2)
+    model.weight.ds_id = 0
+    with pytest.raises(TypeError, match="DeepSpeed models are not supported"):
+        wagle.unlearn(model, [], None, tokenizer=None, method="grad_ascent", steps=1)

@@ -190,6 +190,11 @@ def main(out: str) -> None:
                 )
                 for n, p in sharded.parts.items()
             )
+    try:
+        wagle.unlearn(model, [], None, tokenizer=None, steps=1)
+        results["unlearn_refused"] = False
+    except TypeError as exc:
+        results["unlearn_refused"] = "does not support FSDP2 models" in str(exc)
     groups = model._get_fsdp_state()._fsdp_param_groups
     results["settings_restored"] = all(
         g.gradient_divide_factor is None and not g.force_sum_reduction_for_comms for g in groups

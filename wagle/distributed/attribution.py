@@ -407,3 +407,15 @@ def distributed_kind(model: torch.nn.Module) -> str | None:
     if any(is_dtensor(p) for p in params.values()):
         return "fsdp"
     return None
+
+
+def refuse_sharded(model: torch.nn.Module, what: str) -> None:
+    """Raise a clear error when ``what`` (an entry point without sharded support) gets an FSDP2, DDP
+    or DeepSpeed model."""
+    kind = distributed_kind(model)
+    if kind is not None:
+        raise TypeError(
+            f"{what} does not support {'FSDP2' if kind == 'fsdp' else 'DDP'} models; on FSDP2 use "
+            "wagle.attribute and wagle.MaskedAdamW/MaskedSGD with wagle.distributed.clip_grad_norm_ "
+            "in your own training loop"
+        )

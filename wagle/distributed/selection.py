@@ -27,6 +27,7 @@ for bit the mask :func:`wagle.mask_from_gradients` computes on the full tensors.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -78,6 +79,7 @@ class ShardedSelectionStats:
     tie_gathers: int = 0
     local_histogram_passes: int = 0
     nonfinite: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase on this rank
     comm: CommStats = field(default_factory=CommStats)
 
 
@@ -133,6 +135,20 @@ def _device(segments: Sequence[Segment]) -> torch.device:
     if len(devices) > 1:
         raise ValueError(f"segments: tensors are on different devices {sorted(map(str, devices))}")
     return devices.pop() if devices else torch.device("cpu")
+
+
+class _Clock:
+    """Wall time per phase (device work synchronised) into ``seconds``."""
+
+    def __init__(self, device: torch.device, seconds: dict[str, float]):
+        self.device, self.seconds, self.start = device, seconds, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.start
+        self.start = now
 
 
 def select_segments(
@@ -199,6 +215,7 @@ def select_segments(
     for i in range(1, len(names)):
         starts[i] = starts[i - 1] + numels[i - 1]
 
+    clock = _Clock(device, stats.seconds)
     selectors = {}
     for seg in segments:
         source = ScoreSource(
@@ -211,6 +228,7 @@ def select_segments(
         )
         cls = TritonSelector if use_triton else TorchSelector
         selectors[seg.name] = cls([source], spec, device=device)
+    clock.lap("keys")
 
     # per parameter, summed over the ranks: elements covered by segments, non-finite scores
     local_counts = torch.zeros(len(names), 2, dtype=torch.int64)
@@ -226,6 +244,7 @@ def select_segments(
                 "(every element must be in exactly one segment)"
             )
     stats.nonfinite = {name: int(bad[i]) for i, name in enumerate(names)}
+    clock.lap("counts")
     if nonfinite == "error" and method != "random":
         offenders = [(name, c) for name, c in stats.nonfinite.items() if c]
         if offenders:
@@ -272,6 +291,7 @@ def select_segments(
             elif shift == 0:
                 thresholds[g] = Threshold(prefix, need)
 
+    clock.lap("radix")
     ties_of = {seg.name: 0 for seg in segments}
     tied = [g for g, t in enumerate(thresholds) if t.ties > 0]
     if tied:
@@ -301,6 +321,7 @@ def select_segments(
                 mine_count = int(local[row_of[seg.name], 1])
                 ties_of[seg.name] = max(0, min(thresholds[g].ties - before, mine_count))
 
+    clock.lap("ties")
     parts = {}
     group_of = {name: g for g, group in enumerate(groups) for name in group}
     for seg in segments:
@@ -308,6 +329,7 @@ def select_segments(
         packed, _ = selectors[seg.name].write_masks(Threshold(threshold.key_threshold, ties_of[seg.name]))
         parts[seg.name] = MaskPart(seg.offset, seg.numel, packed[seg.name], seg.local_shape)
         stats.local_histogram_passes += selectors[seg.name].histogram_passes
+    clock.lap("masks")
 
     metadata = {"method": method, "ratio": repr(ratio), "scope": scope}
     if method == "random":
