@@ -107,3 +107,15 @@ def test_masked_optimizer_steps_on_fsdp2_equal_one_device(job, world, config):
 @pytest.mark.parametrize("config", ["adamw_dense", "adamw_compact", "sgd_momentum"])
 def test_masked_optimizer_resumes_from_torch_distributed_checkpoint(job, world, config):
     assert job[1][world][f"{config}_resume"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_wagle_mask_command_under_torchrun_equals_one_device(job, world):
+    results = job[1][world]
+    assert results["cli_single_exit"] == 0 and results["cli_sharded_exits"] == [0] * world
+    folder = job[0] / f"world{world}" / "cli"
+    single = WeightMask.load(folder / "single.safetensors")
+    sharded = WeightMask.load(folder / "sharded.safetensors")
+    assert list(single) == list(sharded) and single.metadata == sharded.metadata
+    assert all(torch.equal(single.packed(n), sharded.packed(n)) for n in single)
+    assert results["cli_unlearn_refused"]  # exit 2 with one line instead of N copies of the run

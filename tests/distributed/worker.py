@@ -233,10 +233,47 @@ def main(out: str) -> None:
     dist.all_reduce(flags)
     results["ddp"] = int(flags[0]) == world
 
+    results.update(cli_checks(out, rank, world))
     if rank == 0:
         with open(os.path.join(out, "results.json"), "w") as handle:
             json.dump(results, handle)
     dist.destroy_process_group()
+
+
+def cli_checks(out, rank, world):
+    """`wagle mask` as torchrun runs it (the same environment variables) == `wagle mask` on one device."""
+    from helpers import tiny_model, tiny_tokenizer
+
+    from wagle.cli import main as cli
+    from wagle.data.benchmark import generate_rows
+    from wagle.models import save_model
+
+    root = os.path.join(out, "cli")
+    rows = generate_rows(num_authors=20, seed=0)["full"]
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        save_model(tiny_model(), tiny_tokenizer(), os.path.join(root, "model"))
+        for name, part in (("forget", rows[:4]), ("retain", rows[4:8])):
+            with open(os.path.join(root, f"{name}.jsonl"), "w") as handle:
+                for row in part:
+                    handle.write(json.dumps({"question": row["question"], "answer": row["answer"]}) + "\n")
+    dist.barrier()
+    args = ["mask", "--model", os.path.join(root, "model"), "--forget", os.path.join(root, "forget.jsonl")]
+    args += ["--retain", os.path.join(root, "retain.jsonl"), "--batch-size", "2", "--ratio", "0.4"]
+    args += ["--device", "cpu", "--no-progress"]
+    results = {}
+    if rank == 0:  # the one-device command
+        os.environ["WORLD_SIZE"] = "1"
+        results["cli_single_exit"] = cli([*args, "--out", os.path.join(root, "single.safetensors")])
+        os.environ["WORLD_SIZE"] = str(world)
+    dist.barrier()
+    os.environ["LOCAL_RANK"] = str(rank)
+    code = cli([*args, "--out", os.path.join(root, "sharded.safetensors")])
+    codes = [None] * world
+    dist.all_gather_object(codes, code)
+    results["cli_sharded_exits"] = codes
+    results["cli_unlearn_refused"] = cli(["unlearn", *args[1:7], "--out", os.path.join(root, "u")]) == 2
+    return results
 
 
 def free_port() -> int:
