@@ -59,11 +59,11 @@ def _check_range(option: str, value, low, high=None, *, inclusive_low=True) -> N
         raise UserError(f"{option}: must be {span}, got {value}")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device: torch.device | None = None):
     from wagle.models import load_model
 
     return load_model(
-        args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=_device(args.device)
+        args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=device or _device(args.device)
     )
 
 
@@ -91,7 +91,11 @@ def run_mask(args: argparse.Namespace) -> int:
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
     template = _template(args)
-    model, tokenizer = _load(args)
+    from wagle.distributed.launch import shard_model, start_session  # torchrun: FSDP2 over the ranks
+
+    session = start_session(args.device)
+    model, tokenizer = _load(args, session.device if session else None)
+    model = shard_model(model) if session else model
     if args.backend == "triton":
         from wagle_kernels._runtime import require_triton
 
@@ -116,8 +120,12 @@ def run_mask(args: argparse.Namespace) -> int:
         nonfinite=args.nonfinite,
         offload_gradients=args.offload_gradients,
         gradient_checkpointing=args.gradient_checkpointing,
-        progress=not args.no_progress,
+        progress=not args.no_progress and (session is None or session.is_main),
     )
+    if session is not None:  # every rank takes part in the gather; rank 0 writes and prints
+        mask = mask.gather()
+        if not session.is_main:
+            return 0
     mask.save(args.out)
     if args.plot:
         from wagle.mask_plot import plot_mask_densities
@@ -132,6 +140,9 @@ def run_mask(args: argparse.Namespace) -> int:
 
 
 def run_unlearn(args: argparse.Namespace) -> int:
+    from wagle.distributed.launch import refuse_torchrun
+
+    refuse_torchrun("wagle unlearn")
     from wagle.data import load_dataset_file
     from wagle.models import save_model
     from wagle.unlearning import unlearn

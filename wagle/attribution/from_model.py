@@ -156,6 +156,10 @@ def attribute(
 ) -> WeightMask:
     """Compute a weight mask for ``model`` from forget/retain batches.
 
+    On an FSDP2 model (``fully_shard``) it returns a :class:`~wagle.distributed.ShardedMask` (this
+    rank's bits of the one-device mask); on a ``DistributedDataParallel`` model the full mask on every
+    rank (see :mod:`wagle.distributed.attribution`). DeepSpeed models are refused.
+
     ``forget``/``retain`` are iterables of batches with ``input_ids``, ``attention_mask`` and
     ``labels`` (e.g. :func:`wagle.data.make_dataloader`). g_f and g_r are sums over the batches of the
     mean-token NLL gradient. Methods: ``wagle`` |(w - g_r/gamma) * g_f|, ``snip`` |w * g_f|,
@@ -174,6 +178,26 @@ def attribute(
         raise UserError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
         raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+    from wagle.distributed.attribution import attribute_distributed, distributed_kind
+
+    if distributed_kind(model) is not None:  # FSDP2 / DDP: wagle.distributed.attribution
+        return attribute_distributed(
+            model,
+            forget,
+            retain,
+            include=include,
+            exclude=exclude,
+            method=method,
+            max_batches=max_batches,
+            offload_gradients=offload_gradients,
+            gradient_checkpointing=gradient_checkpointing,
+            ratio=ratio,
+            gamma=gamma,
+            scope=scope,
+            backend=backend,
+            seed=seed,
+            nonfinite=nonfinite,
+        )
     params = select_parameters(model, include, exclude)
     needs_forget = method in ("wagle", "snip", "gradient", "wanda")
     needs_retain = method == "wagle"

@@ -27,6 +27,7 @@ parameters through ``copy.deepcopy`` and pickling.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -159,6 +160,17 @@ def _named_pairs(group: Mapping, where: str) -> tuple[list[str], list[torch.Tens
     return names, tensors
 
 
+def _is_dtensor(tensor) -> bool:
+    from wagle.distributed.attribution import is_dtensor
+
+    return is_dtensor(tensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
 def mask_digest(plans: Iterable[ParamPlan]) -> str:
     """sha256 over names, kinds, shapes and mask bits: the exact mask an optimizer state belongs to."""
     digest = hashlib.sha256()
@@ -189,6 +201,15 @@ class MaskedOptimizer(torch.optim.Optimizer):
         unmasked: str,
         fused: bool | None,
     ):
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params: expected (name, tensor) pairs (e.g. model.named_parameters()), got a tensor"
+            )
+        params = list(params)
+        # DTensor (FSDP2) parameters step on their local shards with the local bits of the mask
+        from wagle.distributed.optim import localize_mask
+
+        mask, self._shard_group = localize_mask(params, mask)
         if not isinstance(mask, WeightMask):
             raise TypeError(f"mask: expected a wagle.WeightMask, got {type(mask).__name__}")
         if state_layout not in STATE_LAYOUTS:
@@ -199,10 +220,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
             raise UserError(f"unmasked: expected one of {UNMASKED_POLICIES}, got {unmasked!r}")
         if fused not in (None, True, False):
             raise UserError(f"fused: expected None, True or False, got {fused!r}")
-        if isinstance(params, torch.Tensor):
-            raise TypeError(
-                "params: expected (name, tensor) pairs (e.g. model.named_parameters()), got a tensor"
-            )
         self.mask = mask
         self.state_layout = state_layout
         self.state_dtype = state_dtype
@@ -211,7 +228,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._plans: dict[torch.Tensor, ParamPlan] = {}  # keyed by the tensor, as Optimizer.state
         self._group_index: dict[torch.Tensor, int] = {}
         self._digest: str | None = None
-        params = list(params)
         if not params:
             raise UserError("params: empty parameter list")
         if not isinstance(params[0], Mapping):
@@ -228,6 +244,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         "_plans",
         "_group_index",
         "_digest",
+        "_shard_group",
         "decay_unselected",
         "launches",
     )
@@ -287,6 +304,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._digest = None
 
     def _make_plan(self, name: str, param: torch.Tensor, missing: list[str], where: str) -> ParamPlan:
+        param = _local(param)
         if param.is_complex() or not param.is_floating_point():
             raise TypeError(f"{where}: {name!r} has dtype {param.dtype}; only real floating-point parameters")
         if param.is_sparse or not param.is_contiguous():
@@ -383,17 +401,43 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 plan = self.plan(param)
                 if self.skips(plan):
                     continue
-                self.check_grad(plan, param, param.grad)
                 items.append((param, plan, param.grad))
             if items:
-                self._step_items(group, items)
+                with self._local_items(items) as local:
+                    for param, plan, grad in local:
+                        self.check_grad(plan, param, grad)
+                    self._step_items(group, local)
         return loss
+
+    @contextlib.contextmanager
+    def _local_items(self, items):
+        """DTensor parameters as their local shards: ``(local param, plan, local grad)``, with the
+        state entry of the DTensor visible under the local view while the step runs."""
+        if self._shard_group is None:
+            yield items
+            return
+        local, aliases = [], []
+        for param, plan, grad in items:
+            if _is_dtensor(param):
+                view = param.to_local()
+                self.state[view] = self.state[param]
+                aliases.append(view)
+                local.append((view, plan, _local(grad)))
+            else:
+                local.append((param, plan, grad))
+        try:
+            yield local
+        finally:
+            for view in aliases:
+                del self.state[view]
 
     @torch.no_grad()
     def step_param(self, param: torch.Tensor, grad: torch.Tensor | None = None) -> None:
         """Step one parameter with ``grad`` (default ``param.grad``); used by
         :class:`~wagle.optim.StepInBackward` (one kernel launch per parameter)."""
         plan = self.plan(param)
+        if _is_dtensor(param):
+            raise UserError(f"{type(self).__name__}: step_param (StepInBackward) does not support DTensors")
         grad = param.grad if grad is None else grad
         if grad is None or self.skips(plan):
             return
@@ -442,6 +486,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """Digest of the names, kinds, shapes and mask bits of this optimizer's parameters."""
         if self._digest is None:
             self._digest = mask_digest(plan for _, plan in self.named_plans())
+            if self._shard_group is not None:  # the same on every rank: over all ranks' digests
+                from wagle.distributed.optim import global_digest
+
+                self._digest = global_digest(self._digest, self._shard_group)
         return self._digest
 
     def state_dict(self) -> dict[str, Any]:

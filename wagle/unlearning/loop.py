@@ -133,10 +133,12 @@ def unlearn(
     Face models), trading about one extra forward pass for most of the activation memory.
     ``template`` is the prompt format of QA rows (see :func:`wagle.data.get_prompt_format`).
     """
+    from wagle.distributed.attribution import refuse_sharded  # FSDP2/DDP/DeepSpeed: not in this loop
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
     from wagle.optim import MaskedAdamW, StepInBackward  # late: the optimizer module imports the kernels
     from wagle.optim.clipping import check_clip_mode, clip_masked_grad_norm_
 
+    refuse_sharded(model, "wagle.unlearn")
     _check_positive("steps", steps, integer=True)
     _check_positive("lr", lr)
     _check_positive("batch_size", batch_size, integer=True)
