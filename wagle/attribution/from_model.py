@@ -180,8 +180,9 @@ def attribute(
         raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
     from wagle.distributed.attribution import attribute_distributed, distributed_kind
 
-    if distributed_kind(model) is not None:  # FSDP2 / DDP: wagle.distributed.attribution
-        return attribute_distributed(
+    kind = distributed_kind(model)
+    if kind is not None:  # FSDP2 / DDP: wagle.distributed.attribution
+        mask = attribute_distributed(
             model,
             forget,
             retain,
@@ -198,6 +199,9 @@ def attribute(
             seed=seed,
             nonfinite=nonfinite,
         )
+        # the metadata of the one-device mask: DDP's wrapped module names, FSDP2's global shapes
+        mask.metadata.update(model_metadata(model.module if kind == "ddp" else model))
+        return _with_prompt_format(mask, forget)
     params = select_parameters(model, include, exclude)
     needs_forget = method in ("wagle", "snip", "gradient", "wanda")
     needs_retain = method == "wagle"
