@@ -8,8 +8,15 @@
 """
 
 from .adamw import MaskedAdamW
-from .in_backward import StepInBackward
+from .in_backward import NonFiniteGradientError, StepInBackward
 from .masked import MaskedOptimizer, ParamPlan
 from .sgd import MaskedSGD
 
-__all__ = ["MaskedAdamW", "MaskedOptimizer", "MaskedSGD", "ParamPlan", "StepInBackward"]
+__all__ = [
+    "MaskedAdamW",
+    "MaskedOptimizer",
+    "MaskedSGD",
+    "NonFiniteGradientError",
+    "ParamPlan",
+    "StepInBackward",
+]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +15,20 @@ import torch
 from tqdm.auto import tqdm
 
 from wagle.data.batching import collate_examples, pad_id_of
+from wagle.files import remove_stale_temporaries
 from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
-from wagle.objectives.preference import REFUSAL_COLUMN, refusal_for
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
 from .examples import encode_examples, micro_batch_indices, ordered_batches
+from .fingerprint import (
+    ResumeMismatchError,
+    compare,
+    examples_digest,
+    mask_digest,
+    normalised,
+    weights_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,18 +36,31 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 class UnlearningDiverged(RuntimeError):
-    """The loss became NaN/Inf; the run stopped before applying that step."""
+    """The loss, a gradient or the weights became NaN/Inf; the run stopped before applying that step.
+
+    ``checkpoint`` is the last good checkpoint (None when none was saved)."""
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 @dataclass
 class UnlearnResult:
-    """What a run did: optimizer steps taken, per-step history, the last checkpoint, wall time."""
+    """What a run did: optimizer steps taken, per-step history, the last checkpoint, wall time.
+
+    ``resumed_from`` is the step of the checkpoint the run continued from (None for a fresh run);
+    ``damaged_checkpoints`` names newer checkpoints skipped because they failed verification."""
 
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: str | None = None
     seconds: float = 0.0
     resumed_from: int | None = None
+    damaged_checkpoints: list[str] = field(default_factory=list)
+
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 def _check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
@@ -66,13 +88,98 @@ def linear_schedule(warmup_steps: int, total_steps: int):
     return factor
 
 
-def _with_refusals(dataset, seed: int) -> list[dict]:
-    rows = [dict(r) for r in dataset]
-    for index, row in enumerate(rows):
-        if "question" not in row:
-            raise ValueError("forget: method 'po' needs a QA forget set (a 'question' column)")
-        row[REFUSAL_COLUMN] = refusal_for(index, seed)
-    return rows
+def micro_batch_seed(seed: int, micro_step: int) -> int:
+    """The torch RNG seed of micro-batch ``micro_step``: the first 63 bits of
+    ``sha256("wagle-unlearn:{seed}:{micro_step}")``, a function of (seed, micro-step) only."""
+    digest = hashlib.sha256(f"wagle-unlearn:{seed}:{micro_step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _cuda_indices(model: torch.nn.Module) -> list[int]:
+    indices = set()
+    for param in model.parameters():
+        if param.device.type == "cuda":
+            indices.add(param.device.index if param.device.index is not None else torch.cuda.current_device())
+    return sorted(indices)
+
+
+def _seed_torch(value: int, cuda_indices: list[int]) -> None:
+    torch.default_generator.manual_seed(value)
+    for index in cuda_indices:
+        torch.cuda.default_generators[index].manual_seed(value)
+
+
+def _check_options(steps, lr, batch_size, grad_accum, max_length, weight_decay, max_grad_norm,
+                   checkpoint_every, warmup_ratio, precision) -> None:  # fmt: skip
+    _check_positive("steps", steps, integer=True)
+    _check_positive("lr", lr)
+    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("grad_accum", grad_accum, integer=True)
+    _check_positive("max_length", max_length, integer=True)
+    _check_positive("weight_decay", weight_decay, allow_zero=True)
+    _check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
+    _check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
+
+
+def _trainable(model: torch.nn.Module, mask: WeightMask | None):
+    """(trainable named parameters, the optimizer's mask, how it treats unmasked parameters)."""
+    named = list(model.named_parameters())
+    if mask is not None:
+        trainable = [(n, p) for n, p in named if n in mask and mask.selected(n) > 0 and p.requires_grad]
+        optimizer_mask, unmasked = mask, "freeze"
+    else:
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        optimizer_mask, unmasked = WeightMask({}), "dense"
+    if not trainable:
+        raise ValueError("mask: selects no weight of a trainable parameter; nothing to unlearn")
+    return trainable, optimizer_mask, unmasked
+
+
+def _default_optimizer(params, mask, *, lr, betas, weight_decay, state_layout, state_dtype, unmasked):
+    from wagle.optim import MaskedAdamW  # late: the optimizer module imports the kernels
+
+    return MaskedAdamW(
+        params,
+        mask,
+        lr=lr,
+        betas=betas,
+        weight_decay=weight_decay,
+        state_layout=state_layout,
+        state_dtype=state_dtype,
+        unmasked=unmasked,
+    )
+
+
+def _where(checkpoint: str | None) -> str:
+    return f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+
+
+def _first_nonfinite(named_params) -> str | None:
+    for name, param in named_params:
+        if not bool(torch.isfinite(param.detach()).all()):
+            return name
+    return None
+
+
+def _resume(checkpoint_dir, fingerprint, model, optimizer, scheduler, objective, steps):
+    """Continue from the newest good checkpoint of the same run: (start step, history, path, skipped).
+
+    Refuses (:class:`ResumeMismatchError`) a checkpoint of a run with another fingerprint."""
+    path, state, problems = find_checkpoint(checkpoint_dir)
+    if path is None:
+        return 0, [], None, problems
+    changes = compare(state.get("fingerprint"), fingerprint)
+    if changes:
+        raise ResumeMismatchError(checkpoint_dir, changes)
+    objective_state, state = load_checkpoint(path, model, optimizer, scheduler, verified=True)
+    objective.load_state_dict(objective_state)
+    start = int(state["step"])
+    logger.info("resumed from step %d of %d (%s)", start, steps, path)
+    return start, list(state.get("history", [])), path, problems
 
 
 def unlearn(
@@ -102,6 +209,7 @@ def unlearn(
     state_dtype: torch.dtype = torch.float32,
     step_in_backward: bool = False,
     gradient_checkpointing: bool = False,
+    optimizer: OptimizerFactory | None = None,
     progress: bool = True,
 ) -> UnlearnResult:
     """Unlearn ``forget`` from ``model`` while keeping ``retain``, in place.
@@ -110,38 +218,41 @@ def unlearn(
     ``rmu``) or an :class:`~wagle.objectives.Objective`. With a ``mask`` only its selected weights
     change (parameters absent from the mask are frozen) and AdamW state exists only for them
     (``state_layout="compact"``); without one every weight is trained (dense AdamW).
+    ``optimizer`` replaces :class:`~wagle.optim.MaskedAdamW`: a callable taking
+    ``(named_params, mask, *, lr, betas, weight_decay, state_layout, state_dtype, unmasked)``.
 
     One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` forget (and retain) examples;
     gradients are clipped to ``max_grad_norm`` (0 disables) before the step; the learning rate warms up
     linearly over ``warmup_ratio * steps`` steps and decays linearly to 0. Batches follow a seeded,
-    resumable order. With ``checkpoint_dir``, a checkpoint (weights, optimizer, scheduler, objective
-    state, step) is written atomically every ``checkpoint_every`` steps and at the end; with
-    ``resume=True`` a run continues from the newest one. A NaN/Inf loss stops the run before that step
-    is applied and raises :class:`UnlearningDiverged` naming the last good checkpoint.
+    resumable order, and torch's CPU generator and the CUDA generators of the model's devices are
+    seeded with :func:`micro_batch_seed` ``(seed, micro-step)`` before every micro-batch (dropout),
+    inside ``torch.random.fork_rng``: the caller's torch RNG state is the same after the call.
+
+    With ``checkpoint_dir``, a verified checkpoint (weights, optimizer, scheduler, objective state,
+    step, and the run's fingerprint: digests of the starting weights, mask and encoded data, and every
+    setting above) is written atomically every ``checkpoint_every`` steps and at the end. With
+    ``resume=True`` a run continues from the newest good checkpoint (a damaged newer one is skipped)
+    and refuses, with :class:`~wagle.unlearning.fingerprint.ResumeMismatchError`, one of a run with
+    another fingerprint; ``resume=False`` deletes the folder's checkpoints and starts over.
+
+    A NaN/Inf loss or gradient norm (or weights that became non-finite) stops the run before that
+    step is applied and raises :class:`UnlearningDiverged` naming the last good checkpoint; no
+    checkpoint is ever written with non-finite weights.
 
     Memory options for large models: ``state_dtype=torch.bfloat16`` halves the moments;
     ``step_in_backward=True`` steps every parameter as soon as its gradient is complete and frees it
     (:class:`~wagle.optim.StepInBackward`), so no model-sized gradient buffer exists; clipping then
-    applies ``max_grad_norm`` to each parameter's gradient on its own instead of the global norm;
-    ``gradient_checkpointing=True`` recomputes each decoder layer's activations in backward (Hugging
-    Face models), trading about one extra forward pass for most of the activation memory.
+    applies ``max_grad_norm`` to each parameter's gradient on its own instead of the global norm, and a
+    non-finite gradient stops the run when its parameter is due (parameters already stepped in that
+    backward pass keep their update in memory); ``gradient_checkpointing=True`` recomputes each decoder
+    layer's activations in backward (Hugging Face models), trading about one extra forward pass for
+    most of the activation memory.
     """
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
-    from wagle.optim import MaskedAdamW, StepInBackward  # late: the optimizer module imports the kernels
+    from wagle.optim import NonFiniteGradientError, StepInBackward
 
-    _check_positive("steps", steps, integer=True)
-    _check_positive("lr", lr)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_positive("grad_accum", grad_accum, integer=True)
-    _check_positive("max_length", max_length, integer=True)
-    _check_positive("weight_decay", weight_decay, allow_zero=True)
-    _check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
-    _check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
-
+    _check_options(steps, lr, batch_size, grad_accum, max_length, weight_decay, max_grad_norm,
+                   checkpoint_every, warmup_ratio, precision)  # fmt: skip
     objective = (
         method if isinstance(method, Objective) else make_objective(method, **(objective_kwargs or {}))
     )
@@ -152,10 +263,10 @@ def unlearn(
     if precision is not None:
         model.to(PRECISIONS[precision])
 
+    # ---- data -----------------------------------------------------------------------------------
     pad_id = pad_id_of(tokenizer)
-    forget_rows = _with_refusals(forget, seed) if objective.forget_answer_column == REFUSAL_COLUMN else forget
     forget_examples = encode_examples(
-        forget_rows,
+        objective.forget_rows(forget, seed),
         tokenizer,
         role="forget",
         max_length=max_length,
@@ -171,62 +282,87 @@ def unlearn(
     def to_device(batch):
         return {k: v.to(device) for k, v in batch.items()}
 
-    # parameters: with a mask only those with selected weights need gradients
+    # ---- parameters and optimizer ----------------------------------------------------------------
     named = list(model.named_parameters())
     flags = {name: p.requires_grad for name, p in named}
-    if mask is not None:
-        trainable = [(n, p) for n, p in named if n in mask and mask.selected(n) > 0 and flags[n]]
-        optimizer_mask = mask
-        unmasked = "freeze"
-    else:
-        trainable = [(n, p) for n, p in named if flags[n]]
-        optimizer_mask = WeightMask({})
-        unmasked = "dense"
-    if not trainable:
-        raise ValueError("mask: selects no weight of a trainable parameter; nothing to unlearn")
+    trainable, optimizer_mask, unmasked = _trainable(model, mask)
     trainable_names = {n for n, _ in trainable}
     for name, param in named:
         param.requires_grad_(name in trainable_names)
-
-    optimizer = MaskedAdamW(
-        trainable,
-        optimizer_mask,
-        lr=lr,
-        betas=betas,
-        weight_decay=weight_decay,
-        state_layout=state_layout if mask is not None else "dense",
-        state_dtype=state_dtype,
-        unmasked=unmasked,
-    )
-    warmup = int(warmup_ratio * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
-
-    start_step, resumed_from, history, last_checkpoint = 0, None, [], None
-    existing = latest_checkpoint(checkpoint_dir) if resume else None
-    if existing is not None:
-        objective_state, trainer_state = load_checkpoint(existing, model, optimizer, scheduler)
-        objective.load_state_dict(objective_state)
-        start_step = resumed_from = int(trainer_state["step"])
-        history = list(trainer_state.get("history", []))
-        last_checkpoint = existing
-        logger.info("resumed from %s (step %d)", existing, start_step)
-
-    started = time.perf_counter()
     was_training = model.training
     hooks = None
-    checkpointing = contextlib.ExitStack()
+    context = contextlib.ExitStack()
     try:
+        make_optimizer = optimizer or _default_optimizer
+        opt = make_optimizer(
+            trainable,
+            optimizer_mask,
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            state_layout=state_layout if mask is not None else "dense",
+            state_dtype=state_dtype,
+            unmasked=unmasked,
+        )
+        warmup = int(warmup_ratio * steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, steps))
+
+        # ---- fingerprint and resume ------------------------------------------------------------------
+        start_step, history, last_checkpoint, problems = 0, [], None, []
+        fingerprint = None
+        if checkpoint_dir:
+            fingerprint = normalised(
+                {
+                    "model weights": weights_digest(model),
+                    "mask": mask_digest(mask),
+                    "forget data": examples_digest(forget_examples),
+                    "retain data": examples_digest(retain_examples),
+                    "pad token id": pad_id,
+                    "method": objective.name,
+                    "method settings": objective.settings(),
+                    "optimizer": getattr(make_optimizer, "__qualname__", type(opt).__name__),
+                    "steps": steps,
+                    "lr": lr,
+                    "warmup steps": warmup,
+                    "batch_size": batch_size,
+                    "grad_accum": grad_accum,
+                    "weight_decay": weight_decay,
+                    "betas": list(betas),
+                    "max_grad_norm": max_grad_norm,
+                    "max_length": max_length,
+                    "seed": seed,
+                    "precision": precision,
+                    "weight dtypes": sorted({str(p.dtype) for _, p in named}),
+                    "state_layout": state_layout if mask is not None else "dense",
+                    "state_dtype": str(state_dtype),
+                    "step_in_backward": step_in_backward,
+                    "gradient_checkpointing": gradient_checkpointing,
+                }
+            )
+            remove_stale_temporaries(checkpoint_dir)
+            if resume:
+                start_step, history, last_checkpoint, problems = _resume(
+                    checkpoint_dir, fingerprint, model, opt, scheduler, objective, steps
+                )
+            else:
+                remove_checkpoints(checkpoint_dir)
+        resumed_from = start_step if last_checkpoint is not None else None
+
+        started = time.perf_counter()
+        cuda_indices = _cuda_indices(model)
+        context.enter_context(torch.random.fork_rng(devices=cuda_indices))
         if step_in_backward:
             hooks = StepInBackward(
-                optimizer, accumulation_steps=grad_accum, clip_norm_per_param=max_grad_norm or None
+                opt, accumulation_steps=grad_accum, clip_norm_per_param=max_grad_norm or None
             )
+        _seed_torch(micro_batch_seed(seed, -1), cuda_indices)
         objective.prepare(
             model,
             list(ordered_batches(forget_examples, batch_size, pad_id)),
             list(ordered_batches(retain_examples, batch_size, pad_id)) if retain_examples else None,
             progress=progress,
         )
-        checkpointing.enter_context(activation_checkpointing(model, gradient_checkpointing))
+        context.enter_context(activation_checkpointing(model, gradient_checkpointing))
         model.train()
         params = [p for _, p in trainable]
         bar = tqdm(
@@ -241,6 +377,7 @@ def unlearn(
             step_loss = 0.0
             for micro in range(grad_accum):
                 j = step * grad_accum + micro
+                _seed_torch(micro_batch_seed(seed, j), cuda_indices)
                 f_idx = micro_batch_indices(j, len(forget_examples), batch_size, seed)
                 forget_batch = to_device(collate_examples([forget_examples[i] for i in f_idx], pad_id))
                 retain_batch = None
@@ -249,45 +386,70 @@ def unlearn(
                     retain_batch = to_device(collate_examples([retain_examples[i] for i in r_idx], pad_id))
                 loss, stats = objective(model, forget_batch, retain_batch)
                 if not torch.isfinite(loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    where = (
-                        f"the last good checkpoint is {last_checkpoint}"
-                        if last_checkpoint
-                        else "no checkpoint was saved"
-                    )
+                    opt.zero_grad(set_to_none=True)
                     raise UnlearningDiverged(
                         f"loss became {float(loss.detach())} at step {step} (micro-batch {micro}); "
-                        f"stopped before applying it; {where}. Lower lr or check the data."
+                        f"stopped before applying it; {_where(last_checkpoint)}. Lower lr or check the data.",
+                        last_checkpoint,
                     )
-                (loss / grad_accum).backward()
+                try:
+                    (loss / grad_accum).backward()
+                except NonFiniteGradientError as exc:
+                    opt.zero_grad(set_to_none=True)
+                    raise UnlearningDiverged(
+                        f"the gradient of {exc.name} became NaN/Inf at step {step} with a finite loss; "
+                        "stopped before stepping it (parameters stepped earlier in that backward pass "
+                        f"changed in memory); {_where(last_checkpoint)}. Lower lr or check the data.",
+                        last_checkpoint,
+                    ) from None
                 step_loss += float(loss.detach()) / grad_accum
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value / grad_accum
-            if not step_in_backward:  # otherwise the hooks clipped, stepped and freed during backward
+            if not step_in_backward:  # otherwise the hooks checked, clipped, stepped and freed in backward
                 if max_grad_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-                    totals["grad_norm"] = grad_norm
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                else:
+                    grads = [p.grad for p in params if p.grad is not None]
+                    norms = [torch.linalg.vector_norm(g.detach().float(), 2.0) for g in grads]
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack(norms), 2.0)) if norms else 0.0
+                if not math.isfinite(grad_norm):
+                    opt.zero_grad(set_to_none=True)
+                    raise UnlearningDiverged(
+                        f"the gradient norm became {grad_norm} at step {step} with a finite loss; stopped "
+                        f"before applying it; {_where(last_checkpoint)}. Lower lr or check the data.",
+                        last_checkpoint,
+                    )
+                totals["grad_norm"] = grad_norm
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             scheduler.step()
             record = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], **totals}
             history.append(record)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             done = step + 1
-            if checkpoint_dir and ((checkpoint_every and done % checkpoint_every == 0) or done == steps):
+            due = checkpoint_dir and ((checkpoint_every and done % checkpoint_every == 0) or done == steps)
+            if due or done == steps:
+                bad = _first_nonfinite(trainable)
+                if bad is not None:
+                    raise UnlearningDiverged(
+                        f"{bad} became NaN/Inf at step {step} with a finite loss and gradient; "
+                        f"{_where(last_checkpoint)}. Lower lr or check the data.",
+                        last_checkpoint,
+                    )
+            if due:
                 last_checkpoint = save_checkpoint(
                     checkpoint_dir,
                     done,
                     model,
-                    optimizer,
+                    opt,
                     scheduler,
                     objective.state_dict(),
-                    {"history": history, "method": objective.name, "seed": seed},
+                    {"history": history, "method": objective.name, "seed": seed, "fingerprint": fingerprint},
                 )
     finally:
         if hooks is not None:
             hooks.remove()
-        checkpointing.close()
+        context.close()
         model.train(was_training)
         for name, param in named:
             param.requires_grad_(flags[name])
@@ -297,4 +459,5 @@ def unlearn(
         checkpoint=last_checkpoint,
         seconds=time.perf_counter() - started,
         resumed_from=resumed_from,
+        damaged_checkpoints=problems,
     )
