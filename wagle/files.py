@@ -189,3 +189,22 @@ def replace_folder(tmp: str, path: str) -> None:
         raise
     _fsync_folder(parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_writable_folder(path: str | os.PathLike) -> str:
+    """Create folder ``path`` if needed and check a file can be created in it; returns its absolute path.
+
+    Raises ``NotADirectoryError`` when ``path`` or a folder above it is a regular file, and the
+    ``OSError`` of the failed creation (e.g. ``PermissionError``, read-only file system) otherwise."""
+    path = os.path.abspath(os.fspath(path))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise NotADirectoryError(f"{path} {where}, not a folder")
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=f".tmp-write-check-{owner_tag()}", dir=path)
+    os.close(fd)
+    os.unlink(probe)
+    return path
