@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import MaskMismatchError, WeightMask
 from wagle.unlearning import UnlearningDiverged
 
@@ -148,9 +149,9 @@ def _out_folder(path: str) -> str:
         folder = ensure_writable_folder(path)
         ensure_writable_folder(os.path.join(folder, "checkpoints"))
     except NotADirectoryError as exc:
-        raise ValueError(f"--out: {exc}") from None
+        raise UserError(f"--out: {exc}") from None
     except OSError as exc:
-        raise ValueError(f"--out: cannot write to {path}: {exc.strerror or exc}") from None
+        raise UserError(f"--out: cannot write to {path}: {exc.strerror or exc}") from None
     for sub in (folder, os.path.join(folder, "checkpoints")):
         remove_stale_temporaries(sub)
     return folder
@@ -200,14 +201,14 @@ def run_unlearn(args: argparse.Namespace) -> int:
         changed = "; ".join(
             f"{_RUN_OPTIONS.get(key, key)} {short(old)} -> {short(new)}" for key, old, new in exc.changes
         )
-        raise ValueError(
+        raise UserError(
             f"--out: {args.out} holds a run with other settings ({changed}); rerun with its settings to "
             "resume it, or start over with --no-resume (discards its checkpoints) or another --out"
         ) from None
     except CheckpointError as exc:
-        raise ValueError(f"{exc}; start over with --no-resume (discards the checkpoints)") from None
+        raise UserError(f"{exc}; start over with --no-resume (discards the checkpoints)") from None
     except OSError as exc:
-        raise ValueError(f"--out: could not write to {args.out}: {exc}") from None
+        raise UserError(f"--out: could not write to {args.out}: {exc}") from None
     last = result.history[-1] if result.history else {}
     final_loss = last.get("loss", float("nan"))
     if result.resumed_from is not None:

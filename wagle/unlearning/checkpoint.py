@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from wagle.errors import UserError
 from wagle.files import atomic_write_text, remove_stale_temporaries, replace_folder, temporary_folder
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ FILES = ("model.safetensors", "optimizer.pt", "objective.safetensors", "trainer_
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is damaged or incomplete; the message names the checkpoint and the file."""
 
 

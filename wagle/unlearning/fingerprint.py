@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserError):
     """A checkpoint folder holds a run with other settings; ``changes`` lists ``(setting, old, new)``."""
 
     def __init__(self, directory: str, changes: Sequence[tuple[str, Any, Any]]):
