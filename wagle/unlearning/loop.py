@@ -182,6 +182,120 @@ def _resume(checkpoint_dir, fingerprint, model, optimizer, scheduler, objective,
     return start, list(state.get("history", [])), path, problems
 
 
+@dataclass
+class _Run:
+    """One run's pieces, and the work of one optimizer step on them."""
+
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    forget: list[dict]
+    retain: list[dict] | None
+    pad_id: int
+    batch_size: int
+    grad_accum: int
+    max_grad_norm: float
+    seed: int
+    step_in_backward: bool
+    cuda_indices: list[int]
+    last_checkpoint: str | None = None
+
+    def diverged(self, what: str, step: int, extra: str = "") -> UnlearningDiverged:
+        self.optimizer.zero_grad(set_to_none=True)
+        return UnlearningDiverged(
+            f"{what} at step {step}{extra}; {_where(self.last_checkpoint)}. Lower lr or check the data.",
+            self.last_checkpoint,
+        )
+
+    def micro_batch(self, j: int):
+        """Forget (and retain) batch of micro-step ``j``, on the model's device, torch RNG seeded."""
+        device = next(self.model.parameters()).device
+        _seed_torch(micro_batch_seed(self.seed, j), self.cuda_indices)
+
+        def batch(examples, seed):
+            indices = micro_batch_indices(j, len(examples), self.batch_size, seed)
+            collated = collate_examples([examples[i] for i in indices], self.pad_id)
+            return {k: v.to(device) for k, v in collated.items()}
+
+        return batch(self.forget, self.seed), (
+            batch(self.retain, self.seed + 1) if self.retain is not None else None
+        )
+
+    def step(self, step: int) -> dict[str, float]:
+        """Optimizer step ``step`` (``grad_accum`` micro-batches, checks, clip, step, schedule)."""
+        from wagle.optim import NonFiniteGradientError
+
+        totals: dict[str, float] = {}
+        step_loss = 0.0
+        for micro in range(self.grad_accum):
+            forget_batch, retain_batch = self.micro_batch(step * self.grad_accum + micro)
+            loss, stats = self.objective(self.model, forget_batch, retain_batch)
+            if not torch.isfinite(loss):
+                raise self.diverged(
+                    f"loss became {float(loss.detach())}",
+                    step,
+                    f" (micro-batch {micro}); stopped before applying it",
+                )
+            try:
+                (loss / self.grad_accum).backward()
+            except NonFiniteGradientError as exc:
+                raise self.diverged(
+                    f"the gradient of {exc.name} became NaN/Inf",
+                    step,
+                    " with a finite loss; stopped before stepping it (parameters stepped earlier in that "
+                    "backward pass changed in memory)",
+                ) from None
+            step_loss += float(loss.detach()) / self.grad_accum
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / self.grad_accum
+        if not self.step_in_backward:  # otherwise the hooks checked, clipped, stepped and freed in backward
+            grad_norm = self._grad_norm()
+            if not math.isfinite(grad_norm):
+                raise self.diverged(
+                    f"the gradient norm became {grad_norm}",
+                    step,
+                    " with a finite loss; stopped before applying it",
+                )
+            totals["grad_norm"] = grad_norm
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"step": step + 1, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], **totals}
+
+    def _grad_norm(self) -> float:
+        """The global L2 gradient norm; gradients are clipped to ``max_grad_norm`` when it is > 0."""
+        params = [p for _, p in self.trainable]
+        if self.max_grad_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        norms = [torch.linalg.vector_norm(p.grad.detach().float(), 2.0) for p in params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms), 2.0)) if norms else 0.0
+
+    def check_weights(self, step: int) -> None:
+        bad = _first_nonfinite(self.trainable)
+        if bad is not None:
+            raise self.diverged(f"{bad} became NaN/Inf", step, " with a finite loss and gradient")
+
+
+def _run_fingerprint(model, mask, objective, make_optimizer, forget, retain, pad_id, **settings) -> dict:
+    """The run's fingerprint (see :mod:`wagle.unlearning.fingerprint`), JSON-normalised."""
+    return normalised(
+        {
+            "model weights": weights_digest(model),
+            "mask": mask_digest(mask),
+            "forget data": examples_digest(forget),
+            "retain data": examples_digest(retain),
+            "pad token id": pad_id,
+            "method": objective.name,
+            "method settings": objective.settings(),
+            "optimizer": getattr(make_optimizer, "__qualname__", type(make_optimizer).__name__),
+            **settings,
+            "weight dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        }
+    )
+
+
 def unlearn(
     model: torch.nn.Module,
     forget,
@@ -249,7 +363,7 @@ def unlearn(
     most of the activation memory.
     """
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
-    from wagle.optim import NonFiniteGradientError, StepInBackward
+    from wagle.optim import StepInBackward
 
     _check_options(steps, lr, batch_size, grad_accum, max_length, weight_decay, max_grad_norm,
                    checkpoint_every, warmup_ratio, precision)  # fmt: skip
@@ -263,7 +377,6 @@ def unlearn(
     if precision is not None:
         model.to(PRECISIONS[precision])
 
-    # ---- data -----------------------------------------------------------------------------------
     pad_id = pad_id_of(tokenizer)
     forget_examples = encode_examples(
         objective.forget_rows(forget, seed),
@@ -277,12 +390,7 @@ def unlearn(
         if retain is not None
         else None
     )
-    device = next(model.parameters()).device
 
-    def to_device(batch):
-        return {k: v.to(device) for k, v in batch.items()}
-
-    # ---- parameters and optimizer ----------------------------------------------------------------
     named = list(model.named_parameters())
     flags = {name: p.requires_grad for name, p in named}
     trainable, optimizer_mask, unmasked = _trainable(model, mask)
@@ -294,68 +402,62 @@ def unlearn(
     context = contextlib.ExitStack()
     try:
         make_optimizer = optimizer or _default_optimizer
+        layout = state_layout if mask is not None else "dense"
         opt = make_optimizer(
             trainable,
             optimizer_mask,
             lr=lr,
             betas=betas,
             weight_decay=weight_decay,
-            state_layout=state_layout if mask is not None else "dense",
+            state_layout=layout,
             state_dtype=state_dtype,
             unmasked=unmasked,
         )
         warmup = int(warmup_ratio * steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, steps))
+        run = _Run(
+            model,
+            objective,
+            opt,
+            scheduler,
+            trainable,
+            forget_examples,
+            retain_examples,
+            pad_id,
+            batch_size,
+            grad_accum,
+            max_grad_norm,
+            seed,
+            step_in_backward,
+            _cuda_indices(model),
+        )
 
-        # ---- fingerprint and resume ------------------------------------------------------------------
-        start_step, history, last_checkpoint, problems = 0, [], None, []
-        fingerprint = None
+        start_step, history, problems, fingerprint = 0, [], [], None
         if checkpoint_dir:
-            fingerprint = normalised(
-                {
-                    "model weights": weights_digest(model),
-                    "mask": mask_digest(mask),
-                    "forget data": examples_digest(forget_examples),
-                    "retain data": examples_digest(retain_examples),
-                    "pad token id": pad_id,
-                    "method": objective.name,
-                    "method settings": objective.settings(),
-                    "optimizer": getattr(make_optimizer, "__qualname__", type(opt).__name__),
-                    "steps": steps,
-                    "lr": lr,
-                    "warmup steps": warmup,
-                    "batch_size": batch_size,
-                    "grad_accum": grad_accum,
-                    "weight_decay": weight_decay,
-                    "betas": list(betas),
-                    "max_grad_norm": max_grad_norm,
-                    "max_length": max_length,
-                    "seed": seed,
-                    "precision": precision,
-                    "weight dtypes": sorted({str(p.dtype) for _, p in named}),
-                    "state_layout": state_layout if mask is not None else "dense",
-                    "state_dtype": str(state_dtype),
-                    "step_in_backward": step_in_backward,
-                    "gradient_checkpointing": gradient_checkpointing,
-                }
-            )
+            fingerprint = _run_fingerprint(
+                model, mask, objective, make_optimizer, forget_examples, retain_examples, pad_id,
+                steps=steps, lr=lr, **{"warmup steps": warmup}, batch_size=batch_size, grad_accum=grad_accum,
+                weight_decay=weight_decay, betas=list(betas), max_grad_norm=max_grad_norm,
+                max_length=max_length, seed=seed, precision=precision, state_layout=layout,
+                state_dtype=str(state_dtype), step_in_backward=step_in_backward,
+                gradient_checkpointing=gradient_checkpointing,
+            )  # fmt: skip
             remove_stale_temporaries(checkpoint_dir)
             if resume:
-                start_step, history, last_checkpoint, problems = _resume(
+                start_step, history, run.last_checkpoint, problems = _resume(
                     checkpoint_dir, fingerprint, model, opt, scheduler, objective, steps
                 )
             else:
                 remove_checkpoints(checkpoint_dir)
-        resumed_from = start_step if last_checkpoint is not None else None
+        resumed_from = start_step if run.last_checkpoint is not None else None
 
         started = time.perf_counter()
-        cuda_indices = _cuda_indices(model)
-        context.enter_context(torch.random.fork_rng(devices=cuda_indices))
+        context.enter_context(torch.random.fork_rng(devices=run.cuda_indices))
         if step_in_backward:
             hooks = StepInBackward(
                 opt, accumulation_steps=grad_accum, clip_norm_per_param=max_grad_norm or None
             )
-        _seed_torch(micro_batch_seed(seed, -1), cuda_indices)
+        _seed_torch(micro_batch_seed(seed, -1), run.cuda_indices)
         objective.prepare(
             model,
             list(ordered_batches(forget_examples, batch_size, pad_id)),
@@ -364,7 +466,6 @@ def unlearn(
         )
         context.enter_context(activation_checkpointing(model, gradient_checkpointing))
         model.train()
-        params = [p for _, p in trainable]
         bar = tqdm(
             range(start_step, steps),
             desc=f"unlearn ({objective.name})",
@@ -373,71 +474,15 @@ def unlearn(
             total=steps,
         )
         for step in bar:
-            totals: dict[str, float] = {}
-            step_loss = 0.0
-            for micro in range(grad_accum):
-                j = step * grad_accum + micro
-                _seed_torch(micro_batch_seed(seed, j), cuda_indices)
-                f_idx = micro_batch_indices(j, len(forget_examples), batch_size, seed)
-                forget_batch = to_device(collate_examples([forget_examples[i] for i in f_idx], pad_id))
-                retain_batch = None
-                if retain_examples is not None:
-                    r_idx = micro_batch_indices(j, len(retain_examples), batch_size, seed + 1)
-                    retain_batch = to_device(collate_examples([retain_examples[i] for i in r_idx], pad_id))
-                loss, stats = objective(model, forget_batch, retain_batch)
-                if not torch.isfinite(loss):
-                    opt.zero_grad(set_to_none=True)
-                    raise UnlearningDiverged(
-                        f"loss became {float(loss.detach())} at step {step} (micro-batch {micro}); "
-                        f"stopped before applying it; {_where(last_checkpoint)}. Lower lr or check the data.",
-                        last_checkpoint,
-                    )
-                try:
-                    (loss / grad_accum).backward()
-                except NonFiniteGradientError as exc:
-                    opt.zero_grad(set_to_none=True)
-                    raise UnlearningDiverged(
-                        f"the gradient of {exc.name} became NaN/Inf at step {step} with a finite loss; "
-                        "stopped before stepping it (parameters stepped earlier in that backward pass "
-                        f"changed in memory); {_where(last_checkpoint)}. Lower lr or check the data.",
-                        last_checkpoint,
-                    ) from None
-                step_loss += float(loss.detach()) / grad_accum
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value / grad_accum
-            if not step_in_backward:  # otherwise the hooks checked, clipped, stepped and freed in backward
-                if max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-                else:
-                    grads = [p.grad for p in params if p.grad is not None]
-                    norms = [torch.linalg.vector_norm(g.detach().float(), 2.0) for g in grads]
-                    grad_norm = float(torch.linalg.vector_norm(torch.stack(norms), 2.0)) if norms else 0.0
-                if not math.isfinite(grad_norm):
-                    opt.zero_grad(set_to_none=True)
-                    raise UnlearningDiverged(
-                        f"the gradient norm became {grad_norm} at step {step} with a finite loss; stopped "
-                        f"before applying it; {_where(last_checkpoint)}. Lower lr or check the data.",
-                        last_checkpoint,
-                    )
-                totals["grad_norm"] = grad_norm
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            scheduler.step()
-            record = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], **totals}
+            record = run.step(step)
             history.append(record)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
             done = step + 1
             due = checkpoint_dir and ((checkpoint_every and done % checkpoint_every == 0) or done == steps)
             if due or done == steps:
-                bad = _first_nonfinite(trainable)
-                if bad is not None:
-                    raise UnlearningDiverged(
-                        f"{bad} became NaN/Inf at step {step} with a finite loss and gradient; "
-                        f"{_where(last_checkpoint)}. Lower lr or check the data.",
-                        last_checkpoint,
-                    )
+                run.check_weights(step)
             if due:
-                last_checkpoint = save_checkpoint(
+                run.last_checkpoint = save_checkpoint(
                     checkpoint_dir,
                     done,
                     model,
@@ -456,7 +501,7 @@ def unlearn(
     return UnlearnResult(
         steps=steps,
         history=history,
-        checkpoint=last_checkpoint,
+        checkpoint=run.last_checkpoint,
         seconds=time.perf_counter() - started,
         resumed_from=resumed_from,
         damaged_checkpoints=problems,
