@@ -305,3 +305,17 @@ def test_an_unlearning_run_cleans_its_checkpoint_folder(tmp_path):
 def test_objective_settings_are_its_hyperparameters():
     assert make_objective("npo", beta=0.2).settings() == {"beta": 0.2, "retain_weight": 1.0}
     assert make_objective("rmu").settings() == {"alpha": 100.0, "seed": 0, "steering_coef": 6.5}
+
+
+def test_step_in_backward_refuses_to_step_a_parameter_with_a_nan_gradient():
+    from wagle.optim import NonFiniteGradientError, StepInBackward
+
+    first, second = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    optimizer = MaskedAdamW([("first", first), ("second", second)], WeightMask({}), lr=0.1, unmasked="dense")
+    hooks = StepInBackward(optimizer)
+    with pytest.raises(NonFiniteGradientError, match="'first'"):
+        # backward reaches `second` first (it is used last), then `first` with a NaN gradient
+        (_PoisonGradient.apply(first, float("nan")).sum() + (first.detach() * second).sum()).backward()
+    hooks.remove()
+    assert torch.equal(first.detach(), torch.ones(3)) and first.grad is None
+    assert not torch.equal(second.detach(), torch.ones(3))  # stepped before the NaN was reached

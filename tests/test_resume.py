@@ -102,3 +102,24 @@ def test_resume_false_discards_the_old_run(finished, tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(folder)] == ["checkpoint-000002"]
     again = unlearn(tiny_model(), FORGET, RETAIN, tokenizer=tiny_tokenizer(), checkpoint_dir=folder, **kw)
     assert again.resumed_from == 2  # the new run is the one that resumes now
+
+
+def sgd(params, mask, *, lr, state_layout, state_dtype, unmasked, **_):
+    from wagle.optim import MaskedSGD
+
+    return MaskedSGD(params, mask, lr=lr, momentum=0.9, state_layout=state_layout, unmasked=unmasked)
+
+
+def test_an_optimizer_factory_is_used_and_part_of_the_fingerprint(tmp_path):
+    model, tok = tiny_model(), tiny_tokenizer()
+    mask = half_mask(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    folder = str(tmp_path / "ckpt")
+    kw = {**KW, "mask": mask, "checkpoint_dir": folder}
+    unlearn(model, FORGET, RETAIN, tokenizer=tok, optimizer=sgd, **kw)
+    state = torch.load(os.path.join(folder, "checkpoint-000002", "optimizer.pt"), weights_only=False)
+    assert state["optimizer"]["wagle"]["optimizer"] == "MaskedSGD"
+    for name, param in model.named_parameters():
+        assert torch.equal(param[~mask[name]], before[name][~mask[name]]), name
+    with pytest.raises(ResumeMismatchError, match="optimizer sgd -> _default_optimizer"):
+        unlearn(tiny_model(), FORGET, RETAIN, tokenizer=tok, **kw)
