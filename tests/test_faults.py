@@ -22,6 +22,7 @@ from wagle.cli import main
 from wagle.data import write_benchmark
 from wagle.models import save_model
 
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="runs wagle in forked children (Linux)")
 DRIVER = os.path.join(os.path.dirname(__file__), "fault_driver.py")
 RUN = ["--steps", "4", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--checkpoint-every", "1"]
 

@@ -109,8 +109,18 @@ def _seed_torch(value: int, cuda_indices: list[int]) -> None:
         torch.cuda.default_generators[index].manual_seed(value)
 
 
-def _check_options(steps, lr, batch_size, grad_accum, max_length, weight_decay, max_grad_norm,
-                   checkpoint_every, warmup_ratio, precision) -> None:  # fmt: skip
+def _check_options(
+    steps,
+    lr,
+    batch_size,
+    grad_accum,
+    max_length,
+    weight_decay,
+    max_grad_norm,
+    checkpoint_every,
+    warmup_ratio,
+    precision,
+) -> None:
     _check_positive("steps", steps, integer=True)
     _check_positive("lr", lr)
     _check_positive("batch_size", batch_size, integer=True)
@@ -365,8 +375,18 @@ def unlearn(
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
     from wagle.optim import StepInBackward
 
-    _check_options(steps, lr, batch_size, grad_accum, max_length, weight_decay, max_grad_norm,
-                   checkpoint_every, warmup_ratio, precision)  # fmt: skip
+    _check_options(
+        steps,
+        lr,
+        batch_size,
+        grad_accum,
+        max_length,
+        weight_decay,
+        max_grad_norm,
+        checkpoint_every,
+        warmup_ratio,
+        precision,
+    )
     objective = (
         method if isinstance(method, Objective) else make_objective(method, **(objective_kwargs or {}))
     )
@@ -435,13 +455,29 @@ def unlearn(
         start_step, history, problems, fingerprint = 0, [], [], None
         if checkpoint_dir:
             fingerprint = _run_fingerprint(
-                model, mask, objective, make_optimizer, forget_examples, retain_examples, pad_id,
-                steps=steps, lr=lr, **{"warmup steps": warmup}, batch_size=batch_size, grad_accum=grad_accum,
-                weight_decay=weight_decay, betas=list(betas), max_grad_norm=max_grad_norm,
-                max_length=max_length, seed=seed, precision=precision, state_layout=layout,
-                state_dtype=str(state_dtype), step_in_backward=step_in_backward,
+                model,
+                mask,
+                objective,
+                make_optimizer,
+                forget_examples,
+                retain_examples,
+                pad_id,
+                steps=steps,
+                lr=lr,
+                **{"warmup steps": warmup},
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                weight_decay=weight_decay,
+                betas=list(betas),
+                max_grad_norm=max_grad_norm,
+                max_length=max_length,
+                seed=seed,
+                precision=precision,
+                state_layout=layout,
+                state_dtype=str(state_dtype),
+                step_in_backward=step_in_backward,
                 gradient_checkpointing=gradient_checkpointing,
-            )  # fmt: skip
+            )
             remove_stale_temporaries(checkpoint_dir)
             if resume:
                 start_step, history, run.last_checkpoint, problems = _resume(
