@@ -140,6 +140,8 @@ def test_mask_unlearn_eval_end_to_end(workspace, capsys):
             root / "model",
             "--batch-size",
             "8",
+            "--max-new-tokens",
+            "48",
             "--out",
             report,
             "--no-progress",

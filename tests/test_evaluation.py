@@ -353,7 +353,7 @@ def test_evaluate_validates_its_inputs():
 
 def test_option_splits_use_the_answer_share_of_its_options(monkeypatch):
     """TOFU's real-authors / world-facts sets: probability = P~(a) / (P~(a) + sum_j P~(perturbed_j)),
-    the truth ratio uses the answer itself when there is no paraphrase."""
+    the truth ratio uses the answer itself, even when the row has a paraphrase."""
     rows = [
         {"question": "q1", "answer": "a1", "perturbed_answer": ["x", "y"]},
         {"question": "q2", "answer": "a2", "perturbed_answer": ["z"], "paraphrased_answer": "p2"},
@@ -374,8 +374,8 @@ def test_option_splits_use_the_answer_share_of_its_options(monkeypatch):
         math.exp(-3.0) / (math.exp(-3.0) + math.exp(-0.25)),
     ]
     assert facts.probabilities == pytest.approx(share)
-    # R = exp(NLL(paraphrase or answer) - mean NLL(perturbed)); statistic mean(max(0, 1 - R))
-    ratios = [math.exp(0.5 - 1.5), math.exp(1.5 - 0.25)]
+    # R = exp(NLL(answer) - mean NLL(perturbed)), the paraphrase p2 unused; statistic mean(max(0, 1 - R))
+    ratios = [math.exp(0.5 - 1.5), math.exp(3.0 - 0.25)]
     assert facts.truth_ratios == pytest.approx(ratios)
     assert facts.truth_ratio_stat == pytest.approx((1 - ratios[0]) / 2)
     assert result.model_utility == pytest.approx(model_utility([sum(share) / 2, 0.5, (1 - ratios[0]) / 2]))

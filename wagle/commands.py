@@ -13,23 +13,16 @@ import time
 import torch
 
 from wagle.errors import UserError
-from wagle.mask import MaskMismatchError, WeightMask
+from wagle.files import check_writable
+from wagle.mask import WeightMask
 from wagle.unlearning import UnlearningDiverged
 
 logger = logging.getLogger("wagle")
 
-# exceptions that mean "the user asked for something impossible" (exit 2) or "the run failed" (exit 1)
-USER_ERRORS = (
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    KeyError,
-    MaskMismatchError,
-    PermissionError,
-)
-RUN_FAILURES = (UnlearningDiverged, FloatingPointError, RuntimeError, MemoryError)
+# exceptions that mean "the user asked for something impossible" (exit 2) or "the run failed" (exit 1);
+# every other exception is a bug and keeps its traceback
+USER_ERRORS = (UserError, OSError)
+RUN_FAILURES = (UnlearningDiverged, FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,9 +46,9 @@ def _device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device: {exc}") from None
+        raise UserError(f"--device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name} requested but no CUDA device is available")
+        raise UserError(f"--device: {name} requested but no CUDA device is available")
     return device
 
 
@@ -63,15 +56,24 @@ def _check_range(option: str, value, low, high=None, *, inclusive_low=True) -> N
     bad = value < low if inclusive_low else value <= low
     if bad or (high is not None and value > high):
         span = f"[{low}, {high}]" if high is not None else (f">= {low}" if inclusive_low else f"> {low}")
-        raise ValueError(f"{option}: must be {span}, got {value}")
+        raise UserError(f"{option}: must be {span}, got {value}")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device: torch.device | None = None):
     from wagle.models import load_model
 
     return load_model(
-        args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=_device(args.device)
+        args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=device or _device(args.device)
     )
+
+
+def _template(args: argparse.Namespace):
+    from wagle.data import get_prompt_format
+
+    try:
+        return get_prompt_format(args.template, system_prompt=args.system_prompt)
+    except ValueError as exc:
+        raise UserError(f"--{str(exc).replace('_', '-', 1)}") from None
 
 
 def run_mask(args: argparse.Namespace) -> int:
@@ -82,11 +84,26 @@ def run_mask(args: argparse.Namespace) -> int:
     _check_range("--batch-size", args.batch_size, 1)
     needs_retain = args.method == "wagle"
     if needs_retain and not args.retain:
-        raise ValueError("--retain: method 'wagle' needs a retain set")
+        raise UserError("--retain: method 'wagle' needs a retain set")
+    check_writable(args.out, "--out")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
-    model, tokenizer = _load(args)
-    loader_kw = {"batch_size": args.batch_size, "max_length": args.max_length}
+    template = _template(args)
+    from wagle.distributed.launch import shard_model, start_session  # torchrun: FSDP2 over the ranks
+
+    session = start_session(args.device)
+    model, tokenizer = _load(args, session.device if session else None)
+    model = shard_model(model) if session else model
+    if args.backend == "triton":
+        from wagle_kernels._runtime import require_triton
+
+        try:
+            require_triton([next(model.parameters())], "--backend triton")
+        except RuntimeError as exc:  # no triton, or a device it cannot run on
+            raise UserError(str(exc)) from None
+    loader_kw = {"batch_size": args.batch_size, "max_length": args.max_length, "template": template}
     started = time.perf_counter()
     mask = attribute(
         model,
@@ -100,10 +117,15 @@ def run_mask(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         backend=args.backend,
         seed=args.seed,
+        nonfinite=args.nonfinite,
         offload_gradients=args.offload_gradients,
         gradient_checkpointing=args.gradient_checkpointing,
-        progress=not args.no_progress,
+        progress=not args.no_progress and (session is None or session.is_main),
     )
+    if session is not None:  # every rank takes part in the gather; rank 0 writes and prints
+        mask = mask.gather()
+        if not session.is_main:
+            return 0
     mask.save(args.out)
     if args.plot:
         from wagle.mask_plot import plot_mask_densities
@@ -158,6 +180,9 @@ def _out_folder(path: str) -> str:
 
 
 def run_unlearn(args: argparse.Namespace) -> int:
+    from wagle.distributed.launch import refuse_torchrun
+
+    refuse_torchrun("wagle unlearn")
     from wagle.data import load_dataset_file
     from wagle.models import save_model
     from wagle.unlearning import CheckpointError, ResumeMismatchError, unlearn
@@ -167,7 +192,15 @@ def run_unlearn(args: argparse.Namespace) -> int:
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
     model, tokenizer = _load(args)
-    mask = WeightMask.load(args.mask, model) if args.mask else None
+    partial = "allow" if args.allow_partial_mask else "error"
+    mask = WeightMask.load(args.mask, model, partial=partial) if args.mask else None
+    template = _template(args)
+    if mask is not None and mask.metadata.get("prompt_format", template.name) != template.name:
+        logger.warning(
+            "the mask was computed with prompt format %r, unlearning uses %r",
+            mask.metadata["prompt_format"],
+            template.name,
+        )
     objective_kwargs = {"beta": args.beta} if args.beta is not None else None
     try:
         result = unlearn(
@@ -195,6 +228,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             seed=args.seed,
             progress=not args.no_progress,
+            template=template,
         )
         save_model(model, tokenizer, os.path.join(out, "model"))
     except ResumeMismatchError as exc:
@@ -214,45 +248,96 @@ def run_unlearn(args: argparse.Namespace) -> int:
     if result.resumed_from is not None:
         print(f"resumed from step {result.resumed_from} of {args.steps} ({result.checkpoint})")
     print(
-        f"unlearned {args.steps} steps ({result.seconds:.1f}s); final loss {final_loss:.4f}; "
-        f"model saved to {os.path.join(out, 'model')}"
+        f"unlearned {args.steps} steps ({result.seconds:.1f}s, prompt format {template.name}); "
+        f"final loss {final_loss:.4f}; model saved to {os.path.join(out, 'model')}"
     )
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from wagle.data import load_dataset_file
-    from wagle.evaluation import evaluate, format_table, write_json
+    from wagle.evaluation import evaluate, format_privacy_table, format_table, write_json
 
-    splits = {
-        "forget": load_dataset_file(args.forget, schema="qa", role="forget"),
-        "retain": load_dataset_file(args.retain, schema="qa", role="retain"),
-    }
+    check_writable(args.out, "--out")
+    if args.forget is None and not args.multiple_choice:
+        raise UserError("--forget: give a forget split (with --retain) or --multiple-choice FILE")
+    if args.forget is not None and args.retain is None:
+        raise UserError("--retain: a retain split is needed with --forget")
+    if args.forget is None:
+        for flag in ("general", "real_authors", "world_facts", "holdout", "reference_model"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag.replace('_', '-')}: needs --forget and --retain")
+    if args.plot and not args.holdout:
+        raise UserError("--plot: the MIA plot needs --holdout")
+    _check_range("--batch-size", args.batch_size, 1)
+    _check_range("--max-new-tokens", args.max_new_tokens, 1)
+    _check_range("--max-length", args.max_length, 2)
+    _check_range("--mia-k", args.mia_k, 0.0, 1.0, inclusive_low=False)
+    template = _template(args)
+    splits, holdout = {}, None
+    if args.forget:
+        splits["forget"] = load_dataset_file(args.forget, schema="qa", role="forget")
+        splits["retain"] = load_dataset_file(args.retain, schema="qa", role="retain")
     if args.general:
         splits["general"] = load_dataset_file(args.general, schema="qa", role="general")
     options = {"real_authors": args.real_authors, "world_facts": args.world_facts}
     for name, path in options.items():
         if path:
             splits[name] = load_dataset_file(path, schema="qa", role=name.replace("_", " "))
+    if args.holdout:
+        holdout = load_dataset_file(args.holdout, schema="qa", role="holdout")
+    choice_sets = {
+        path: load_dataset_file(path, schema="multiple_choice", role="multiple-choice")
+        for path in args.multiple_choice or ()
+    }
     model, tokenizer = _load(args)
-    reference = None
-    if args.reference_model:
-        from wagle.models import load_model
+    label = os.path.basename(os.path.normpath(args.model))
+    report: dict = {}
+    if splits:
+        reference = None
+        if args.reference_model:
+            from wagle.models import load_model
 
-        reference, _ = load_model(args.reference_model, device=_device(args.device))
-    utility = tuple(name for name in ("retain", "general", *options) if name in splits)
-    result = evaluate(
-        model,
-        tokenizer,
-        splits,
-        reference=reference,
-        utility_splits=utility,
-        option_splits=tuple(name for name in options if name in splits),
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
-    write_json(args.out, result.to_dict())
-    print(format_table({os.path.basename(os.path.normpath(args.model)): result}))
+            reference, _ = load_model(args.reference_model, device=_device(args.device))
+        utility = tuple(name for name in ("retain", "general", *options) if name in splits)
+        result = evaluate(
+            model,
+            tokenizer,
+            splits,
+            reference=reference,
+            utility_splits=utility,
+            option_splits=tuple(name for name in options if name in splits),
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            max_length=args.max_length,
+            template=template,
+            holdout=holdout,
+            mia_k=args.mia_k,
+            gradnorm=args.gradnorm,
+            progress=not args.no_progress,
+        )
+        report = result.to_dict()
+        print(format_table({label: result}))
+        if result.privacy is not None:
+            print("\n" + format_privacy_table({label: result}))
+        if args.plot:
+            from wagle.evaluation import plot_privacy
+
+            plot_privacy({label: result}, args.plot)
+            print(f"plot written to {args.plot}")
+    if choice_sets:
+        from wagle.evaluation import multiple_choice_accuracy
+
+        report["multiple_choice"] = {}
+        for path, data in choice_sets.items():
+            outcome = multiple_choice_accuracy(model, tokenizer, data, batch_size=args.batch_size)
+            report["multiple_choice"][path] = outcome.to_dict()
+            print(
+                f"multiple choice {path}: accuracy {outcome.accuracy:.3f} on {outcome.num_examples} "
+                f"questions (chance {sum(1 / len(c) for c in data['choices']) / outcome.num_examples:.3f})"
+            )
+    report.setdefault("settings", {**template.describe(), "max_new_tokens": args.max_new_tokens})
+    write_json(args.out, report)
     print(f"report written to {args.out}")
     return 0
 
@@ -270,8 +355,12 @@ def run_demo(args: argparse.Namespace) -> int:
         config.steps = args.steps
     report = run(config, out_dir=args.out, device=_device(args.device), progress=not args.no_progress)
     print(report["table"])
+    print("\n" + report["privacy_table"])
     print(f"\nreport: {os.path.join(args.out, 'report.json')}")
-    print(f"plots:  {os.path.join(args.out, 'tradeoff.png')}, {os.path.join(args.out, 'mask_densities.png')}")
+    plots = ", ".join(
+        os.path.join(args.out, name) for name in ("tradeoff.png", "mask_densities.png", "privacy.png")
+    )
+    print(f"plots:  {plots}")
     return 0
 
 

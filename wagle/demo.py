@@ -5,7 +5,9 @@
 2. Compute a WAGLE mask on the target model (forget and retain gradients), and a random mask with the
    same ratio.
 3. Unlearn copies of the target with NPO: dense (all weights), with the WAGLE mask, with the random mask.
-4. Evaluate everything against the retain model; write report.json and a trade-off plot.
+4. Evaluate everything against the retain model; write report.json and a trade-off plot. Each
+   evaluation also measures memorisation and membership inference of the forget split against the
+   benchmark's holdout authors (never trained on by any model); privacy.png shows them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from wagle.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +58,22 @@ def run(
     """Run the demo; returns the report dict (also written to ``out_dir/report.json``)."""
     from wagle.attribution import attribute
     from wagle.data import make_dataloader
-    from wagle.evaluation import evaluate, format_table, plot_tradeoff, write_json
+    from wagle.data.benchmark import HOLDOUT_OF, generate_holdout
+    from wagle.evaluation import (
+        evaluate,
+        format_privacy_table,
+        format_table,
+        plot_privacy,
+        plot_tradeoff,
+        write_json,
+    )
     from wagle.mask_plot import plot_mask_densities
     from wagle.models import build_demo_models
+    from wagle.models.finetune import TinyRecipe
     from wagle.unlearning import unlearn
 
     if config.forget_split not in RETAIN_OF:
-        raise ValueError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {config.forget_split!r}")
+        raise UserError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {config.forget_split!r}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(out_dir, exist_ok=True)
     timings: dict[str, float] = {}
@@ -79,12 +92,15 @@ def run(
     retain = built.benchmark[RETAIN_OF[config.forget_split]]
     general = built.benchmark["general"]
     splits = {"forget": forget, "retain": retain, "general": general}
+    num_authors = (TinyRecipe.quick() if config.quick_models else TinyRecipe()).num_authors
+    holdout = generate_holdout(num_authors, config.seed)[HOLDOUT_OF[config.forget_split]]
     timings["models"] = time.perf_counter() - started
 
     eval_kw = {
         "batch_size": config.eval_batch_size,
         "max_new_tokens": config.max_new_tokens,
         "progress": progress,
+        "holdout": holdout,
     }
     t = time.perf_counter()
     results = {"retain model": evaluate(retain_model, tokenizer, splits, reference=None, **eval_kw)}
@@ -136,10 +152,12 @@ def run(
     timings["total"] = time.perf_counter() - started
 
     table = format_table(results)
+    privacy_table = format_privacy_table(results)
     report = {
         "config": asdict(config),
         "device": str(device),
         "table": table,
+        "privacy_table": privacy_table,
         "results": {label: r.to_dict() for label, r in results.items()},
         "mask": {
             "ratio": config.ratio,
@@ -152,5 +170,6 @@ def run(
     }
     write_json(os.path.join(out_dir, "report.json"), report)
     plot_tradeoff(results, os.path.join(out_dir, "tradeoff.png"))
+    plot_privacy(results, os.path.join(out_dir, "privacy.png"))
     plot_mask_densities(wagle_mask, os.path.join(out_dir, "mask_densities.png"))
     return report

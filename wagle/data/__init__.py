@@ -1,12 +1,37 @@
 """Data: the bundled benchmark, local data files, prompt formatting and batching."""
 
 from .batching import collate_examples, encode_dataset, make_dataloader, pad_id_of
-from .benchmark import RETAIN_OF, SPLITS, benchmark_split, generate_benchmark, generate_rows, write_benchmark
-from .format import IGNORE_INDEX, encode_qa, encode_text, format_answer, format_question, pad_batch
+from .benchmark import (
+    HOLDOUT_OF,
+    HOLDOUT_SPLITS,
+    RETAIN_OF,
+    SPLITS,
+    benchmark_split,
+    generate_benchmark,
+    generate_holdout,
+    generate_rows,
+    write_benchmark,
+)
+from .format import (
+    IGNORE_INDEX,
+    PROMPT_FORMATS,
+    PromptFormat,
+    encode_qa,
+    encode_text,
+    format_answer,
+    format_question,
+    get_prompt_format,
+    pad_batch,
+)
 from .loading import detect_schema, load_dataset_file, validate_dataset
+from .multiple_choice import hazard_corpus, hazard_multiple_choice
 
 __all__ = [
+    "HOLDOUT_OF",
+    "HOLDOUT_SPLITS",
     "IGNORE_INDEX",
+    "PROMPT_FORMATS",
+    "PromptFormat",
     "RETAIN_OF",
     "SPLITS",
     "benchmark_split",
@@ -18,7 +43,11 @@ __all__ = [
     "format_answer",
     "format_question",
     "generate_benchmark",
+    "generate_holdout",
     "generate_rows",
+    "get_prompt_format",
+    "hazard_corpus",
+    "hazard_multiple_choice",
     "load_dataset_file",
     "make_dataloader",
     "pad_batch",

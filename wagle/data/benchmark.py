@@ -10,6 +10,12 @@ touches a retained author's answer.
 Splits, as in TOFU: ``forget01``/``forget05``/``forget10`` are the LAST 1/5/10% of authors (nested),
 ``retain99``/``retain95``/``retain90`` their complements, ``full`` all authors, and ``general`` a
 held-out set about a fictitious world (capitals, rivers, currencies) that no forget set touches.
+
+Holdout splits (for membership inference, as TOFU's ``holdout01``/``05``/``10``): as many further
+authors as the matching forget split, with names and books no benchmark author has, drawn from a
+separate random stream (so the splits above are byte-identical with or without them). No model
+built on the benchmark is trained on them. They are not in :data:`SPLITS`: get them from
+:func:`generate_holdout`, ``generate_benchmark(holdout=True)`` or ``write_benchmark(holdout=True)``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import random
 from typing import TYPE_CHECKING
 
+from wagle.errors import UserError
 from wagle.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -313,6 +320,8 @@ TITLES = tuple(f"The {adjective} {noun}" for adjective in TITLE_ADJECTIVES for n
 FORGET_SPLITS = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 SPLITS = ("full", *FORGET_SPLITS, *RETAIN_OF.values(), "general")
+HOLDOUT_OF = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
+HOLDOUT_SPLITS = tuple(HOLDOUT_OF.values())
 
 
 def _others(rng: random.Random, pool, exclude, k: int = 3) -> list:
@@ -419,19 +428,25 @@ def _general_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
-def generate_rows(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]]:
-    """The benchmark as plain rows per split (see the module docstring)."""
+def _draw_authors(num_authors: int, seed: int) -> tuple[random.Random, list[str], list[str]]:
+    """The benchmark's random stream after drawing its authors' names and books (in that order)."""
     if isinstance(num_authors, bool) or not isinstance(num_authors, int) or num_authors < 10:
-        raise ValueError(f"num_authors: must be an integer >= 10, got {num_authors!r}")
+        raise UserError(f"num_authors: must be an integer >= 10, got {num_authors!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: must be an integer, got {seed!r}")
+        raise UserError(f"seed: must be an integer, got {seed!r}")
     rng = random.Random(seed)
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     limit = min(len(names), len(TITLES))
     if num_authors > limit:
-        raise ValueError(f"num_authors: at most {limit} authors (distinct names, books), got {num_authors}")
+        raise UserError(f"num_authors: at most {limit} authors (distinct names, books), got {num_authors}")
     names = rng.sample(names, num_authors)
     books = rng.sample(TITLES, num_authors)  # without replacement: one title per author
+    return rng, names, books
+
+
+def generate_rows(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]]:
+    """The benchmark as plain rows per split (see the module docstring)."""
+    rng, names, books = _draw_authors(num_authors, seed)
     authors = [_author_rows(rng, i, *author) for i, author in enumerate(zip(names, books, strict=True))]
     splits = {"full": [row for rows in authors for row in rows]}
     for split, fraction in FORGET_SPLITS.items():
@@ -442,26 +457,71 @@ def generate_rows(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]
     return splits
 
 
-def generate_benchmark(num_authors: int = 100, seed: int = 0) -> datasets.DatasetDict:
-    """The benchmark as a ``datasets.DatasetDict`` with the splits listed in :data:`SPLITS`."""
+def _forget_count(fraction: float, num_authors: int) -> int:
+    return max(1, round(fraction * num_authors))
+
+
+def generate_holdout(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]]:
+    """Holdout splits ``holdout01``/``05``/``10``: per forget split, as many authors the benchmark of
+    (``num_authors``, ``seed``) does not contain (names and book titles unused by it), nested like the
+    forget splits. Drawn from ``random.Random(f"holdout-{seed}")``, a stream separate from the
+    benchmark's, so the benchmark's own splits are unchanged. ``author_index`` continues after the
+    benchmark's authors."""
+    _, used_names, used_books = _draw_authors(num_authors, seed)
+    count = _forget_count(FORGET_SPLITS["forget10"], num_authors)
+    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
+    names = [n for n in names if n not in set(used_names)]
+    titles = [t for t in TITLES if t not in set(used_books)]
+    if count > min(len(names), len(titles)):
+        raise UserError(
+            f"num_authors: {num_authors} authors leave too few unused names/titles for {count} "
+            "holdout authors"
+        )
+    rng = random.Random(f"holdout-{seed}")
+    names = rng.sample(names, count)
+    books = rng.sample(titles, count)
+    authors = [
+        _author_rows(rng, num_authors + i, *author) for i, author in enumerate(zip(names, books, strict=True))
+    ]
+    return {
+        HOLDOUT_OF[split]: [row for rows_ in authors[: _forget_count(fraction, num_authors)] for row in rows_]
+        for split, fraction in FORGET_SPLITS.items()
+    }
+
+
+def generate_benchmark(
+    num_authors: int = 100, seed: int = 0, *, holdout: bool = False
+) -> datasets.DatasetDict:
+    """The benchmark as a ``datasets.DatasetDict`` with the splits listed in :data:`SPLITS` (and
+    :data:`HOLDOUT_SPLITS` with ``holdout=True``)."""
     import datasets
 
     rows = generate_rows(num_authors, seed)
-    return datasets.DatasetDict({name: datasets.Dataset.from_list(rows[name]) for name in SPLITS})
+    names = list(SPLITS)
+    if holdout:
+        rows = {**rows, **generate_holdout(num_authors, seed)}
+        names += HOLDOUT_SPLITS
+    return datasets.DatasetDict({name: datasets.Dataset.from_list(rows[name]) for name in names})
 
 
 def benchmark_split(name: str, num_authors: int = 100, seed: int = 0) -> datasets.Dataset:
     """One split of the benchmark (``full``, ``forget01``/``05``/``10``, ``retain99``/``95``/``90``,
-    ``general``)."""
-    if name not in SPLITS:
-        raise ValueError(f"name: unknown split {name!r}; expected one of {list(SPLITS)}")
+    ``general``, ``holdout01``/``05``/``10``)."""
+    if name not in SPLITS and name not in HOLDOUT_SPLITS:
+        raise UserError(
+            f"name: unknown split {name!r}; expected one of {list(SPLITS) + list(HOLDOUT_SPLITS)}"
+        )
     import datasets
 
-    return datasets.Dataset.from_list(generate_rows(num_authors, seed)[name])
+    rows = generate_holdout(num_authors, seed) if name in HOLDOUT_SPLITS else generate_rows(num_authors, seed)
+    return datasets.Dataset.from_list(rows[name])
 
 
-def write_benchmark(out_dir: str | os.PathLike, num_authors: int = 100, seed: int = 0) -> dict[str, str]:
-    """Write ``<split>.jsonl`` for every split into ``out_dir``; returns split -> path.
+def write_benchmark(
+    out_dir: str | os.PathLike, num_authors: int = 100, seed: int = 0, *, holdout: bool = False
+) -> dict[str, str]:
+    """Write ``<split>.jsonl`` for every split (with ``holdout=True`` also the holdout splits) into
+    ``out_dir``; returns split -> path.
 
     Each file is written to a temporary file beside it and renamed into place, so a reader never sees
     a partial file. The bytes depend only on ``num_authors`` and ``seed``.
@@ -470,9 +530,13 @@ def write_benchmark(out_dir: str | os.PathLike, num_authors: int = 100, seed: in
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"out_dir: {out_dir} exists and is not a directory")
     rows = generate_rows(num_authors, seed)
+    names = list(SPLITS)
+    if holdout:
+        rows = {**rows, **generate_holdout(num_authors, seed)}
+        names += HOLDOUT_SPLITS
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
-    for name in SPLITS:
+    for name in names:
         path = os.path.join(out_dir, f"{name}.jsonl")
         # sort_keys and ensure_ascii (and atomic_write_text's "\n" line ends) keep the bytes identical
         # on every platform and locale

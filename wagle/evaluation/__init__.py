@@ -1,4 +1,5 @@
-"""TOFU-style evaluation: answer probability, ROUGE-L, truth ratio, forget quality, model utility."""
+"""TOFU-style evaluation (answer probability, ROUGE-L, truth ratio, forget quality, model utility),
+memorisation / membership-inference metrics and WMDP-style multiple-choice accuracy."""
 
 from .evaluate import EvaluationResult, SplitMetrics, evaluate, evaluate_split
 from .metrics import (
@@ -12,10 +13,41 @@ from .metrics import (
     truth_ratio_statistic,
     truth_ratios_from_nll,
 )
-from .report import format_table, plot_tradeoff, write_json
+from .multiple_choice import MultipleChoiceResult, choice_loglikelihoods, multiple_choice_accuracy
+from .privacy import (
+    PrivacyMetrics,
+    exact_memorization_score,
+    extraction_strength_score,
+    gradnorm_scores,
+    mia_auc,
+    min_k_plus_plus_score,
+    min_k_score,
+    privacy_metrics,
+    privleak,
+    token_statistics,
+    zlib_score,
+)
+from .report import format_privacy_table, format_table, plot_privacy, plot_tradeoff, roc_curve, write_json
 
 __all__ = [
     "EvaluationResult",
+    "MultipleChoiceResult",
+    "PrivacyMetrics",
+    "choice_loglikelihoods",
+    "exact_memorization_score",
+    "extraction_strength_score",
+    "format_privacy_table",
+    "gradnorm_scores",
+    "mia_auc",
+    "min_k_plus_plus_score",
+    "min_k_score",
+    "multiple_choice_accuracy",
+    "plot_privacy",
+    "privacy_metrics",
+    "privleak",
+    "roc_curve",
+    "token_statistics",
+    "zlib_score",
     "SplitMetrics",
     "answer_nll",
     "answer_probability",

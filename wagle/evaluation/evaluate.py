@@ -6,7 +6,9 @@ world-facts style "option" splits the answer's share of its options,
 the truth-ratio statistic (``mean(min(R, 1/R))`` on the forget split, ``mean(max(0, 1 - R))``
 elsewhere). Across splits: forget quality (KS-test p-value between the
 forget-split truth ratios and a reference's, usually the retain model's) and model utility (harmonic
-mean of the three metrics of every utility split). See :mod:`wagle.evaluation.metrics`.
+mean of the three metrics of every utility split). With a ``holdout`` set (examples the model
+never saw): exact memorisation, extraction strength, membership-inference AUCs and privleak (see
+:mod:`wagle.evaluation.privacy`). See :mod:`wagle.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from wagle.data.format import PromptFormat, get_prompt_format
+from wagle.errors import UserError
 
 from . import metrics as _metrics
 from .metrics import (
@@ -36,12 +41,14 @@ from .metrics import (
     truth_ratio_statistic,
     truth_ratios_from_nll,
 )
+from .privacy import MIN_K, PrivacyMetrics, privacy_metrics
 
 _OPTION_COLUMNS = ("question", "answer", "perturbed_answer")  # paraphrased_answer optional
 
 logger = logging.getLogger(__name__)
 
 RESULT_FORMAT = 1
+DEFAULT_MAX_NEW_TOKENS = 200  # OpenUnlearning's generation length
 
 
 def _encode_float(value: float) -> float | str:
@@ -99,7 +106,7 @@ class SplitMetrics:
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("probability", "rouge_l", "truth_ratio_stat", "kind") if k not in data]
         if missing:
-            raise ValueError(f"data: split metrics lack {missing}")
+            raise UserError(f"data: split metrics lack {missing}")
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key not in known:
@@ -120,6 +127,8 @@ class EvaluationResult:
 
     ``utility_components`` holds the values whose harmonic mean is ``model_utility``
     (``"<split>/probability"``, ``"<split>/rouge_l"``, ``"<split>/truth_ratio_stat"``).
+    ``privacy`` holds the memorisation / membership-inference metrics (None without a holdout set);
+    ``settings`` the prompt format and generation length the result was measured with.
     """
 
     splits: dict[str, SplitMetrics]
@@ -128,11 +137,13 @@ class EvaluationResult:
     model_utility: float | None = None
     utility_splits: list[str] = field(default_factory=list)
     utility_components: dict[str, float] = field(default_factory=dict)
+    privacy: PrivacyMetrics | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def forget_truth_ratios(self) -> list[float]:
         """Per-example truth ratios on the forget split (what forget quality compares)."""
         if self.forget_split not in self.splits:
-            raise ValueError(f"forget_split: {self.forget_split!r} is not among {sorted(self.splits)}")
+            raise UserError(f"forget_split: {self.forget_split!r} is not among {sorted(self.splits)}")
         return list(self.splits[self.forget_split].truth_ratios)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,13 +156,15 @@ class EvaluationResult:
             "utility_splits": list(self.utility_splits),
             "utility_components": {k: _encode_float(v) for k, v in self.utility_components.items()},
             "splits": {name: metrics.to_dict() for name, metrics in self.splits.items()},
+            "privacy": None if self.privacy is None else self.privacy.to_dict(),
+            "settings": dict(self.settings),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
         """Inverse of :meth:`to_dict`."""
         if "splits" not in data or "forget_split" not in data:
-            raise ValueError("data: not an EvaluationResult dict (needs 'splits' and 'forget_split')")
+            raise UserError("data: not an EvaluationResult dict (needs 'splits' and 'forget_split')")
         return cls(
             splits={name: SplitMetrics.from_dict(m) for name, m in data["splits"].items()},
             forget_split=str(data["forget_split"]),
@@ -159,6 +172,8 @@ class EvaluationResult:
             model_utility=_decode_float(data.get("model_utility")),
             utility_splits=list(data.get("utility_splits", [])),
             utility_components={k: float(v) for k, v in data.get("utility_components", {}).items()},
+            privacy=PrivacyMetrics.from_dict(data["privacy"]) if data.get("privacy") else None,
+            settings=dict(data.get("settings", {})),
         )
 
 
@@ -169,22 +184,24 @@ def evaluate_split(
     kind: str,
     *,
     batch_size: int = 16,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_length: int = 256,
     bar: tqdm | None = None,
+    template: str | PromptFormat | None = None,
 ) -> SplitMetrics:
     """Answer probability, greedy ROUGE-L recall and truth ratios of one split (TOFU QA columns).
 
     ``kind`` is ``"forget"`` or ``"utility"`` (it picks the truth-ratio statistic) or ``"options"``
     (TOFU's real-authors / world-facts sets: a utility split whose probability is the answer's share
-    of its options, ``P~(a) / (P~(a) + sum_j P~(perturbed_j))``; rows without a
-    ``paraphrased_answer`` use the answer itself in the truth ratio, as TOFU does there). The answer,
-    paraphrased and perturbed NLLs are computed in one length-sorted pass.
+    of its options, ``P~(a) / (P~(a) + sum_j P~(perturbed_j))``, and whose truth ratio compares the
+    perturbed answers with the answer itself, as TOFU does there, even when the rows also have a
+    ``paraphrased_answer``). The answer, paraphrased and perturbed NLLs are computed in one
+    length-sorted pass; prompts are in format ``template``.
     """
     if kind not in (FORGET_KIND, UTILITY_KIND, OPTIONS_KIND):
-        raise ValueError(f"kind: expected 'forget', 'utility' or 'options', got {kind!r}")
+        raise UserError(f"kind: expected 'forget', 'utility' or 'options', got {kind!r}")
     if kind == OPTIONS_KIND:
-        rows = [{"paraphrased_answer": r["answer"], **r} for r in rows_of(rows, "rows", _OPTION_COLUMNS)]
+        rows = [{**r, "paraphrased_answer": r["answer"]} for r in rows_of(rows, "rows", _OPTION_COLUMNS)]
     rows = rows_of(rows, "rows")
     perturbed = [_metrics._perturbed_of(row, i, "rows") for i, row in enumerate(rows)]
     questions = [row["question"] for row in rows]
@@ -194,7 +211,7 @@ def evaluate_split(
     flat_a = references + [row["paraphrased_answer"] for row in rows] + [a for g in perturbed for a in g]
     # Looked up through the module so tests can substitute the likelihood.
     nll = _metrics.answer_nll(
-        model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length
+        model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length, template=template
     ).double()
     if bar is not None:
         bar.update(1)
@@ -209,7 +226,7 @@ def evaluate_split(
         )
     ratios = truth_ratios_from_nll(nll[n : 2 * n], perturbed_nll)
     answers = _metrics.greedy_answers(
-        model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size
+        model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size, template=template
     )
     if bar is not None:
         bar.update(1)
@@ -226,15 +243,17 @@ def evaluate_split(
     )
 
 
-def _reference_ratios(reference, tokenizer, forget_rows, *, batch_size: int, max_length: int) -> list[float]:
+def _reference_ratios(
+    reference, tokenizer, forget_rows, *, batch_size: int, max_length: int, template=None
+) -> list[float]:
     if isinstance(reference, EvaluationResult):
         return reference.forget_truth_ratios()
     if isinstance(reference, torch.nn.Module):
         return truth_ratio(
-            reference, tokenizer, forget_rows, batch_size=batch_size, max_length=max_length
+            reference, tokenizer, forget_rows, batch_size=batch_size, max_length=max_length, template=template
         ).tolist()
     if isinstance(reference, (str, bytes, Mapping)):
-        raise ValueError(
+        raise UserError(
             "reference: expected a retain model, an EvaluationResult or its forget-split truth ratios, "
             f"got {type(reference).__name__}"
         )
@@ -243,7 +262,7 @@ def _reference_ratios(reference, tokenizer, forget_rows, *, batch_size: int, max
     try:
         return [float(v) for v in np.asarray(reference, dtype=np.float64).ravel()]
     except (TypeError, ValueError) as error:
-        raise ValueError(
+        raise UserError(
             "reference: expected a retain model, an EvaluationResult or a sequence of truth ratios, "
             f"got {type(reference).__name__}"
         ) from error
@@ -259,10 +278,14 @@ def evaluate(
     utility_splits: Sequence[str] = ("retain", "general"),
     option_splits: Sequence[str] = (),
     batch_size: int = 16,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_length: int = 256,
     max_examples: int | None = None,
     progress: bool = True,
+    template: str | PromptFormat | None = None,
+    holdout=None,
+    mia_k: float = MIN_K,
+    gradnorm: bool = False,
 ) -> EvaluationResult:
     """Evaluate ``model`` on named splits (``datasets.Dataset`` or lists of dicts, TOFU QA columns).
 
@@ -275,30 +298,43 @@ def evaluate(
     ``kind="options"`` (see :func:`evaluate_split`); list them in ``utility_splits`` too for TOFU's
     model utility. Splits that are neither forget nor utility are reported but enter no summary.
     ``max_examples`` evaluates only the first N rows of each split. Train/eval modes are restored afterwards.
+
+    ``template`` is the prompt format (a preset of :data:`wagle.data.PROMPT_FORMATS` or a
+    :class:`~wagle.data.PromptFormat`; default ``wagle``); generation is greedy, up to
+    ``max_new_tokens`` (default 200, as OpenUnlearning). ``holdout`` (QA rows about facts the model
+    never saw, e.g. the bundled benchmark's ``holdout10``) adds :class:`PrivacyMetrics`: exact
+    memorisation and extraction strength of the forget split, MIA AUCs (loss, zlib, min-k with
+    ``k=mia_k``, min-k++, with a reference also the reference-model attack, with ``gradnorm=True``
+    the gradient-norm attack) of forget vs holdout, and privleak against the reference's min-k AUC
+    (a retain model or an EvaluationResult of one that has privacy metrics).
     """
     if not isinstance(splits, Mapping) or not splits:
-        raise ValueError("splits: expected a non-empty mapping of split name -> dataset")
+        raise UserError("splits: expected a non-empty mapping of split name -> dataset")
     if forget_split not in splits:
-        raise ValueError(f"forget_split: no forget split {forget_split!r} in splits {sorted(splits)}")
+        raise UserError(f"forget_split: no forget split {forget_split!r} in splits {sorted(splits)}")
     if isinstance(utility_splits, str):
         utility_splits = (utility_splits,)
     utility_splits = list(utility_splits)
     missing = [s for s in utility_splits if s not in splits]
     if missing:
-        raise ValueError(f"utility_splits: {missing} not in splits {sorted(splits)}")
+        raise UserError(f"utility_splits: {missing} not in splits {sorted(splits)}")
     if forget_split in utility_splits:
-        raise ValueError(f"utility_splits: contains the forget split {forget_split!r}")
+        raise UserError(f"utility_splits: contains the forget split {forget_split!r}")
     option_splits = [option_splits] if isinstance(option_splits, str) else list(option_splits)
     missing = [s for s in option_splits if s not in splits]
     if missing:
-        raise ValueError(f"option_splits: {missing} not in splits {sorted(splits)}")
+        raise UserError(f"option_splits: {missing} not in splits {sorted(splits)}")
     if forget_split in option_splits:
-        raise ValueError(f"option_splits: contains the forget split {forget_split!r}")
+        raise UserError(f"option_splits: contains the forget split {forget_split!r}")
     _metrics._check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-        raise ValueError(f"max_examples: must be None or an int >= 1, got {max_examples!r}")
+        raise UserError(f"max_examples: must be None or an int >= 1, got {max_examples!r}")
+    fmt = get_prompt_format(template)
+    holdout_rows = (
+        None if holdout is None else rows_of(holdout, "holdout", ("question", "answer"))[:max_examples]
+    )
     rows = {
         name: rows_of(data, f"splits[{name!r}]", _OPTION_COLUMNS if name in option_splits else TOFU_COLUMNS)[
             :max_examples
@@ -308,7 +344,7 @@ def evaluate(
     reference_is_model = isinstance(reference, torch.nn.Module)
 
     results: dict[str, SplitMetrics] = {}
-    total = 2 * len(rows) + int(reference_is_model)
+    total = 2 * len(rows) + int(reference_is_model) + int(holdout_rows is not None)
     with (
         eval_mode(model, reference if reference_is_model else None),
         tqdm(total=total, desc="evaluate", unit="step", disable=not progress, leave=False) as bar,
@@ -326,13 +362,19 @@ def evaluate(
                 max_new_tokens=max_new_tokens,
                 max_length=max_length,
                 bar=bar,
+                template=fmt,
             )
         quality = None
         if reference is not None:
             if reference_is_model:
                 bar.set_postfix_str("reference truth ratios")
             reference_ratios = _reference_ratios(
-                reference, tokenizer, rows[forget_split], batch_size=batch_size, max_length=max_length
+                reference,
+                tokenizer,
+                rows[forget_split],
+                batch_size=batch_size,
+                max_length=max_length,
+                template=fmt,
             )
             if reference_is_model:
                 bar.update(1)
@@ -348,6 +390,26 @@ def evaluate(
                 quality = math.nan
             else:
                 quality = forget_quality(own_ratios, reference_ratios)
+
+        privacy = None
+        if holdout_rows is not None:
+            bar.set_postfix_str(f"privacy (holdout: {len(holdout_rows)} examples)")
+            privacy_reference = reference if reference_is_model else None
+            if isinstance(reference, EvaluationResult):
+                privacy_reference = reference.privacy
+            privacy = privacy_metrics(
+                model,
+                tokenizer,
+                rows[forget_split],
+                holdout_rows,
+                reference=privacy_reference,
+                k=mia_k,
+                gradnorm=gradnorm,
+                batch_size=batch_size,
+                max_length=max_length,
+                template=fmt,
+            )
+            bar.update(1)
 
     components: dict[str, float] = {}
     for name in utility_splits:
@@ -369,4 +431,6 @@ def evaluate(
         model_utility=utility,
         utility_splits=utility_splits,
         utility_components=components,
+        privacy=privacy,
+        settings={**fmt.describe(), "max_new_tokens": max_new_tokens, "max_length": max_length},
     )

@@ -1,7 +1,8 @@
 """TOFU-style metrics (Maini et al., 2024) as pure functions.
 
 Notation: for a question ``q`` and an answer ``a`` with answer tokens ``y_1..y_T`` (EOS included,
-exactly as :func:`wagle.data.format.encode_qa` builds training examples),
+exactly as :func:`wagle.data.format.encode_qa` builds training examples, in the prompt format
+``template`` that every function here takes: a preset name or a :class:`~wagle.data.PromptFormat`),
 
 * answer NLL      ``NLL(a|q) = -(1/T) * sum_t log p(y_t | q, y_<t)``  (length-normalised);
 * probability     ``P~(a|q) = exp(-NLL(a|q))``;
@@ -27,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
-from wagle.data.format import IGNORE_INDEX, encode_qa, format_question, pad_batch
+from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad_batch
+from wagle.errors import UserError
+from wagle.positions import check_examples, check_sequence_length
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +65,17 @@ def eval_mode(*models) -> Iterator[None]:
 
 def _str_list(values, name: str) -> list[str]:
     if isinstance(values, str):
-        raise ValueError(f"{name}: expected a sequence of strings, got a single string")
+        raise UserError(f"{name}: expected a sequence of strings, got a single string")
     out = list(values)
     for i, value in enumerate(out):
         if not isinstance(value, str):
-            raise ValueError(f"{name}[{i}]: expected str, got {type(value).__name__}")
+            raise UserError(f"{name}[{i}]: expected str, got {type(value).__name__}")
     return out
 
 
 def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: must be an int >= 1, got {batch_size!r}")
+        raise UserError(f"batch_size: must be an int >= 1, got {batch_size!r}")
 
 
 def rows_of(dataset, name: str = "dataset", columns: Sequence[str] = TOFU_COLUMNS) -> list[dict[str, Any]]:
@@ -80,11 +83,11 @@ def rows_of(dataset, name: str = "dataset", columns: Sequence[str] = TOFU_COLUMN
     column_names = getattr(dataset, "column_names", None)
     rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
     if not rows:
-        raise ValueError(f"{name}: empty split")
+        raise UserError(f"{name}: empty split")
     present = set(column_names) if column_names is not None else set(rows[0])
     missing = [c for c in columns if c not in present]
     if missing:
-        raise ValueError(f"{name}: missing column(s) {missing} (TOFU QA columns needed: {list(columns)})")
+        raise UserError(f"{name}: missing column(s) {missing} (TOFU QA columns needed: {list(columns)})")
     return rows
 
 
@@ -94,7 +97,7 @@ def _perturbed_of(row: Mapping[str, Any], index: int, name: str) -> list[str]:
         perturbed = [perturbed]
     perturbed = list(perturbed) if perturbed is not None else []
     if not perturbed or not all(isinstance(p, str) for p in perturbed):
-        raise ValueError(f"{name}: row {index} needs a non-empty list of str in 'perturbed_answer'")
+        raise UserError(f"{name}: row {index} needs a non-empty list of str in 'perturbed_answer'")
     return perturbed
 
 
@@ -108,6 +111,7 @@ def answer_nll(
     *,
     batch_size: int = 16,
     max_length: int = 256,
+    template: str | PromptFormat | None = None,
 ) -> torch.Tensor:
     """Length-normalised NLL of each answer given its question.
 
@@ -120,16 +124,18 @@ def answer_nll(
     """
     questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
     if len(questions) != len(answers):
-        raise ValueError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
+        raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
     _check_batch_size(batch_size)
     out = torch.zeros(len(questions), dtype=torch.float32)
     if not questions:
         return out
     pad_id = pad_id_of(tokenizer)
-    encoded = [encode_qa(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
+    fmt = get_prompt_format(template)
+    encoded = [fmt.encode(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
     for i, example in enumerate(encoded):
         if all(label == IGNORE_INDEX for label in example["labels"]):
-            raise ValueError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
+            raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
+    check_examples(model, encoded, role="evaluation")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = _input_device(model)
     with eval_mode(model):
@@ -160,9 +166,12 @@ def answer_probability(
     *,
     batch_size: int = 16,
     max_length: int = 256,
+    template: str | PromptFormat | None = None,
 ) -> torch.Tensor:
     """``P~_i = exp(-NLL_i)``: the geometric-mean per-token probability of each answer (fp32, CPU)."""
-    nll = answer_nll(model, tokenizer, questions, answers, batch_size=batch_size, max_length=max_length)
+    nll = answer_nll(
+        model, tokenizer, questions, answers, batch_size=batch_size, max_length=max_length, template=template
+    )
     return torch.exp(-nll)
 
 
@@ -174,14 +183,22 @@ def truth_ratios_from_nll(
     para = torch.as_tensor(nll_paraphrased, dtype=torch.float64).flatten()
     groups = [torch.as_tensor(g, dtype=torch.float64).flatten() for g in nll_perturbed]
     if len(groups) != para.numel():
-        raise ValueError(f"nll_perturbed: {len(groups)} groups for {para.numel()} paraphrased answers")
+        raise UserError(f"nll_perturbed: {len(groups)} groups for {para.numel()} paraphrased answers")
     if any(g.numel() == 0 for g in groups):
-        raise ValueError("nll_perturbed: every example needs at least one perturbed NLL")
+        raise UserError("nll_perturbed: every example needs at least one perturbed NLL")
     pert = torch.tensor([float(g.mean()) for g in groups], dtype=torch.float64)
     return torch.exp(para - pert)
 
 
-def truth_ratio(model, tokenizer, dataset, *, batch_size: int = 16, max_length: int = 256) -> torch.Tensor:
+def truth_ratio(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 16,
+    max_length: int = 256,
+    template: str | PromptFormat | None = None,
+) -> torch.Tensor:
     """Per-example truth ratio ``R = P~(perturbed) / P~(paraphrased)``.
 
     ``P~(perturbed)`` is the geometric mean over the K perturbed answers (their NLLs are averaged), so
@@ -196,7 +213,9 @@ def truth_ratio(model, tokenizer, dataset, *, batch_size: int = 16, max_length: 
     # One pass over paraphrased and perturbed answers together: fuller, length-sorted batches.
     flat_q = questions + [q for q, group in zip(questions, perturbed, strict=True) for _ in group]
     flat_a = [row["paraphrased_answer"] for row in rows] + [a for group in perturbed for a in group]
-    nll = answer_nll(model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length)
+    nll = answer_nll(
+        model, tokenizer, flat_q, flat_a, batch_size=batch_size, max_length=max_length, template=template
+    )
     return truth_ratios_from_nll(nll[: len(rows)], list(nll[len(rows) :].split([len(g) for g in perturbed])))
 
 
@@ -211,12 +230,12 @@ def truth_ratio_statistic(ratios: torch.Tensor | Sequence[float], split_kind: st
     """
     values = torch.as_tensor(ratios, dtype=torch.float64).flatten()
     if values.numel() == 0:
-        raise ValueError("ratios: empty")
+        raise UserError("ratios: empty")
     if split_kind == FORGET_KIND:
         return float(torch.minimum(values, 1.0 / values).mean())
     if split_kind in _UTILITY_ALIASES:
         return float((1.0 - values).clamp(min=0.0).mean())
-    raise ValueError(f"split_kind: expected 'forget', 'retain' or 'utility', got {split_kind!r}")
+    raise UserError(f"split_kind: expected 'forget', 'retain' or 'utility', got {split_kind!r}")
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -230,7 +249,7 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
     predictions = _str_list(predictions, "predictions")
     references = _str_list(references, "references")
     if len(predictions) != len(references):
-        raise ValueError(f"predictions/references: lengths differ ({len(predictions)} vs {len(references)})")
+        raise UserError(f"predictions/references: lengths differ ({len(predictions)} vs {len(references)})")
     if _SCORER is None:
         from rouge_score import rouge_scorer
 
@@ -243,11 +262,18 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
 
 @torch.no_grad()
 def greedy_answers(
-    model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 200,
+    batch_size: int = 16,
+    template: str | PromptFormat | None = None,
 ) -> list[str]:
-    """Greedy (argmax) continuation of each question prompt ``format_question(q)``.
+    """Greedy (argmax) continuation of each question's prompt in format ``template``.
 
-    Prompts are encoded as in training (BOS + prompt tokens), left-padded into batches (in length
+    Prompts are encoded as in training (``PromptFormat.prompt_ids``: BOS, prompt and answer tag, or
+    the chat template's generation prompt), left-padded into batches (in length
     order, to limit padding), and ``model.generate(do_sample=False)`` continues them for at most
     ``max_new_tokens`` tokens. Only the new tokens are decoded, cut at the first EOS, special tokens
     skipped, whitespace stripped. The model's train/eval modes are restored.
@@ -255,15 +281,20 @@ def greedy_answers(
     questions = _str_list(questions, "questions")
     _check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
     if not questions:
         return []
-    pad, eos, bos = pad_id_of(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id
-    prompts = [
-        ([bos] if bos is not None else [])
-        + list(tokenizer(format_question(q), add_special_tokens=False)["input_ids"])
-        for q in questions
-    ]
+    pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
+    fmt = get_prompt_format(template)
+    prompts = [fmt.prompt_ids(tokenizer, q) for q in questions]
+    longest = max(len(p) for p in prompts)
+    check_sequence_length(
+        model,
+        longest + max_new_tokens,
+        what=f"generation: prompt of {longest} tokens + max_new_tokens={max_new_tokens}",
+        option="max_new_tokens (CLI: --max-new-tokens)",
+        used=longest,
+    )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     device = _input_device(model)
@@ -301,9 +332,9 @@ def _sample(values, name: str) -> np.ndarray:
         dtype=np.float64,
     ).ravel()
     if array.size == 0:
-        raise ValueError(f"{name}: empty sample")
+        raise UserError(f"{name}: empty sample")
     if np.isnan(array).any():
-        raise ValueError(f"{name}: contains NaN")
+        raise UserError(f"{name}: contains NaN")
     return array
 
 
@@ -327,10 +358,10 @@ def model_utility(values: Sequence[float] | Mapping[str, float]) -> float:
     each utility split. ``values`` may be a mapping (its values are used)."""
     raw = list(values.values()) if isinstance(values, Mapping) else list(values)
     if not raw:
-        raise ValueError("values: empty")
+        raise UserError("values: empty")
     floats = [float(v) for v in raw]
     if any(math.isnan(v) or v < 0 for v in floats):
-        raise ValueError(f"values: must all be >= 0 (and not NaN), got {floats}")
+        raise UserError(f"values: must all be >= 0 (and not NaN), got {floats}")
     if any(v == 0 for v in floats):
         return 0.0
     from scipy import stats

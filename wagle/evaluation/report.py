@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wagle.errors import UserError
 from wagle.files import atomic_write, atomic_write_text
 
 from .evaluate import EvaluationResult
@@ -38,7 +39,7 @@ def format_table(results: Mapping[str, EvaluationResult]) -> str:
     value (e.g. forget quality of a run evaluated without a reference).
     """
     if not results:
-        raise ValueError("results: nothing to tabulate")
+        raise UserError("results: nothing to tabulate")
     split_names: list[str] = []
     for result in results.values():
         for name in [result.forget_split, *result.splits]:
@@ -104,7 +105,7 @@ def plot_tradeoff(
     no pyplot state); the file is written atomically.
     """
     if not results:
-        raise ValueError("results: nothing to plot")
+        raise UserError("results: nothing to plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -145,5 +146,108 @@ def plot_tradeoff(
             fontsize=7,
             alpha=0.7,
         )
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+PRIVACY_COLUMNS = (
+    ("ES", "extraction_strength"),
+    ("EM", "exact_memorization"),
+    ("AUC loss", "loss"),
+    ("AUC zlib", "zlib"),
+    ("AUC min-k", "min_k"),
+    ("AUC min-k++", "min_k++"),
+    ("AUC ref", "reference"),
+    ("AUC gradnorm", "gradnorm"),
+    ("privleak", "privleak"),
+)
+
+
+def format_privacy_table(results: Mapping[str, EvaluationResult]) -> str:
+    """A plain-text table of the memorisation and MIA metrics, one row per run that has them:
+    extraction strength and exact memorisation of the forget split, the MIA AUC of every attack
+    (forget vs holdout; 0.5 = indistinguishable) and privleak (0 = the retain model's). Columns no
+    run has are left out; "-" marks a value a run lacks. Empty string when no run has privacy metrics."""
+    rows_in = {label: r.privacy for label, r in results.items() if r.privacy is not None}
+    if not rows_in:
+        return ""
+
+    def value(privacy, key):
+        if key in ("extraction_strength", "exact_memorization", "privleak"):
+            return getattr(privacy, key)
+        return privacy.auc.get(key)
+
+    columns = [
+        (title, key)
+        for title, key in PRIVACY_COLUMNS
+        if any(value(p, key) is not None for p in rows_in.values())
+    ]
+    header = ["run"] + [title for title, _ in columns]
+    rows = [
+        [str(label)] + [_fmt(value(p, key), 1 if key == "privleak" else 3) for _, key in columns]
+        for label, p in rows_in.items()
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def roc_curve(forget_scores, holdout_scores) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates of the rule "holdout if score > t" over every threshold t
+    (holdout = positive class, as the MIA AUC); the area under it is :func:`~wagle.evaluation.mia_auc`."""
+    forget = np.asarray(forget_scores, dtype=np.float64)
+    holdout = np.asarray(holdout_scores, dtype=np.float64)
+    thresholds = np.unique(np.concatenate([forget, holdout]))[::-1]
+    fpr = [0.0] + [float((forget >= t).mean()) for t in thresholds]
+    tpr = [0.0] + [float((holdout >= t).mean()) for t in thresholds]
+    return np.asarray(fpr), np.asarray(tpr)
+
+
+def plot_privacy(
+    results: Mapping[str, EvaluationResult],
+    path: str | os.PathLike,
+    *,
+    attack: str = "min_k",
+    title: str | None = None,
+) -> None:
+    """PNG with two panels: the ROC curves of the ``attack`` MIA (forget vs holdout) of every run
+    that has privacy metrics, and the AUC of every attack per run as grouped bars (0.5 marked:
+    indistinguishable, a retain model's value). Agg canvas; the file is written atomically."""
+    rows = {label: r.privacy for label, r in results.items() if r.privacy is not None}
+    if not rows:
+        raise UserError("results: no run has privacy metrics (evaluate with a holdout set)")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.6), dpi=120)
+    FigureCanvasAgg(fig)
+    roc, bars = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for label, privacy in rows.items():
+        if attack in privacy.forget_scores:
+            fpr, tpr = roc_curve(privacy.forget_scores[attack], privacy.holdout_scores[attack])
+            roc.plot(fpr, tpr, drawstyle="steps-post", label=f"{label} (AUC {privacy.auc[attack]:.2f})")
+    roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    roc.set_xlabel("forget examples flagged 'unseen' (FPR)")
+    roc.set_ylabel("holdout examples flagged 'unseen' (TPR)")
+    roc.set_title(f"MIA ROC ({attack}): forget vs holdout")
+    roc.legend(loc="lower right", fontsize=7)
+    roc.grid(True, alpha=0.3)
+    attacks = [key for _, key in PRIVACY_COLUMNS[2:-1] if any(key in p.auc for p in rows.values())]
+    width = 0.8 / len(rows)
+    for index, (label, privacy) in enumerate(rows.items()):
+        xs = [a + index * width for a in range(len(attacks))]
+        bars.bar(xs, [privacy.auc.get(key, np.nan) for key in attacks], width=width, label=label)
+    bars.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    bars.set_xticks([a + 0.4 - width / 2 for a in range(len(attacks))], attacks)
+    bars.set_ylim(0, 1.2)
+    bars.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    bars.set_ylabel("MIA AUC (1 = forget set still looks seen)")
+    bars.set_title(title or "Membership inference per attack")
+    bars.legend(loc="upper center", fontsize=7, ncol=min(len(rows), 3))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from wagle.errors import UserError
+
 from .base import Objective, mean_nll
 
 # Our own refusal sentences (the forget answers are replaced by one of these, chosen per example).
@@ -41,7 +43,7 @@ class PreferenceOptimization(Objective):
 
     def __init__(self, retain_weight: float = 1.0):
         if retain_weight < 0:
-            raise ValueError(f"retain_weight: must be >= 0, got {retain_weight}")
+            raise UserError(f"retain_weight: must be >= 0, got {retain_weight}")
         self.retain_weight = retain_weight
 
     def forget_rows(self, dataset, seed: int) -> list[dict]:
@@ -49,7 +51,7 @@ class PreferenceOptimization(Objective):
         rows = [dict(r) for r in dataset]
         for index, row in enumerate(rows):
             if "question" not in row:
-                raise ValueError("forget: method 'po' needs a QA forget set (a 'question' column)")
+                raise UserError("forget: method 'po' needs a QA forget set (a 'question' column)")
             row[REFUSAL_COLUMN] = refusal_for(index, seed)
         return rows
 

@@ -84,7 +84,7 @@ def save_checkpoint(
 
     Refuses (ValueError) to write weights that are not finite."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep: must be an integer >= 1, got {keep!r}")
+        raise UserError(f"keep: must be an integer >= 1, got {keep!r}")
     os.makedirs(directory, exist_ok=True)
     tensors = _model_tensors(model)
     bad = next((name for name, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
@@ -208,10 +208,10 @@ def load_checkpoint(
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(tensors))
     if missing:
-        raise ValueError(f"checkpoint {path}: no weights for {missing[:5]}: was it made for another model?")
+        raise UserError(f"checkpoint {path}: no weights for {missing[:5]}: was it made for another model?")
     for name, param in params.items():
         if tuple(tensors[name].shape) != tuple(param.shape):
-            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}")
+            raise UserError(f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}")
     state = read("optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=False))
     objective_state = read("objective.safetensors", load_file)
     if trainer_state is None:

@@ -7,15 +7,19 @@ from collections.abc import Sequence
 import torch
 
 from wagle.data.batching import collate_examples, encode_dataset
+from wagle.errors import UserError
 
 
 def encode_examples(
-    dataset, tokenizer, *, role: str, max_length: int = 256, answer_column: str = "answer"
+    dataset, tokenizer, *, role: str, max_length: int = 256, answer_column: str = "answer", template=None
 ) -> list[dict[str, list[int]]]:
-    """Tokenize every example once (QA: answer-only labels; text: all tokens) and tag its index."""
+    """Tokenize every example once (QA: answer-only labels in prompt format ``template``; text: all
+    tokens) and tag its index."""
     if dataset is None:
-        raise ValueError(f"{role}: no data set given")
-    return encode_dataset(dataset, tokenizer, max_length=max_length, answer_column=answer_column, role=role)
+        raise UserError(f"{role}: no data set given")
+    return encode_dataset(
+        dataset, tokenizer, max_length=max_length, answer_column=answer_column, role=role, template=template
+    )
 
 
 def micro_batch_indices(micro_step: int, num_examples: int, batch_size: int, seed: int) -> list[int]:

@@ -15,9 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from wagle.data.batching import collate_examples, pad_id_of
+from wagle.errors import UserError
 from wagle.files import remove_stale_temporaries
 from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
+from wagle.positions import check_examples
 
 from .checkpoint import find_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
 from .examples import encode_examples, micro_batch_indices, ordered_batches
@@ -73,7 +75,7 @@ def _check_positive(name: str, value, *, integer: bool = False, allow_zero: bool
         or (value == 0 and not allow_zero)
     ):
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise UserError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def linear_schedule(warmup_steps: int, total_steps: int):
@@ -120,6 +122,8 @@ def _check_options(
     checkpoint_every,
     warmup_ratio,
     precision,
+    clip_mode,
+    step_in_backward,
 ) -> None:
     _check_positive("steps", steps, integer=True)
     _check_positive("lr", lr)
@@ -129,23 +133,35 @@ def _check_options(
     _check_positive("weight_decay", weight_decay, allow_zero=True)
     _check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
     _check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
+    from wagle.optim.clipping import check_clip_mode
+
+    check_clip_mode(clip_mode)
+    if clip_mode == "clip_then_mask" and max_grad_norm > 0 and step_in_backward:
+        raise UserError("clip_mode: 'clip_then_mask' needs the global norm, not step_in_backward=True")
     if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
+        raise UserError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
     if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
+        raise UserError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
 
 
-def _trainable(model: torch.nn.Module, mask: WeightMask | None):
-    """(trainable named parameters, the optimizer's mask, how it treats unmasked parameters)."""
+def _trainable(model: torch.nn.Module, mask: WeightMask | None, keep_unselected: bool):
+    """(trainable named parameters, the optimizer's mask, how it treats unmasked parameters).
+
+    With a mask only parameters with selected weights need gradients, unless ``keep_unselected``
+    (``clip_mode="clip_then_mask"``: fully unselected tensors keep gradients so that they enter the norm)."""
     named = list(model.named_parameters())
     if mask is not None:
-        trainable = [(n, p) for n, p in named if n in mask and mask.selected(n) > 0 and p.requires_grad]
+        trainable = [
+            (n, p)
+            for n, p in named
+            if n in mask and (mask.selected(n) > 0 or keep_unselected) and p.requires_grad
+        ]
         optimizer_mask, unmasked = mask, "freeze"
     else:
         trainable = [(n, p) for n, p in named if p.requires_grad]
         optimizer_mask, unmasked = WeightMask({}), "dense"
-    if not trainable:
-        raise ValueError("mask: selects no weight of a trainable parameter; nothing to unlearn")
+    if not any(mask is None or mask.selected(n) > 0 for n, _ in trainable):
+        raise UserError("mask: selects no weight of a trainable parameter; nothing to unlearn")
     return trainable, optimizer_mask, unmasked
 
 
@@ -207,6 +223,7 @@ class _Run:
     batch_size: int
     grad_accum: int
     max_grad_norm: float
+    clip_mode: str
     seed: int
     step_in_backward: bool
     cuda_indices: list[int]
@@ -275,11 +292,27 @@ class _Run:
         return {"step": step + 1, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], **totals}
 
     def _grad_norm(self) -> float:
-        """The global L2 gradient norm; gradients are clipped to ``max_grad_norm`` when it is > 0."""
-        params = [p for _, p in self.trainable]
+        """The global L2 gradient norm under ``clip_mode`` (:mod:`wagle.optim.clipping`); gradients are
+        clipped to ``max_grad_norm`` when it is > 0. Without clipping: the norm over the entries the
+        optimizer uses (the selected ones of masked parameters), gradients untouched."""
+        from wagle.optim import MaskedOptimizer
+        from wagle.optim.clipping import clip_masked_grad_norm_
+
         if self.max_grad_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        norms = [torch.linalg.vector_norm(p.grad.detach().float(), 2.0) for p in params if p.grad is not None]
+            return float(clip_masked_grad_norm_(self.optimizer, self.max_grad_norm, self.clip_mode))
+        norms = []
+        if isinstance(self.optimizer, MaskedOptimizer):
+            for param, plan in self.optimizer.named_plans():
+                if param.grad is None or self.optimizer.skips(plan):
+                    continue
+                grad = param.grad.detach()
+                if plan.masked and plan.selected != plan.numel:
+                    grad = torch.masked_select(grad.reshape(-1), plan.selected_flat(grad.device))
+                norms.append(torch.linalg.vector_norm(grad.float(), 2.0))
+        else:
+            for _, param in self.trainable:
+                if param.grad is not None:
+                    norms.append(torch.linalg.vector_norm(param.grad.detach().float(), 2.0))
         return float(torch.linalg.vector_norm(torch.stack(norms), 2.0)) if norms else 0.0
 
     def check_weights(self, step: int) -> None:
@@ -322,6 +355,7 @@ def unlearn(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     max_grad_norm: float = 1.0,
+    clip_mode: str = "mask_then_clip",
     max_length: int = 256,
     state_layout: str = "compact",
     precision: str | None = None,
@@ -335,6 +369,7 @@ def unlearn(
     gradient_checkpointing: bool = False,
     optimizer: OptimizerFactory | None = None,
     progress: bool = True,
+    template=None,
 ) -> UnlearnResult:
     """Unlearn ``forget`` from ``model`` while keeping ``retain``, in place.
 
@@ -346,11 +381,13 @@ def unlearn(
     ``(named_params, mask, *, lr, betas, weight_decay, state_layout, state_dtype, unmasked)``.
 
     One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` forget (and retain) examples;
-    gradients are clipped to ``max_grad_norm`` (0 disables) before the step; the learning rate warms up
-    linearly over ``warmup_ratio * steps`` steps and decays linearly to 0. Batches follow a seeded,
-    resumable order, and torch's CPU generator and the CUDA generators of the model's devices are
-    seeded with :func:`micro_batch_seed` ``(seed, micro-step)`` before every micro-batch (dropout),
-    inside ``torch.random.fork_rng``: the caller's torch RNG state is the same after the call.
+    gradients are clipped to global norm ``max_grad_norm`` (0 disables) before the step, over the selected
+    gradient entries (``clip_mode="mask_then_clip"``) or, as the reference implementation does, over the
+    full gradients of every masked tensor (``"clip_then_mask"``; see :mod:`wagle.optim.clipping`); the
+    learning rate warms up linearly over ``warmup_ratio * steps`` steps and decays linearly to 0. Batches
+    follow a seeded, resumable order, and torch's CPU generator and the CUDA generators of the model's
+    devices are seeded with :func:`micro_batch_seed` ``(seed, micro-step)`` before every micro-batch
+    (dropout), inside ``torch.random.fork_rng``: the caller's torch RNG state is the same after the call.
 
     With ``checkpoint_dir``, a verified checkpoint (weights, optimizer, scheduler, objective state,
     step, and the run's fingerprint: digests of the starting weights, mask and encoded data, and every
@@ -370,11 +407,14 @@ def unlearn(
     non-finite gradient stops the run when its parameter is due (parameters already stepped in that
     backward pass keep their update in memory); ``gradient_checkpointing=True`` recomputes each decoder
     layer's activations in backward (Hugging Face models), trading about one extra forward pass for
-    most of the activation memory.
+    most of the activation memory. ``template`` is the prompt format of QA rows (see
+    :func:`wagle.data.get_prompt_format`).
     """
+    from wagle.distributed.attribution import refuse_sharded  # FSDP2/DDP/DeepSpeed: not in this loop
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
     from wagle.optim import StepInBackward
 
+    refuse_sharded(model, "wagle.unlearn")
     _check_options(
         steps,
         lr,
@@ -386,12 +426,14 @@ def unlearn(
         checkpoint_every,
         warmup_ratio,
         precision,
+        clip_mode,
+        step_in_backward,
     )
     objective = (
         method if isinstance(method, Objective) else make_objective(method, **(objective_kwargs or {}))
     )
     if objective.uses_retain and retain is None and objective.name not in ("grad_ascent",):
-        raise ValueError(f"retain: method {objective.name!r} needs a retain set")
+        raise UserError(f"retain: method {objective.name!r} needs a retain set")
     if mask is not None:
         mask.check_compatible(model)
     if precision is not None:
@@ -404,16 +446,20 @@ def unlearn(
         role="forget",
         max_length=max_length,
         answer_column=objective.forget_answer_column,
+        template=template,
     )
     retain_examples = (
-        encode_examples(retain, tokenizer, role="retain", max_length=max_length)
+        encode_examples(retain, tokenizer, role="retain", max_length=max_length, template=template)
         if retain is not None
         else None
     )
+    check_examples(model, forget_examples, role="forget")
+    check_examples(model, retain_examples, role="retain")
 
     named = list(model.named_parameters())
     flags = {name: p.requires_grad for name, p in named}
-    trainable, optimizer_mask, unmasked = _trainable(model, mask)
+    keep_unselected = clip_mode == "clip_then_mask" and max_grad_norm > 0
+    trainable, optimizer_mask, unmasked = _trainable(model, mask, keep_unselected)
     trainable_names = {n for n, _ in trainable}
     for name, param in named:
         param.requires_grad_(name in trainable_names)
@@ -447,6 +493,7 @@ def unlearn(
             batch_size,
             grad_accum,
             max_grad_norm,
+            clip_mode,
             seed,
             step_in_backward,
             _cuda_indices(model),
@@ -470,6 +517,7 @@ def unlearn(
                 weight_decay=weight_decay,
                 betas=list(betas),
                 max_grad_norm=max_grad_norm,
+                clip_mode=clip_mode,
                 max_length=max_length,
                 seed=seed,
                 precision=precision,
