@@ -262,7 +262,11 @@ def test_stale_temporaries_in_out_are_removed_before_the_run(workspace, tmp_path
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"a crashed copy")
     seen = []
-    monkeypatch.setattr(wagle.unlearning, "unlearn", lambda *a, **k: seen.extend(p.exists() for p in stale))
-    with pytest.raises(AttributeError):  # the stand-in returns no result
-        main(unlearn_args(root, paths, "llama", out))
+
+    def stand_in(*args, **kwargs):  # records what the run would find, then stops it
+        seen.extend(p.exists() for p in stale)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wagle.unlearning, "unlearn", stand_in)
+    assert main(unlearn_args(root, paths, "llama", out)) == 130
     assert seen == [False, False]
