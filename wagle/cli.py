@@ -186,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template_options(unl)
     unl.add_argument("--beta", type=finite_float, default=None, help="beta of NPO/SimNPO")
     unl.add_argument("--checkpoint-every", type=int, default=0)
-    unl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
+    unl.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over: discard the checkpoints in --out (a rerun otherwise resumes the same run and "
+        "refuses one with other settings)",
+    )
     unl.add_argument("--seed", type=int, default=0)
     unl.add_argument("--out", required=True, help="output directory for the unlearned model and checkpoints")
 

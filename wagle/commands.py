@@ -139,14 +139,56 @@ def run_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+# unlearn() settings in a run fingerprint -> the wagle unlearn option that sets them
+_RUN_OPTIONS = {
+    "model weights": "--model",
+    "mask": "--mask",
+    "forget data": "--forget",
+    "retain data": "--retain",
+    "method": "--method",
+    "method settings": "--beta",
+    "steps": "--steps",
+    "lr": "--lr",
+    "warmup steps": "--warmup-ratio",
+    "batch_size": "--batch-size",
+    "grad_accum": "--grad-accum",
+    "weight_decay": "--weight-decay",
+    "max_grad_norm": "--max-grad-norm",
+    "max_length": "--max-length",
+    "seed": "--seed",
+    "weight dtypes": "--dtype",
+    "state_layout": "--state-layout",
+    "state_dtype": "--state-dtype",
+    "step_in_backward": "--step-in-backward",
+    "gradient_checkpointing": "--gradient-checkpointing",
+}
+
+
+def _out_folder(path: str) -> str:
+    from wagle.files import ensure_writable_folder, remove_stale_temporaries
+
+    try:
+        folder = ensure_writable_folder(path)
+        ensure_writable_folder(os.path.join(folder, "checkpoints"))
+    except NotADirectoryError as exc:
+        raise UserError(f"--out: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"--out: cannot write to {path}: {exc.strerror or exc}") from None
+    for sub in (folder, os.path.join(folder, "checkpoints")):
+        remove_stale_temporaries(sub)
+    return folder
+
+
 def run_unlearn(args: argparse.Namespace) -> int:
     from wagle.distributed.launch import refuse_torchrun
 
     refuse_torchrun("wagle unlearn")
     from wagle.data import load_dataset_file
     from wagle.models import save_model
-    from wagle.unlearning import unlearn
+    from wagle.unlearning import CheckpointError, ResumeMismatchError, unlearn
+    from wagle.unlearning.fingerprint import short
 
+    out = _out_folder(args.out)  # before any work: a run must not fail after its last step
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
     model, tokenizer = _load(args)
@@ -160,40 +202,54 @@ def run_unlearn(args: argparse.Namespace) -> int:
             template.name,
         )
     objective_kwargs = {"beta": args.beta} if args.beta is not None else None
-    result = unlearn(
-        model,
-        forget,
-        retain,
-        tokenizer=tokenizer,
-        method=args.method,
-        mask=mask,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        max_length=args.max_length,
-        state_layout=args.state_layout,
-        state_dtype=DTYPES[args.state_dtype],
-        step_in_backward=args.step_in_backward,
-        gradient_checkpointing=args.gradient_checkpointing,
-        objective_kwargs=objective_kwargs,
-        checkpoint_dir=os.path.join(args.out, "checkpoints"),
-        checkpoint_every=args.checkpoint_every,
-        resume=not args.no_resume,
-        seed=args.seed,
-        progress=not args.no_progress,
-        template=template,
-    )
-    save_model(model, tokenizer, os.path.join(args.out, "model"))
+    try:
+        result = unlearn(
+            model,
+            forget,
+            retain,
+            tokenizer=tokenizer,
+            method=args.method,
+            mask=mask,
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            warmup_ratio=args.warmup_ratio,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            max_length=args.max_length,
+            state_layout=args.state_layout,
+            state_dtype=DTYPES[args.state_dtype],
+            step_in_backward=args.step_in_backward,
+            gradient_checkpointing=args.gradient_checkpointing,
+            objective_kwargs=objective_kwargs,
+            checkpoint_dir=os.path.join(out, "checkpoints"),
+            checkpoint_every=args.checkpoint_every,
+            resume=not args.no_resume,
+            seed=args.seed,
+            progress=not args.no_progress,
+            template=template,
+        )
+        save_model(model, tokenizer, os.path.join(out, "model"))
+    except ResumeMismatchError as exc:
+        changed = "; ".join(
+            f"{_RUN_OPTIONS.get(key, key)} {short(old)} -> {short(new)}" for key, old, new in exc.changes
+        )
+        raise UserError(
+            f"--out: {args.out} holds a run with other settings ({changed}); rerun with its settings to "
+            "resume it, or start over with --no-resume (discards its checkpoints) or another --out"
+        ) from None
+    except CheckpointError as exc:
+        raise UserError(f"{exc}; start over with --no-resume (discards the checkpoints)") from None
+    except OSError as exc:
+        raise UserError(f"--out: could not write to {args.out}: {exc}") from None
     last = result.history[-1] if result.history else {}
     final_loss = last.get("loss", float("nan"))
+    if result.resumed_from is not None:
+        print(f"resumed from step {result.resumed_from} of {args.steps} ({result.checkpoint})")
     print(
         f"unlearned {args.steps} steps ({result.seconds:.1f}s, prompt format {template.name}); "
-        f"final loss {final_loss:.4f}; "
-        f"model saved to {os.path.join(args.out, 'model')}"
+        f"final loss {final_loss:.4f}; model saved to {os.path.join(out, 'model')}"
     )
     return 0
 

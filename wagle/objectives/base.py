@@ -8,6 +8,7 @@ NPO's reference log-probabilities can be precomputed once and looked up).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -50,6 +51,10 @@ class Objective:
     uses_retain = True
     forget_answer_column = "answer"  # PO trains on refusal answers stored in another column
 
+    def forget_rows(self, dataset, seed: int):
+        """The forget rows this objective trains on, built from the given ones (default: unchanged)."""
+        return dataset
+
     def prepare(
         self,
         model: torch.nn.Module,
@@ -67,6 +72,15 @@ class Objective:
 
     def __call__(self, model, forget, retain):
         return self.loss(model, forget, retain)
+
+    def settings(self) -> dict[str, Any]:
+        """The objective's hyperparameters: its public ``bool``/``int``/``float``/``str`` attributes.
+        Part of a run's fingerprint, so a run resumed with other settings is refused."""
+        return {
+            key: value
+            for key, value in sorted(vars(self).items())
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str))
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -35,7 +35,7 @@ class PreferenceOptimization(Objective):
     """L = NLL(refusal | forget question) + w_r * NLL_r.
 
     The forget batches must carry refusal answers as labels: :func:`wagle.unlearn` builds them from
-    the ``refusal_answer`` column it adds (see :func:`refusal_for`).
+    the ``refusal_answer`` column :meth:`forget_rows` adds (see :func:`refusal_for`).
     """
 
     name = "po"
@@ -45,6 +45,15 @@ class PreferenceOptimization(Objective):
         if retain_weight < 0:
             raise UserError(f"retain_weight: must be >= 0, got {retain_weight}")
         self.retain_weight = retain_weight
+
+    def forget_rows(self, dataset, seed: int) -> list[dict]:
+        """Each QA row with a ``refusal_answer``: ``refusal_for(index, seed)``."""
+        rows = [dict(r) for r in dataset]
+        for index, row in enumerate(rows):
+            if "question" not in row:
+                raise UserError("forget: method 'po' needs a QA forget set (a 'question' column)")
+            row[REFUSAL_COLUMN] = refusal_for(index, seed)
+        return rows
 
     def loss(self, model, forget, retain):
         nll_refusal = mean_nll(model, forget)

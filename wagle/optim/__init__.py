@@ -11,7 +11,7 @@
 
 from .adamw import MaskedAdamW
 from .clipping import CLIP_MODES, clip_masked_grad_norm_, mask_gradients_
-from .in_backward import StepInBackward
+from .in_backward import NonFiniteGradientError, StepInBackward
 from .masked import MaskedOptimizer, ParamPlan
 from .sgd import MaskedSGD
 
@@ -20,6 +20,7 @@ __all__ = [
     "MaskedAdamW",
     "MaskedOptimizer",
     "MaskedSGD",
+    "NonFiniteGradientError",
     "ParamPlan",
     "StepInBackward",
     "clip_masked_grad_norm_",

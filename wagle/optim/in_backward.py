@@ -39,6 +39,14 @@ from wagle.errors import UserError
 from .masked import MaskedOptimizer
 
 
+class NonFiniteGradientError(FloatingPointError):
+    """A parameter's gradient held NaN/Inf when it was due to step; it was not stepped."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"gradient of {name!r} is not finite (NaN/Inf); that parameter was not stepped")
+
+
 class StepInBackward:
     """Attach a masked optimizer to its parameters' post-accumulate-grad hooks.
 
@@ -59,6 +67,9 @@ class StepInBackward:
         clip_norm_per_param: if given, clip each parameter's gradient to this L2 norm before its step
             (see the module docstring); ``last_norms`` then holds the pre-clip norms of the last step
             and :meth:`global_norm` their combined norm (for logging).
+        check_finite: raise :class:`NonFiniteGradientError` out of ``backward()`` instead of stepping a
+            parameter whose (accumulated) gradient holds NaN/Inf in the entries the optimizer uses.
+            Parameters stepped earlier in the same backward pass keep their update.
 
     Each parameter's step is one kernel launch (or one torch-path update). Call the LR scheduler after
     each full accumulation cycle. Use as a context manager or call :meth:`remove` to detach.
@@ -69,6 +80,7 @@ class StepInBackward:
         optimizer: MaskedOptimizer,
         accumulation_steps: int = 1,
         clip_norm_per_param: float | None = None,
+        check_finite: bool = True,
     ):
         if not isinstance(optimizer, MaskedOptimizer):
             raise TypeError(
@@ -87,6 +99,7 @@ class StepInBackward:
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.clip_norm_per_param = clip_norm_per_param
+        self.check_finite = check_finite
         self.last_norms: dict[str, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
         self._partial: dict[int, torch.Tensor] = {}
@@ -127,9 +140,14 @@ class StepInBackward:
                 grad = grad.contiguous()
                 flat = grad.view(-1)
             flat.masked_scatter_(selected, partial.add_(torch.masked_select(flat, selected)))
-        if self.clip_norm_per_param is not None:
+        norm = None
+        if self.clip_norm_per_param is not None or self.check_finite:
             used = torch.masked_select(grad.reshape(-1), selected) if selected is not None else grad
             norm = torch.linalg.vector_norm(used.float(), 2.0)
+        if self.check_finite and not bool(torch.isfinite(norm)):
+            param.grad = None
+            raise NonFiniteGradientError(plan.name)
+        if self.clip_norm_per_param is not None:
             self.last_norms[plan.name] = norm
             coef = torch.clamp(self.clip_norm_per_param / (norm + 1e-6), max=1.0)
             grad.mul_(coef)

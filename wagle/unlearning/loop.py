@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,13 +16,21 @@ from tqdm.auto import tqdm
 
 from wagle.data.batching import collate_examples, pad_id_of
 from wagle.errors import UserError
+from wagle.files import remove_stale_temporaries
 from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
-from wagle.objectives.preference import REFUSAL_COLUMN, refusal_for
 from wagle.positions import check_examples
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
 from .examples import encode_examples, micro_batch_indices, ordered_batches
+from .fingerprint import (
+    ResumeMismatchError,
+    compare,
+    examples_digest,
+    mask_digest,
+    normalised,
+    weights_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,18 +38,31 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 class UnlearningDiverged(RuntimeError):
-    """The loss became NaN/Inf; the run stopped before applying that step."""
+    """The loss, a gradient or the weights became NaN/Inf; the run stopped before applying that step.
+
+    ``checkpoint`` is the last good checkpoint (None when none was saved)."""
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 @dataclass
 class UnlearnResult:
-    """What a run did: optimizer steps taken, per-step history, the last checkpoint, wall time."""
+    """What a run did: optimizer steps taken, per-step history, the last checkpoint, wall time.
+
+    ``resumed_from`` is the step of the checkpoint the run continued from (None for a fresh run);
+    ``damaged_checkpoints`` names newer checkpoints skipped because they failed verification."""
 
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: str | None = None
     seconds: float = 0.0
     resumed_from: int | None = None
+    damaged_checkpoints: list[str] = field(default_factory=list)
+
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 def _check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
@@ -68,13 +90,253 @@ def linear_schedule(warmup_steps: int, total_steps: int):
     return factor
 
 
-def _with_refusals(dataset, seed: int) -> list[dict]:
-    rows = [dict(r) for r in dataset]
-    for index, row in enumerate(rows):
-        if "question" not in row:
-            raise UserError("forget: method 'po' needs a QA forget set (a 'question' column)")
-        row[REFUSAL_COLUMN] = refusal_for(index, seed)
-    return rows
+def micro_batch_seed(seed: int, micro_step: int) -> int:
+    """The torch RNG seed of micro-batch ``micro_step``: the first 63 bits of
+    ``sha256("wagle-unlearn:{seed}:{micro_step}")``, a function of (seed, micro-step) only."""
+    digest = hashlib.sha256(f"wagle-unlearn:{seed}:{micro_step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _cuda_indices(model: torch.nn.Module) -> list[int]:
+    indices = set()
+    for param in model.parameters():
+        if param.device.type == "cuda":
+            indices.add(param.device.index if param.device.index is not None else torch.cuda.current_device())
+    return sorted(indices)
+
+
+def _seed_torch(value: int, cuda_indices: list[int]) -> None:
+    torch.default_generator.manual_seed(value)
+    for index in cuda_indices:
+        torch.cuda.default_generators[index].manual_seed(value)
+
+
+def _check_options(
+    steps,
+    lr,
+    batch_size,
+    grad_accum,
+    max_length,
+    weight_decay,
+    max_grad_norm,
+    checkpoint_every,
+    warmup_ratio,
+    precision,
+    clip_mode,
+    step_in_backward,
+) -> None:
+    _check_positive("steps", steps, integer=True)
+    _check_positive("lr", lr)
+    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("grad_accum", grad_accum, integer=True)
+    _check_positive("max_length", max_length, integer=True)
+    _check_positive("weight_decay", weight_decay, allow_zero=True)
+    _check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
+    _check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
+    from wagle.optim.clipping import check_clip_mode
+
+    check_clip_mode(clip_mode)
+    if clip_mode == "clip_then_mask" and max_grad_norm > 0 and step_in_backward:
+        raise UserError("clip_mode: 'clip_then_mask' needs the global norm, not step_in_backward=True")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise UserError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
+
+
+def _trainable(model: torch.nn.Module, mask: WeightMask | None, keep_unselected: bool):
+    """(trainable named parameters, the optimizer's mask, how it treats unmasked parameters).
+
+    With a mask only parameters with selected weights need gradients, unless ``keep_unselected``
+    (``clip_mode="clip_then_mask"``: fully unselected tensors keep gradients so that they enter the norm)."""
+    named = list(model.named_parameters())
+    if mask is not None:
+        trainable = [
+            (n, p)
+            for n, p in named
+            if n in mask and (mask.selected(n) > 0 or keep_unselected) and p.requires_grad
+        ]
+        optimizer_mask, unmasked = mask, "freeze"
+    else:
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        optimizer_mask, unmasked = WeightMask({}), "dense"
+    if not any(mask is None or mask.selected(n) > 0 for n, _ in trainable):
+        raise UserError("mask: selects no weight of a trainable parameter; nothing to unlearn")
+    return trainable, optimizer_mask, unmasked
+
+
+def _default_optimizer(params, mask, *, lr, betas, weight_decay, state_layout, state_dtype, unmasked):
+    from wagle.optim import MaskedAdamW  # late: the optimizer module imports the kernels
+
+    return MaskedAdamW(
+        params,
+        mask,
+        lr=lr,
+        betas=betas,
+        weight_decay=weight_decay,
+        state_layout=state_layout,
+        state_dtype=state_dtype,
+        unmasked=unmasked,
+    )
+
+
+def _where(checkpoint: str | None) -> str:
+    return f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+
+
+def _first_nonfinite(named_params) -> str | None:
+    for name, param in named_params:
+        if not bool(torch.isfinite(param.detach()).all()):
+            return name
+    return None
+
+
+def _resume(checkpoint_dir, fingerprint, model, optimizer, scheduler, objective, steps):
+    """Continue from the newest good checkpoint of the same run: (start step, history, path, skipped).
+
+    Refuses (:class:`ResumeMismatchError`) a checkpoint of a run with another fingerprint."""
+    path, state, problems = find_checkpoint(checkpoint_dir)
+    if path is None:
+        return 0, [], None, problems
+    changes = compare(state.get("fingerprint"), fingerprint)
+    if changes:
+        raise ResumeMismatchError(checkpoint_dir, changes)
+    objective_state, state = load_checkpoint(path, model, optimizer, scheduler, verified=True)
+    objective.load_state_dict(objective_state)
+    start = int(state["step"])
+    logger.info("resumed from step %d of %d (%s)", start, steps, path)
+    return start, list(state.get("history", [])), path, problems
+
+
+@dataclass
+class _Run:
+    """One run's pieces, and the work of one optimizer step on them."""
+
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    forget: list[dict]
+    retain: list[dict] | None
+    pad_id: int
+    batch_size: int
+    grad_accum: int
+    max_grad_norm: float
+    clip_mode: str
+    seed: int
+    step_in_backward: bool
+    cuda_indices: list[int]
+    last_checkpoint: str | None = None
+
+    def diverged(self, what: str, step: int, extra: str = "") -> UnlearningDiverged:
+        self.optimizer.zero_grad(set_to_none=True)
+        return UnlearningDiverged(
+            f"{what} at step {step}{extra}; {_where(self.last_checkpoint)}. Lower lr or check the data.",
+            self.last_checkpoint,
+        )
+
+    def micro_batch(self, j: int):
+        """Forget (and retain) batch of micro-step ``j``, on the model's device, torch RNG seeded."""
+        device = next(self.model.parameters()).device
+        _seed_torch(micro_batch_seed(self.seed, j), self.cuda_indices)
+
+        def batch(examples, seed):
+            indices = micro_batch_indices(j, len(examples), self.batch_size, seed)
+            collated = collate_examples([examples[i] for i in indices], self.pad_id)
+            return {k: v.to(device) for k, v in collated.items()}
+
+        return batch(self.forget, self.seed), (
+            batch(self.retain, self.seed + 1) if self.retain is not None else None
+        )
+
+    def step(self, step: int) -> dict[str, float]:
+        """Optimizer step ``step`` (``grad_accum`` micro-batches, checks, clip, step, schedule)."""
+        from wagle.optim import NonFiniteGradientError
+
+        totals: dict[str, float] = {}
+        step_loss = 0.0
+        for micro in range(self.grad_accum):
+            forget_batch, retain_batch = self.micro_batch(step * self.grad_accum + micro)
+            loss, stats = self.objective(self.model, forget_batch, retain_batch)
+            if not torch.isfinite(loss):
+                raise self.diverged(
+                    f"loss became {float(loss.detach())}",
+                    step,
+                    f" (micro-batch {micro}); stopped before applying it",
+                )
+            try:
+                (loss / self.grad_accum).backward()
+            except NonFiniteGradientError as exc:
+                raise self.diverged(
+                    f"the gradient of {exc.name} became NaN/Inf",
+                    step,
+                    " with a finite loss; stopped before stepping it (parameters stepped earlier in that "
+                    "backward pass changed in memory)",
+                ) from None
+            step_loss += float(loss.detach()) / self.grad_accum
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / self.grad_accum
+        if not self.step_in_backward:  # otherwise the hooks checked, clipped, stepped and freed in backward
+            grad_norm = self._grad_norm()
+            if not math.isfinite(grad_norm):
+                raise self.diverged(
+                    f"the gradient norm became {grad_norm}",
+                    step,
+                    " with a finite loss; stopped before applying it",
+                )
+            totals["grad_norm"] = grad_norm
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"step": step + 1, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], **totals}
+
+    def _grad_norm(self) -> float:
+        """The global L2 gradient norm under ``clip_mode`` (:mod:`wagle.optim.clipping`); gradients are
+        clipped to ``max_grad_norm`` when it is > 0. Without clipping: the norm over the entries the
+        optimizer uses (the selected ones of masked parameters), gradients untouched."""
+        from wagle.optim import MaskedOptimizer
+        from wagle.optim.clipping import clip_masked_grad_norm_
+
+        if self.max_grad_norm > 0:
+            return float(clip_masked_grad_norm_(self.optimizer, self.max_grad_norm, self.clip_mode))
+        norms = []
+        if isinstance(self.optimizer, MaskedOptimizer):
+            for param, plan in self.optimizer.named_plans():
+                if param.grad is None or self.optimizer.skips(plan):
+                    continue
+                grad = param.grad.detach()
+                if plan.masked and plan.selected != plan.numel:
+                    grad = torch.masked_select(grad.reshape(-1), plan.selected_flat(grad.device))
+                norms.append(torch.linalg.vector_norm(grad.float(), 2.0))
+        else:
+            for _, param in self.trainable:
+                if param.grad is not None:
+                    norms.append(torch.linalg.vector_norm(param.grad.detach().float(), 2.0))
+        return float(torch.linalg.vector_norm(torch.stack(norms), 2.0)) if norms else 0.0
+
+    def check_weights(self, step: int) -> None:
+        bad = _first_nonfinite(self.trainable)
+        if bad is not None:
+            raise self.diverged(f"{bad} became NaN/Inf", step, " with a finite loss and gradient")
+
+
+def _run_fingerprint(model, mask, objective, make_optimizer, forget, retain, pad_id, **settings) -> dict:
+    """The run's fingerprint (see :mod:`wagle.unlearning.fingerprint`), JSON-normalised."""
+    return normalised(
+        {
+            "model weights": weights_digest(model),
+            "mask": mask_digest(mask),
+            "forget data": examples_digest(forget),
+            "retain data": examples_digest(retain),
+            "pad token id": pad_id,
+            "method": objective.name,
+            "method settings": objective.settings(),
+            "optimizer": getattr(make_optimizer, "__qualname__", type(make_optimizer).__name__),
+            **settings,
+            "weight dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        }
+    )
 
 
 def unlearn(
@@ -105,6 +367,7 @@ def unlearn(
     state_dtype: torch.dtype = torch.float32,
     step_in_backward: bool = False,
     gradient_checkpointing: bool = False,
+    optimizer: OptimizerFactory | None = None,
     progress: bool = True,
     template=None,
 ) -> UnlearnResult:
@@ -114,49 +377,58 @@ def unlearn(
     ``rmu``) or an :class:`~wagle.objectives.Objective`. With a ``mask`` only its selected weights
     change (parameters absent from the mask are frozen) and AdamW state exists only for them
     (``state_layout="compact"``); without one every weight is trained (dense AdamW).
+    ``optimizer`` replaces :class:`~wagle.optim.MaskedAdamW`: a callable taking
+    ``(named_params, mask, *, lr, betas, weight_decay, state_layout, state_dtype, unmasked)``.
 
     One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` forget (and retain) examples;
     gradients are clipped to global norm ``max_grad_norm`` (0 disables) before the step, over the selected
     gradient entries (``clip_mode="mask_then_clip"``) or, as the reference implementation does, over the
     full gradients of every masked tensor (``"clip_then_mask"``; see :mod:`wagle.optim.clipping`); the
     learning rate warms up linearly over ``warmup_ratio * steps`` steps and decays linearly to 0. Batches
-    follow a seeded, resumable order. With ``checkpoint_dir``, a checkpoint (weights, optimizer, scheduler,
-    objective state, step) is written atomically every ``checkpoint_every`` steps and at the end; with
-    ``resume=True`` a run continues from the newest one. A NaN/Inf loss stops the run before that step
-    is applied and raises :class:`UnlearningDiverged` naming the last good checkpoint.
+    follow a seeded, resumable order, and torch's CPU generator and the CUDA generators of the model's
+    devices are seeded with :func:`micro_batch_seed` ``(seed, micro-step)`` before every micro-batch
+    (dropout), inside ``torch.random.fork_rng``: the caller's torch RNG state is the same after the call.
+
+    With ``checkpoint_dir``, a verified checkpoint (weights, optimizer, scheduler, objective state,
+    step, and the run's fingerprint: digests of the starting weights, mask and encoded data, and every
+    setting above) is written atomically every ``checkpoint_every`` steps and at the end. With
+    ``resume=True`` a run continues from the newest good checkpoint (a damaged newer one is skipped)
+    and refuses, with :class:`~wagle.unlearning.fingerprint.ResumeMismatchError`, one of a run with
+    another fingerprint; ``resume=False`` deletes the folder's checkpoints and starts over.
+
+    A NaN/Inf loss or gradient norm (or weights that became non-finite) stops the run before that
+    step is applied and raises :class:`UnlearningDiverged` naming the last good checkpoint; no
+    checkpoint is ever written with non-finite weights.
 
     Memory options for large models: ``state_dtype=torch.bfloat16`` halves the moments;
     ``step_in_backward=True`` steps every parameter as soon as its gradient is complete and frees it
     (:class:`~wagle.optim.StepInBackward`), so no model-sized gradient buffer exists; clipping then
-    applies ``max_grad_norm`` to each parameter's gradient on its own instead of the global norm;
-    ``gradient_checkpointing=True`` recomputes each decoder layer's activations in backward (Hugging
-    Face models), trading about one extra forward pass for most of the activation memory.
-    ``template`` is the prompt format of QA rows (see :func:`wagle.data.get_prompt_format`).
+    applies ``max_grad_norm`` to each parameter's gradient on its own instead of the global norm, and a
+    non-finite gradient stops the run when its parameter is due (parameters already stepped in that
+    backward pass keep their update in memory); ``gradient_checkpointing=True`` recomputes each decoder
+    layer's activations in backward (Hugging Face models), trading about one extra forward pass for
+    most of the activation memory. ``template`` is the prompt format of QA rows (see
+    :func:`wagle.data.get_prompt_format`).
     """
     from wagle.distributed.attribution import refuse_sharded  # FSDP2/DDP/DeepSpeed: not in this loop
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
-    from wagle.optim import MaskedAdamW, StepInBackward  # late: the optimizer module imports the kernels
-    from wagle.optim.clipping import check_clip_mode, clip_masked_grad_norm_
+    from wagle.optim import StepInBackward
 
     refuse_sharded(model, "wagle.unlearn")
-    _check_positive("steps", steps, integer=True)
-    _check_positive("lr", lr)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_positive("grad_accum", grad_accum, integer=True)
-    _check_positive("max_length", max_length, integer=True)
-    _check_positive("weight_decay", weight_decay, allow_zero=True)
-    _check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
-    _check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
-    check_clip_mode(clip_mode)
-    # clip_then_mask: fully unselected tensors keep gradients so that they enter the norm
-    keep_unselected = clip_mode == "clip_then_mask" and max_grad_norm > 0
-    if keep_unselected and step_in_backward:
-        raise UserError("clip_mode: 'clip_then_mask' needs the global norm, not step_in_backward=True")
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise UserError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
-    if precision is not None and precision not in PRECISIONS:
-        raise UserError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
-
+    _check_options(
+        steps,
+        lr,
+        batch_size,
+        grad_accum,
+        max_length,
+        weight_decay,
+        max_grad_norm,
+        checkpoint_every,
+        warmup_ratio,
+        precision,
+        clip_mode,
+        step_in_backward,
+    )
     objective = (
         method if isinstance(method, Objective) else make_objective(method, **(objective_kwargs or {}))
     )
@@ -168,9 +440,8 @@ def unlearn(
         model.to(PRECISIONS[precision])
 
     pad_id = pad_id_of(tokenizer)
-    forget_rows = _with_refusals(forget, seed) if objective.forget_answer_column == REFUSAL_COLUMN else forget
     forget_examples = encode_examples(
-        forget_rows,
+        objective.forget_rows(forget, seed),
         tokenizer,
         role="forget",
         max_length=max_length,
@@ -184,69 +455,100 @@ def unlearn(
     )
     check_examples(model, forget_examples, role="forget")
     check_examples(model, retain_examples, role="retain")
-    device = next(model.parameters()).device
 
-    def to_device(batch):
-        return {k: v.to(device) for k, v in batch.items()}
-
-    # parameters: with a mask only those with selected weights need gradients
     named = list(model.named_parameters())
     flags = {name: p.requires_grad for name, p in named}
-    if mask is not None:
-        trainable = [
-            (n, p) for n, p in named if n in mask and (mask.selected(n) > 0 or keep_unselected) and flags[n]
-        ]
-        optimizer_mask = mask
-        unmasked = "freeze"
-    else:
-        trainable = [(n, p) for n, p in named if flags[n]]
-        optimizer_mask = WeightMask({})
-        unmasked = "dense"
-    if not any(mask is None or mask.selected(n) > 0 for n, _ in trainable):
-        raise UserError("mask: selects no weight of a trainable parameter; nothing to unlearn")
+    keep_unselected = clip_mode == "clip_then_mask" and max_grad_norm > 0
+    trainable, optimizer_mask, unmasked = _trainable(model, mask, keep_unselected)
     trainable_names = {n for n, _ in trainable}
     for name, param in named:
         param.requires_grad_(name in trainable_names)
-
-    optimizer = MaskedAdamW(
-        trainable,
-        optimizer_mask,
-        lr=lr,
-        betas=betas,
-        weight_decay=weight_decay,
-        state_layout=state_layout if mask is not None else "dense",
-        state_dtype=state_dtype,
-        unmasked=unmasked,
-    )
-    warmup = int(warmup_ratio * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
-
-    start_step, resumed_from, history, last_checkpoint = 0, None, [], None
-    existing = latest_checkpoint(checkpoint_dir) if resume else None
-    if existing is not None:
-        objective_state, trainer_state = load_checkpoint(existing, model, optimizer, scheduler)
-        objective.load_state_dict(objective_state)
-        start_step = resumed_from = int(trainer_state["step"])
-        history = list(trainer_state.get("history", []))
-        last_checkpoint = existing
-        logger.info("resumed from %s (step %d)", existing, start_step)
-
-    started = time.perf_counter()
     was_training = model.training
     hooks = None
-    checkpointing = contextlib.ExitStack()
+    context = contextlib.ExitStack()
     try:
+        make_optimizer = optimizer or _default_optimizer
+        layout = state_layout if mask is not None else "dense"
+        opt = make_optimizer(
+            trainable,
+            optimizer_mask,
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            state_layout=layout,
+            state_dtype=state_dtype,
+            unmasked=unmasked,
+        )
+        warmup = int(warmup_ratio * steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, steps))
+        run = _Run(
+            model,
+            objective,
+            opt,
+            scheduler,
+            trainable,
+            forget_examples,
+            retain_examples,
+            pad_id,
+            batch_size,
+            grad_accum,
+            max_grad_norm,
+            clip_mode,
+            seed,
+            step_in_backward,
+            _cuda_indices(model),
+        )
+
+        start_step, history, problems, fingerprint = 0, [], [], None
+        if checkpoint_dir:
+            fingerprint = _run_fingerprint(
+                model,
+                mask,
+                objective,
+                make_optimizer,
+                forget_examples,
+                retain_examples,
+                pad_id,
+                steps=steps,
+                lr=lr,
+                **{"warmup steps": warmup},
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                weight_decay=weight_decay,
+                betas=list(betas),
+                max_grad_norm=max_grad_norm,
+                clip_mode=clip_mode,
+                max_length=max_length,
+                seed=seed,
+                precision=precision,
+                state_layout=layout,
+                state_dtype=str(state_dtype),
+                step_in_backward=step_in_backward,
+                gradient_checkpointing=gradient_checkpointing,
+            )
+            remove_stale_temporaries(checkpoint_dir)
+            if resume:
+                start_step, history, run.last_checkpoint, problems = _resume(
+                    checkpoint_dir, fingerprint, model, opt, scheduler, objective, steps
+                )
+            else:
+                remove_checkpoints(checkpoint_dir)
+        resumed_from = start_step if run.last_checkpoint is not None else None
+
+        started = time.perf_counter()
+        context.enter_context(torch.random.fork_rng(devices=run.cuda_indices))
         if step_in_backward:
             hooks = StepInBackward(
-                optimizer, accumulation_steps=grad_accum, clip_norm_per_param=max_grad_norm or None
+                opt, accumulation_steps=grad_accum, clip_norm_per_param=max_grad_norm or None
             )
+        _seed_torch(micro_batch_seed(seed, -1), run.cuda_indices)
         objective.prepare(
             model,
             list(ordered_batches(forget_examples, batch_size, pad_id)),
             list(ordered_batches(retain_examples, batch_size, pad_id)) if retain_examples else None,
             progress=progress,
         )
-        checkpointing.enter_context(activation_checkpointing(model, gradient_checkpointing))
+        context.enter_context(activation_checkpointing(model, gradient_checkpointing))
         model.train()
         bar = tqdm(
             range(start_step, steps),
@@ -256,64 +558,35 @@ def unlearn(
             total=steps,
         )
         for step in bar:
-            totals: dict[str, float] = {}
-            step_loss = 0.0
-            for micro in range(grad_accum):
-                j = step * grad_accum + micro
-                f_idx = micro_batch_indices(j, len(forget_examples), batch_size, seed)
-                forget_batch = to_device(collate_examples([forget_examples[i] for i in f_idx], pad_id))
-                retain_batch = None
-                if retain_examples is not None:
-                    r_idx = micro_batch_indices(j, len(retain_examples), batch_size, seed + 1)
-                    retain_batch = to_device(collate_examples([retain_examples[i] for i in r_idx], pad_id))
-                loss, stats = objective(model, forget_batch, retain_batch)
-                if not torch.isfinite(loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    where = (
-                        f"the last good checkpoint is {last_checkpoint}"
-                        if last_checkpoint
-                        else "no checkpoint was saved"
-                    )
-                    raise UnlearningDiverged(
-                        f"loss became {float(loss.detach())} at step {step} (micro-batch {micro}); "
-                        f"stopped before applying it; {where}. Lower lr or check the data."
-                    )
-                (loss / grad_accum).backward()
-                step_loss += float(loss.detach()) / grad_accum
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value / grad_accum
-            if not step_in_backward:  # otherwise the hooks clipped, stepped and freed during backward
-                if max_grad_norm > 0:
-                    grad_norm = float(clip_masked_grad_norm_(optimizer, max_grad_norm, clip_mode))
-                    totals["grad_norm"] = grad_norm
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            record = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], **totals}
+            record = run.step(step)
             history.append(record)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
             done = step + 1
-            if checkpoint_dir and ((checkpoint_every and done % checkpoint_every == 0) or done == steps):
-                last_checkpoint = save_checkpoint(
+            due = checkpoint_dir and ((checkpoint_every and done % checkpoint_every == 0) or done == steps)
+            if due or done == steps:
+                run.check_weights(step)
+            if due:
+                run.last_checkpoint = save_checkpoint(
                     checkpoint_dir,
                     done,
                     model,
-                    optimizer,
+                    opt,
                     scheduler,
                     objective.state_dict(),
-                    {"history": history, "method": objective.name, "seed": seed},
+                    {"history": history, "method": objective.name, "seed": seed, "fingerprint": fingerprint},
                 )
     finally:
         if hooks is not None:
             hooks.remove()
-        checkpointing.close()
+        context.close()
         model.train(was_training)
         for name, param in named:
             param.requires_grad_(flags[name])
     return UnlearnResult(
         steps=steps,
         history=history,
-        checkpoint=last_checkpoint,
+        checkpoint=run.last_checkpoint,
         seconds=time.perf_counter() - started,
         resumed_from=resumed_from,
+        damaged_checkpoints=problems,
     )
