@@ -79,9 +79,11 @@ def run_mask(args: argparse.Namespace) -> int:
 
     _check_range("--ratio", args.ratio, 0.0, 1.0)
     _check_range("--batch-size", args.batch_size, 1)
-    needs_retain = args.method == "wagle"
-    if needs_retain and not args.retain:
-        raise ValueError("--retain: method 'wagle' needs a retain set")
+    from wagle_kernels.scores import SCORE_METHODS
+
+    method = SCORE_METHODS.get(args.method)  # None for wanda
+    if method is not None and method.reads_retain and not args.retain:
+        raise ValueError(f"--retain: method {args.method!r} needs a retain set")
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
     model, tokenizer = _load(args)

@@ -35,7 +35,7 @@ import torch
 
 from ._runtime import HAS_TRITON, launch_options
 from .bitpack import pack_bits, packed_size
-from .scores import KEY_BITS, METHOD_IDS, keys_torch, scores_torch
+from .scores import KEY_BITS, get_method, keys_torch, scores_torch
 
 RADIX_DIGITS: tuple[tuple[int, int], ...] = ((20, 11), (10, 10), (0, 10))  # (shift, bits), top first
 assert sum(bits for _, bits in RADIX_DIGITS) == KEY_BITS
@@ -420,7 +420,7 @@ class TritonSelector:
         self.spec = spec
         self.block = block
         self.num_warps = num_warps
-        self.method_id = METHOD_IDS[spec.method]
+        self.method_id = get_method(spec.method).kernel_id
         self.device = device or self._device()
         self.nonfinite: dict[str, int] = {}
         self._counted_nonfinite = False

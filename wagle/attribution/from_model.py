@@ -18,12 +18,20 @@ from tqdm.auto import tqdm
 
 from wagle.mask import WeightMask
 from wagle_kernels.bitpack import pack_bits
+from wagle_kernels.scores import SCORE_METHODS, method_names
 
-from .from_gradients import METHODS, mask_from_gradients, num_to_select
+from .from_gradients import mask_from_gradients, num_to_select
 
 logger = logging.getLogger(__name__)
 
-ATTRIBUTION_METHODS = (*METHODS, "wanda")
+
+
+def attribution_methods() -> tuple[str, ...]:
+    """Every method :func:`attribute` accepts: the registered score methods, then ``wanda``."""
+    return (*method_names(), "wanda")
+
+
+ATTRIBUTION_METHODS = attribution_methods()  # at import time; attribution_methods() sees later registrations
 Batch = Mapping[str, torch.Tensor]
 
 
@@ -190,19 +198,21 @@ def attribute(
     ``gradient_checkpointing=True`` recomputes each decoder layer's activations in backward (Hugging
     Face models; same gradients, about one extra forward pass) so long batches fit.
     """
-    if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
+    if method not in attribution_methods():
+        raise ValueError(f"method: unknown method {method!r}; expected one of {list(attribution_methods())}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
         raise ValueError(f"ratio: must be a number in [0, 1], got {ratio!r}")
     params = select_parameters(model, include, exclude)
-    needs_forget = method in ("wagle", "snip", "gradient", "wanda")
-    needs_retain = method == "wagle"
+    entry = SCORE_METHODS.get(method)  # None for wanda (activations, not a per-weight score)
+    needs_forget = entry is None or entry.reads_forget
+    needs_retain = entry is not None and entry.reads_retain
     if needs_forget and forget is None:
         raise ValueError(f"forget: method={method!r} needs forget-set batches")
     if needs_retain and retain is None:
         raise ValueError(f"retain: method={method!r} needs retain-set batches")
-    if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+    needs_gamma = entry is not None and entry.needs_gamma
+    if needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
 
     was_training = model.training
     model.eval()
@@ -217,7 +227,7 @@ def attribute(
             "seed": seed,
             "nonfinite": nonfinite,
         }
-        if method in ("magnitude", "random"):
+        if not needs_forget:  # scores from the weights alone (or none): no gradients to accumulate
             return mask_from_gradients(params, None, None, **select_kw)
         from wagle.models.checkpointing import activation_checkpointing  # transformers, on use
 
