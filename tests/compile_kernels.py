@@ -35,88 +35,15 @@ SCORE_KERNELS = (
 
 
 def variants():
-    """(label, jit function, {arg: type or 'constexpr'}, {constexpr: value})"""
-    inputs = {"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32"}
-    scalars = {"n": "i64", "start": "i64", "inv_gamma": "fp32", "seed": "i32"}
-    histogram_signature = {
-        **inputs,
-        "hist_ptr": "*i64",
-        "nonfinite_ptr": "*i64",
-        **scalars,
-        "prefix": "i32",
-        "programs": "i32",
-        "iterations": "i32",
-        "PREFIX_SHIFT": "constexpr",
-        "DIGIT_SHIFT": "constexpr",
-        "DIGIT_BITS": "constexpr",
-        "METHOD": "constexpr",
-        "COUNT_NONFINITE": "constexpr",
-        "BLOCK": "constexpr",
-    }
-    first_digit = {"PREFIX_SHIFT": 31, "DIGIT_SHIFT": 20, "DIGIT_BITS": 11, "COUNT_NONFINITE": True}
-    last_digit = {"PREFIX_SHIFT": 10, "DIGIT_SHIFT": 0, "DIGIT_BITS": 10, "COUNT_NONFINITE": False}
-    histograms = [(f"histogram method={m}", {**first_digit, "METHOD": m}) for m in range(5)]
-    histograms.append(("histogram digit 2", {**last_digit, "METHOD": 0}))
-    for label, constexprs in histograms:
-        yield label, select._histogram_kernel, histogram_signature, {**constexprs, "BLOCK": 4096}
-    yield (
-        "tie count",
-        select._tie_count_kernel,
-        {
-            **inputs,
-            "counts_ptr": "*i64",
-            **scalars,
-            "threshold": "i32",
-            "METHOD": "constexpr",
-            "BLOCK": "constexpr",
-        },
-        {"METHOD": 0, "BLOCK": 4096},
-    )
-    for has_ties in (False, True):
-        yield (
-            f"mask ties={has_ties}",
-            select._mask_kernel,
-            {
-                **inputs,
-                "out_ptr": "*u8",
-                "tie_offset_ptr": "*i64",
-                **scalars,
-                "threshold": "i32",
-                "ties": "i64",
-                "METHOD": "constexpr",
-                "HAS_TIES": "constexpr",
-                "BLOCK": "constexpr",
-            },
-            {"METHOD": 0, "HAS_TIES": has_ties, "BLOCK": 4096},
-        )
-    yield (
-        "mask + candidates",
-        select._mask_compact_kernel,
-        {
-            **inputs,
-            "out_ptr": "*u8",
-            "cand_key_ptr": "*i32",
-            "cand_pos_ptr": "*i64",
-            "counter_ptr": "*i64",
-            **scalars,
-            "low": "i32",
-            "high": "i32",
-            "capacity": "i64",
-            "METHOD": "constexpr",
-            "BLOCK": "constexpr",
-        },
-        {"METHOD": 0, "BLOCK": 4096},
-    )
-    yield (
-        "set bits",
-        select._set_bits_kernel,
-        {"words_ptr": "*i32", "bit_ptr": "*i64", "m": "i64", "BLOCK": "constexpr"},
-        {"BLOCK": 4096},
-    )
+    """``(label, jit function, signature, constexprs, attrs)`` from the signature source next to each
+    kernel: selection kernels (every registered score method), then the optimizers for bf16 and fp32
+    parameters with fp32 state, 16 tensors per launch, and with the 64-bit numels the JIT uses for tensors
+    of 2^31 or more weights."""
+    yield from select.compile_variants()
     for module in (masked_adamw, masked_sgd):
-        for dtypes in (("bf16", "fp32"), ("fp32", "fp32")):
-            for label, fn, signature, constexprs in module.compile_variants(16, *dtypes):
-                yield label, fn, signature, constexprs, masked_adamw.aligned_attrs(signature)
+        for dtype in ("bf16", "fp32"):
+            yield from module.compile_variants(16, dtype, "fp32")
+        yield from module.compile_variants(2, "bf16", "fp32", index="i64")
 
 
 def main(argv=None) -> int:
@@ -125,12 +52,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shared", type=int, default=227 * 1024, help="shared memory per block limit")
     args = parser.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
-    for label, fn, signature, constexprs, *attrs in variants():
+    checked = 0
+    for label, fn, signature, constexprs, attrs in variants():
         fn = getattr(fn, "fn", fn) if not isinstance(fn, triton.runtime.JITFunction) else fn
         try:
-            source = ASTSource(
-                fn=fn, signature=signature, constexprs=constexprs, attrs=attrs[0] if attrs else None
-            )
+            source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(
                 source, target=target, options={"num_warps": 8, "enable_fp_fusion": False}
             )
@@ -147,6 +73,8 @@ def main(argv=None) -> int:
             return 1
         size = len(compiled.asm["cubin"])
         print(f"ok {label}: {size} bytes of sm_{args.arch} cubin, shared memory {shared} B")
+        checked += 1
+    print(f"compiled {checked} kernel variants for sm_{args.arch}")
     return 0
 
 

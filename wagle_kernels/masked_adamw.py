@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._runtime import HAS_TRITON
+from ._runtime import HAS_TRITON, aligned_attrs
 from .multi_tensor import (
     MAX_TENSORS_PER_LAUNCH,
     compile_constexprs,
@@ -292,8 +292,9 @@ VARIANTS = (  # (masked, compact, decay_all): every layout the optimizer launche
 def compile_variants(
     num: int = MAX_TENSORS_PER_LAUNCH, dtype: str = "bf16", state: str = "fp32", index: str = "i32"
 ):
-    """``(label, kernel, signature, constexprs)`` for ahead-of-time compile checks of every variant the
-    optimizer launches (``index="i64"``: tensors of 2^31 or more weights)."""
+    """``(label, kernel, signature, constexprs, attrs)`` for ahead-of-time compile checks of every variant
+    the optimizer launches (``index="i64"``: tensors of 2^31 or more weights; ``attrs``: the JIT's
+    specialisation of 16-byte aligned pointers and numels that are multiples of 16)."""
     signature = compile_signature(num, 5, dtype, state, index)
     for masked, compact, decay_all in VARIANTS:
         yield (
@@ -302,4 +303,5 @@ def compile_variants(
             masked_multi_tensor_kernel,
             signature,
             compile_constexprs(adamw_update, (True,), 2, num, masked, compact, decay_all),
+            aligned_attrs(signature),
         )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._runtime import HAS_TRITON
+from ._runtime import HAS_TRITON, aligned_attrs
 from .multi_tensor import (
     MAX_TENSORS_PER_LAUNCH,
     compile_constexprs,
@@ -188,7 +188,8 @@ VARIANTS = (  # (compact, momentum, nesterov), masked, with weight decay
 def compile_variants(
     num: int = MAX_TENSORS_PER_LAUNCH, dtype: str = "bf16", state: str = "fp32", index: str = "i32"
 ):
-    """``(label, kernel, signature, constexprs)`` for ahead-of-time compile checks."""
+    """``(label, kernel, signature, constexprs, attrs)`` for ahead-of-time compile checks (as
+    :func:`wagle_kernels.masked_adamw.compile_variants`)."""
     signature = compile_signature(num, 4, dtype, state, index)
     for compact, momentum, nesterov in VARIANTS:
         yield (
@@ -199,4 +200,5 @@ def compile_variants(
             compile_constexprs(
                 sgd_update, (True, momentum, nesterov), int(momentum), num, True, compact and momentum
             ),
+            aligned_attrs(signature),
         )

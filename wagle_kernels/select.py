@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._runtime import HAS_TRITON, launch_options
+from ._runtime import HAS_TRITON, aligned_attrs, launch_options
 from .bitpack import pack_bits, packed_size
-from .scores import KEY_BITS, get_method, keys_torch, scores_torch
+from .scores import KEY_BITS, SCORE_METHODS, get_method, keys_torch, scores_torch
 
 RADIX_DIGITS: tuple[tuple[int, int], ...] = ((20, 11), (10, 10), (0, 10))  # (shift, bits), top first
 assert sum(bits for _, bits in RADIX_DIGITS) == KEY_BITS
@@ -399,6 +399,115 @@ if HAS_TRITON:
         bit = tl.load(bit_ptr + offs, mask=valid, other=0)
         value = (tl.full(offs.shape, 1, tl.uint32) << (bit & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
         tl.atomic_or(words_ptr + (bit >> 5), value, mask=valid)
+
+
+def compile_variants(block: int = 4096):
+    """``(label, kernel, signature, constexprs, attrs)`` of every selection kernel variant, for
+    ahead-of-time compile checks (``tests/compile_kernels.py``): the first-digit histogram for every
+    registered score method, the other kernels for ``wagle``. ``attrs`` are the JIT's specialisation of
+    16-byte aligned pointers (what ``torch`` allocations give)."""
+    inputs = {"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32"}
+    scalars = {"n": "i64", "start": "i64", "inv_gamma": "fp32", "seed": "i32"}
+    wagle = SCORE_METHODS["wagle"].kernel_id
+    histogram_signature = {
+        **inputs,
+        "hist_ptr": "*i64",
+        "nonfinite_ptr": "*i64",
+        **scalars,
+        "prefix": "i32",
+        "programs": "i32",
+        "iterations": "i32",
+        "PREFIX_SHIFT": "constexpr",
+        "DIGIT_SHIFT": "constexpr",
+        "DIGIT_BITS": "constexpr",
+        "METHOD": "constexpr",
+        "COUNT_NONFINITE": "constexpr",
+        "BLOCK": "constexpr",
+    }
+    (top_shift, top_bits), (_, _), (last_shift, last_bits) = RADIX_DIGITS
+    first_digit = {"PREFIX_SHIFT": KEY_BITS, "DIGIT_SHIFT": top_shift, "DIGIT_BITS": top_bits}
+    last_digit = {"PREFIX_SHIFT": last_shift + last_bits, "DIGIT_SHIFT": last_shift, "DIGIT_BITS": last_bits}
+    variants = [
+        (
+            f"histogram method={name}",
+            _histogram_kernel,
+            histogram_signature,
+            {**first_digit, "METHOD": m.kernel_id, "COUNT_NONFINITE": True, "BLOCK": block},
+        )
+        for name, m in SCORE_METHODS.items()
+    ]
+    variants.append(
+        (
+            "histogram last digit",
+            _histogram_kernel,
+            histogram_signature,
+            {**last_digit, "METHOD": wagle, "COUNT_NONFINITE": False, "BLOCK": block},
+        )
+    )
+    variants.append(
+        (
+            "tie count",
+            _tie_count_kernel,
+            {
+                **inputs,
+                "counts_ptr": "*i64",
+                **scalars,
+                "threshold": "i32",
+                "METHOD": "constexpr",
+                "BLOCK": "constexpr",
+            },
+            {"METHOD": wagle, "BLOCK": block},
+        )
+    )
+    for has_ties in (False, True):
+        variants.append(
+            (
+                f"mask ties={has_ties}",
+                _mask_kernel,
+                {
+                    **inputs,
+                    "out_ptr": "*u8",
+                    "tie_offset_ptr": "*i64",
+                    **scalars,
+                    "threshold": "i32",
+                    "ties": "i64",
+                    "METHOD": "constexpr",
+                    "HAS_TIES": "constexpr",
+                    "BLOCK": "constexpr",
+                },
+                {"METHOD": wagle, "HAS_TIES": has_ties, "BLOCK": block},
+            )
+        )
+    variants.append(
+        (
+            "mask + candidates",
+            _mask_compact_kernel,
+            {
+                **inputs,
+                "out_ptr": "*u8",
+                "cand_key_ptr": "*i32",
+                "cand_pos_ptr": "*i64",
+                "counter_ptr": "*i64",
+                **scalars,
+                "low": "i32",
+                "high": "i32",
+                "capacity": "i64",
+                "METHOD": "constexpr",
+                "BLOCK": "constexpr",
+            },
+            {"METHOD": wagle, "BLOCK": block},
+        )
+    )
+    variants.append(
+        (
+            "set bits",
+            _set_bits_kernel,
+            {"words_ptr": "*i32", "bit_ptr": "*i64", "m": "i64", "BLOCK": "constexpr"},
+            {"BLOCK": block},
+        )
+    )
+    for label, fn, signature, constexprs in variants:
+        yield label, fn, signature, constexprs, aligned_attrs(signature)
 
 
 class TritonSelector:
