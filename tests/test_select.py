@@ -262,3 +262,47 @@ def test_triton_compaction_and_full_radix_paths_agree(tie_heavy, ratio):
             assert stats.histogram_passes == 1 and stats.input_passes == 2
         for name in params:
             assert torch.equal(got[name].cpu(), expected[name].cpu()), (fraction, name)
+
+
+@pytest.mark.parametrize("tie_heavy", [False, True])
+@pytest.mark.parametrize("ratio", [0.3, 0.9])
+def test_selector_protocol_composes_across_shards(tie_heavy, ratio):
+    """Both backends implement one protocol, and its local pieces compose: summed shard histograms +
+    per-shard tie shares (exclusive prefix of tie counts) + write_masks give the single-selector masks."""
+    from wagle_kernels.select import (
+        ScoreSource,
+        ScoreSpec,
+        Selector,
+        TorchSelector,
+        TritonSelector,
+        find_threshold,
+        local_ties,
+    )
+
+    params, gf, gr = make_inputs(SHAPES, dtypes=(torch.bfloat16, torch.float32), seed=21, tie_heavy=tie_heavy)
+    sources, start = [], 0
+    for name, w in params.items():
+        sources.append(
+            ScoreSource(name, w.numel(), start, w.reshape(-1), gf[name].reshape(-1), gr[name].reshape(-1))
+        )
+        start += w.numel()
+    spec = ScoreSpec("wagle", inverse_gamma(1e-6), 0)
+    k = math.floor(ratio * start)
+    expected = TorchSelector(sources, spec).select(k, start)
+    shards = [sources[:2], sources[2:4], sources[4:]]
+    for cls in (TorchSelector, TritonSelector):
+        selectors = [cls(shard, spec) for shard in shards]
+        assert all(isinstance(s, Selector) for s in selectors)
+
+        def summed(*args, selectors=selectors):
+            return sum(s.histogram(*args) for s in selectors)
+
+        threshold, _ = find_threshold(summed, k, start)
+        before, got = 0, {}
+        for selector in selectors:
+            got.update(selector.write_masks(local_ties(threshold, before)))
+            before += selector.tie_count(threshold.key_threshold)
+        for name in params:
+            assert torch.equal(got[name].cpu(), expected[name].cpu()), (cls.__name__, name)
+        assert sum(sum(s.nonfinite_counts().values()) for s in selectors) == 0
+        assert all(s.stats.mask_passes == 1 for s in selectors)

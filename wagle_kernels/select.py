@@ -29,7 +29,8 @@ histograms over the keys. Both backends produce bit-identical masks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -78,17 +79,26 @@ class Threshold:
 
 @dataclass
 class SelectionStats:
-    """What a selection did: passes over the inputs and the threshold it found."""
+    """What a selection did: passes over the inputs (the torch backend: over its int32 keys), whether
+    the threshold bin was resolved on collected candidates, and non-finite scores per tensor."""
 
     histogram_passes: int = 0
     tie_passes: int = 0
     mask_passes: int = 0
     compacted: bool = False  # the threshold bin was resolved on collected candidates (2 input passes)
-    nonfinite: dict[str, int] | None = None
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
     @property
     def input_passes(self) -> int:
         return self.histogram_passes + self.tie_passes + self.mask_passes
+
+    def add(self, other: SelectionStats) -> None:
+        """Accumulate ``other`` (e.g. one selection per tensor with ``scope="per_tensor"``)."""
+        self.histogram_passes += other.histogram_passes
+        self.tie_passes += other.tie_passes
+        self.mask_passes += other.mask_passes
+        self.compacted = self.compacted or other.compacted
+        self.nonfinite.update(other.nonfinite)
 
 
 def pick_bin(counts: torch.Tensor, need: int) -> tuple[int, int, int]:
@@ -149,10 +159,67 @@ def bincount_histogram(
     return counts
 
 
+def local_ties(threshold: Threshold, equal_before: int) -> Threshold:
+    """The share of ``threshold``'s ties for a part of the keys that has ``equal_before`` keys equal to
+    the threshold key before it (by global position): ``clamp(ties - equal_before, 0, ...)``. A sharded
+    selection gives each shard its share from an exclusive prefix sum of the shards' ``tie_count``."""
+    return Threshold(threshold.key_threshold, max(0, threshold.ties - equal_before))
+
+
+# ---------------------------------------------------------------------------------------------
+# the selector protocol
+# ---------------------------------------------------------------------------------------------
+@runtime_checkable
+class Selector(Protocol):
+    """What every selection backend provides, over the sources it was built with (in source order).
+
+    The core is local and reduction-friendly, so a sharded selection can wrap any selector: sum the
+    shards' ``histogram`` counts (an all-reduce) and feed the sums to :func:`find_threshold`; sum
+    ``nonfinite_counts``; get each shard's tie share from an exclusive prefix sum of the shards'
+    ``tie_count`` (:func:`local_ties`, shards in global-position order); then ``write_masks``.
+
+    * ``histogram(prefix, prefix_shift, digit_shift, digit_bits)``: int64 CPU counts, ``2^digit_bits``
+      bins, of the digit ``(key >> digit_shift) & (2^digit_bits - 1)`` over this selector's keys with
+      ``key >> prefix_shift == prefix`` (:func:`find_threshold`'s histogram);
+    * ``tie_count(key)``: how many of this selector's keys equal ``key``;
+    * ``write_masks(threshold)``: packed masks (:mod:`wagle_kernels.bitpack`) per source name with bit
+      = ``key > T`` or (``key == T`` and among the first ``ties`` equal keys in source order);
+    * ``nonfinite_counts()``: NaN/Inf scores per source name;
+    * ``select(k, n)``: the masks of the top ``k`` of this selector's ``n`` keys (a backend may take a
+      faster route than histogram + write_masks; the result is the same);
+    * ``stats``: the :class:`SelectionStats` of everything this selector ran (the one place
+      statistics are reported).
+    """
+
+    stats: SelectionStats
+
+    def histogram(
+        self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int
+    ) -> torch.Tensor: ...
+
+    def tie_count(self, key: int) -> int: ...
+
+    def write_masks(self, threshold: Threshold) -> dict[str, torch.Tensor]: ...
+
+    def nonfinite_counts(self) -> dict[str, int]: ...
+
+    def select(self, k: int, n: int) -> dict[str, torch.Tensor]: ...
+
+
+class _RadixSelect:
+    """``select`` by the full radix passes: threshold from ``histogram``, then ``write_masks``."""
+
+    stats: SelectionStats
+
+    def select(self, k: int, n: int) -> dict[str, torch.Tensor]:
+        threshold, _ = find_threshold(self.histogram, k, n)
+        return self.write_masks(threshold)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch backend
 # ---------------------------------------------------------------------------------------------
-class TorchSelector:
+class TorchSelector(_RadixSelect):
     """Reference backend: int32 keys per tensor, ``bincount`` histograms, chunked to bound temporaries."""
 
     def __init__(
@@ -166,8 +233,7 @@ class TorchSelector:
         self.chunk = max(8, chunk - chunk % 8)
         self.device = device
         self.keys: list[torch.Tensor] = []
-        self.nonfinite: dict[str, int] = {}
-        self.histogram_passes = 0  # passes over the int32 keys
+        self.stats = SelectionStats()
         for src in self.sources:
             device = self.device or self._device(src)
             keys = torch.empty(src.numel, dtype=torch.int32, device=device)
@@ -186,7 +252,7 @@ class TorchSelector:
                     numel=hi - lo,
                 )
                 keys[lo:hi] = keys_torch(scores)
-            self.nonfinite[src.name] = int((keys == 0).sum())
+            self.stats.nonfinite[src.name] = int((keys == 0).sum())
             self.keys.append(keys)
 
     @staticmethod
@@ -200,11 +266,18 @@ class TorchSelector:
         for lo in range(0, keys.numel(), self.chunk):
             yield keys[lo : lo + self.chunk]
 
+    def nonfinite_counts(self) -> dict[str, int]:
+        return dict(self.stats.nonfinite)
+
     def histogram(self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
-        self.histogram_passes += 1
+        self.stats.histogram_passes += 1
         return bincount_histogram(self.keys, prefix, prefix_shift, digit_shift, digit_bits, self.chunk)
 
-    def write_masks(self, threshold: Threshold) -> tuple[dict[str, torch.Tensor], int]:
+    def tie_count(self, key: int) -> int:
+        return sum(int((part == key).sum()) for keys in self.keys for part in self._chunks(keys))
+
+    def write_masks(self, threshold: Threshold) -> dict[str, torch.Tensor]:
+        self.stats.mask_passes += 1
         ties_left = threshold.ties
         t = threshold.key_threshold
         out = {}
@@ -223,7 +296,7 @@ class TorchSelector:
                 lo = index * self.chunk // 8
                 packed[lo : lo + packed_size(part.numel())] = pack_bits(selected)
             out[src.name] = packed
-        return out, 0
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +306,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .bitpack import pack_block
     from .scores import key_block, score_block
 
     _NO_SPECIALIZE = ["n", "start", "inv_gamma", "seed", "prefix", "threshold", "ties"]
@@ -340,9 +414,7 @@ if HAS_TRITON:
             before = tl.cumsum(equal_count, axis=0) - equal_count
             rank = tl.load(tie_offset_ptr + pid) + before.to(tl.int64)
             selected = selected | (equal & (rank < ties))
-        bits = tl.reshape(selected.to(tl.int32), (BLOCK // 8, 8))
-        weights = 1 << tl.arange(0, 8)
-        packed = tl.sum(bits * weights[None, :], axis=1).to(tl.uint8)
+        packed = pack_block(selected, BLOCK)
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
 
@@ -384,9 +456,7 @@ if HAS_TRITON:
             keep = candidate & (slot < capacity)
             tl.store(cand_key_ptr + slot, key, mask=keep)
             tl.store(cand_pos_ptr + slot, start + offs, mask=keep)
-        bits = tl.reshape(selected.to(tl.int32), (BLOCK // 8, 8))
-        weights = 1 << tl.arange(0, 8)
-        packed = tl.sum(bits * weights[None, :], axis=1).to(tl.uint8)
+        packed = pack_block(selected, BLOCK)
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
 
@@ -510,7 +580,7 @@ def compile_variants(block: int = 4096):
         yield label, fn, signature, constexprs, aligned_attrs(signature)
 
 
-class TritonSelector:
+class TritonSelector(_RadixSelect):
     """Kernel backend: every pass recomputes scores from the inputs; one launch per tensor per pass."""
 
     def __init__(
@@ -531,12 +601,10 @@ class TritonSelector:
         self.num_warps = num_warps
         self.method_id = get_method(spec.method).kernel_id
         self.device = device or self._device()
-        self.nonfinite: dict[str, int] = {}
+        self.stats = SelectionStats()
         self._counted_nonfinite = False
         self._cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
-        self.histogram_passes = 0  # passes over the inputs (w, g_f, g_r)
         self.candidate_fraction = candidate_fraction
-        self.compacted = False
         if max_programs is None:  # persistent histogram programs: a few per SM on a GPU
             cuda = self.device.type == "cuda"
             max_programs = (
@@ -569,7 +637,7 @@ class TritonSelector:
         if self._cache is not None and self._cache[0] == args:
             return self._cache[1].clone()
         hist = torch.zeros(1 << digit_bits, dtype=torch.int64, device=self.device)
-        self.histogram_passes += 1
+        self.stats.histogram_passes += 1
         count_nonfinite = not self._counted_nonfinite
         nonfinite = torch.zeros(max(1, len(self.sources)), dtype=torch.int64, device=self.device)
         for index, src in enumerate(self.sources):
@@ -598,17 +666,22 @@ class TritonSelector:
             )
         if count_nonfinite:
             counts = nonfinite.tolist()
-            self.nonfinite = {src.name: int(counts[i]) for i, src in enumerate(self.sources)}
+            self.stats.nonfinite = {src.name: int(counts[i]) for i, src in enumerate(self.sources)}
             self._counted_nonfinite = True
         result = hist.cpu()
         self._cache = (args, result.clone())
         return result
 
-    def count_nonfinite(self) -> dict[str, int]:
-        """Run one histogram pass if none ran yet (it also counts non-finite scores per tensor)."""
+    def nonfinite_counts(self) -> dict[str, int]:
+        """Run the first histogram pass if none ran yet (it also counts non-finite scores per tensor)."""
         if not self._counted_nonfinite:
             self.histogram(0, KEY_BITS, RADIX_DIGITS[0][0], RADIX_DIGITS[0][1])
-        return self.nonfinite
+        return dict(self.stats.nonfinite)
+
+    def select(self, k: int, n: int) -> dict[str, torch.Tensor]:
+        """The two-pass candidate route when the threshold bin is small, else the full radix passes."""
+        masks = self.select_compact(k, n)
+        return masks if masks is not None else super().select(k, n)
 
     def _packed_regions(self) -> tuple[torch.Tensor, list[int]]:
         """One uint8 buffer for all packed masks, each region starting at a multiple of 4 bytes."""
@@ -683,32 +756,41 @@ class TritonSelector:
                 BLOCK=self.block,
                 num_warps=self.num_warps,
             )
-        self.compacted = True
+        self.stats.compacted = True
+        self.stats.mask_passes += 1
         return views
 
-    def write_masks(self, threshold: Threshold) -> tuple[dict[str, torch.Tensor], int]:
+    def _tie_counts_per_block(self, key: int) -> list[torch.Tensor]:
+        """One tie pass: per source, the number of keys equal to ``key`` in each block."""
+        self.stats.tie_passes += 1
+        per_block = []
+        for src in self.sources:
+            counts = torch.zeros(max(1, self._grid(src)[0]), dtype=torch.int64, device=self.device)
+            if src.numel:
+                _tie_count_kernel[self._grid(src)](
+                    *self._inputs(src),
+                    counts,
+                    src.numel,
+                    src.start,
+                    self.spec.inv_gamma,
+                    self.spec.seed,
+                    key,
+                    METHOD=self.method_id,
+                    BLOCK=self.block,
+                    num_warps=self.num_warps,
+                    **launch_options(),
+                )
+            per_block.append(counts[: self._grid(src)[0]])
+        return per_block
+
+    def tie_count(self, key: int) -> int:
+        return int(sum(int(c.sum()) for c in self._tie_counts_per_block(key)))
+
+    def write_masks(self, threshold: Threshold) -> dict[str, torch.Tensor]:
         tie_offsets: list[torch.Tensor | None] = [None] * len(self.sources)
-        tie_passes = 0
+        self.stats.mask_passes += 1
         if threshold.ties > 0:
-            tie_passes = 1
-            per_block = []
-            for src in self.sources:
-                counts = torch.zeros(max(1, self._grid(src)[0]), dtype=torch.int64, device=self.device)
-                if src.numel:
-                    _tie_count_kernel[self._grid(src)](
-                        *self._inputs(src),
-                        counts,
-                        src.numel,
-                        src.start,
-                        self.spec.inv_gamma,
-                        self.spec.seed,
-                        threshold.key_threshold,
-                        METHOD=self.method_id,
-                        BLOCK=self.block,
-                        num_warps=self.num_warps,
-                        **launch_options(),
-                    )
-                per_block.append(counts[: self._grid(src)[0]])
+            per_block = self._tie_counts_per_block(threshold.key_threshold)
             flat = torch.cat(per_block)
             exclusive = flat.cumsum(0) - flat
             offset = 0
@@ -737,21 +819,15 @@ class TritonSelector:
                     **launch_options(),
                 )
             out[src.name] = packed
-        return out, tie_passes
+        return out
 
 
-def select_top_k(selector, k: int, n: int, stats: SelectionStats) -> dict[str, torch.Tensor]:
-    """Run radix select with ``selector`` (Torch/TritonSelector) and return packed masks per tensor."""
-    compact = getattr(selector, "select_compact", None)
-    masks = compact(k, n) if compact is not None else None
-    if masks is not None:
-        stats.histogram_passes += selector.histogram_passes
-        stats.mask_passes += 1
-        stats.compacted = True
-        return masks
-    threshold, _ = find_threshold(selector.histogram, k, n)
-    stats.histogram_passes += selector.histogram_passes
-    masks, tie_passes = selector.write_masks(threshold)
-    stats.tie_passes += tie_passes
-    stats.mask_passes += 1
+def select_top_k(
+    selector: Selector, k: int, n: int, stats: SelectionStats | None = None
+) -> dict[str, torch.Tensor]:
+    """Packed masks of the top ``k`` of ``n`` keys by ``selector``; its statistics are added to
+    ``stats`` when given (they are always in ``selector.stats``)."""
+    masks = selector.select(k, n)
+    if stats is not None:
+        stats.add(selector.stats)
     return masks

@@ -14,6 +14,7 @@ from wagle_kernels.select import (
     ScoreSource,
     ScoreSpec,
     SelectionStats,
+    Selector,
     TorchSelector,
     TritonSelector,
     select_top_k,
@@ -199,14 +200,14 @@ def mask_from_gradients(
 
     spec = ScoreSpec(method, inverse_gamma(gamma) if entry.needs_gamma else 1.0, seed)
     groups = [sources] if scope == "global" else [[s] for s in sources]
-    stats = SelectionStats(nonfinite={})
+    stats = SelectionStats()
     packed: dict[str, torch.Tensor] = {}
     for group in groups:
         n = sum(s.numel for s in group)
         k = num_to_select(ratio, n)
-        selector = (TritonSelector if use_triton else TorchSelector)(group, spec, device=device)
+        selector: Selector = (TritonSelector if use_triton else TorchSelector)(group, spec, device=device)
         if nonfinite == "error" and entry.can_be_nonfinite:
-            counts = selector.count_nonfinite() if use_triton else selector.nonfinite
+            counts = selector.nonfinite_counts()
             bad = {name: c for name, c in counts.items() if c}
             if bad:
                 name, count = next(iter(bad.items()))
@@ -216,7 +217,6 @@ def mask_from_gradients(
                     + f" (method={method!r}); check the weights/gradients, or pass nonfinite='lowest'"
                 )
         packed.update(select_top_k(selector, k, n, stats))
-        stats.nonfinite.update(selector.nonfinite)
 
     metadata = {"method": method, "ratio": repr(ratio), "scope": scope}
     if entry.needs_seed:

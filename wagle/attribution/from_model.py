@@ -25,7 +25,6 @@ from .from_gradients import mask_from_gradients, num_to_select
 logger = logging.getLogger(__name__)
 
 
-
 def attribution_methods() -> tuple[str, ...]:
     """Every method :func:`attribute` accepts: the registered score methods, then ``wanda``."""
     return (*method_names(), "wanda")
