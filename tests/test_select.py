@@ -306,3 +306,37 @@ def test_selector_protocol_composes_across_shards(tie_heavy, ratio):
             assert torch.equal(got[name].cpu(), expected[name].cpu()), (cls.__name__, name)
         assert sum(sum(s.nonfinite_counts().values()) for s in selectors) == 0
         assert all(s.stats.mask_passes == 1 for s in selectors)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8, 0.99])
+def test_zero_score_tie_needs_two_input_passes(ratio):
+    """A huge tie of exactly-zero scores at the threshold (rows no forget token touched) is resolved in
+    two passes over the inputs (histogram + mask, no tie pass), lower position first, and the mask
+    carries the per-tensor counts the kernels made; NaN scores below the zeros stay unselected."""
+    params, gf, gr = make_inputs(SHAPES, dtypes=(torch.bfloat16, torch.float16), seed=31)
+    g = torch.Generator().manual_seed(4)
+    for name in gf:
+        flat = gf[name].view(-1)
+        flat[torch.rand(flat.numel(), generator=g) < 0.45] = 0.0
+    gf["q"].view(-1)[7] = float("nan")
+    expected = naive_masks(params, gf, gr, ratio=ratio, method="wagle")
+    got, stats = mask_from_gradients(
+        params, gf, gr, ratio=ratio, backend="triton", nonfinite="lowest", return_stats=True
+    )
+    assert_same(got, expected)
+    assert stats.input_passes == 2 and stats.tie_passes == 0
+    for name in params:
+        assert got.selected(name) == int(expected[name].sum()), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selected_counts_match_the_bits(backend):
+    """The counts the selection hands to the mask (no popcount) equal the bits it wrote."""
+    from wagle_kernels.bitpack import popcount
+
+    params, gf, gr = make_inputs(SHAPES, seed=5, tie_heavy=True)
+    for ratio in (0.0, 0.3, 0.97, 1.0):
+        mask = mask_from_gradients(params, gf, gr, ratio=ratio, backend=backend)
+        for name in params:
+            assert mask.selected(name) == popcount(mask.packed(name)), (ratio, name)
+        assert mask.num_selected == math.floor(ratio * sum(w.numel() for w in params.values()))

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from ._runtime import HAS_TRITON, aligned_attrs, launch_options
@@ -87,6 +88,7 @@ class SelectionStats:
     mask_passes: int = 0
     compacted: bool = False  # the threshold bin was resolved on collected candidates (2 input passes)
     nonfinite: dict[str, int] = field(default_factory=dict)
+    selected: dict[str, int] = field(default_factory=dict)  # set bits per tensor of the masks written
 
     @property
     def input_passes(self) -> int:
@@ -99,19 +101,21 @@ class SelectionStats:
         self.mask_passes += other.mask_passes
         self.compacted = self.compacted or other.compacted
         self.nonfinite.update(other.nonfinite)
+        self.selected.update(other.selected)
 
 
 def pick_bin(counts: torch.Tensor, need: int) -> tuple[int, int, int]:
     """The bin holding the ``need``-th largest key: (digit, keys still needed inside it, keys in it)."""
-    counts = counts.to(torch.int64).cpu()
-    at_or_above = counts.flip(0).cumsum(0).flip(0)  # at_or_above[b] = #keys with digit >= b
-    candidates = (at_or_above >= need).nonzero()
-    if candidates.numel() == 0:
+    host = counts if counts.device.type == "cpu" else counts.cpu()
+    bins = np.asarray(host.numpy(), dtype=np.int64)  # host arithmetic on the host copy
+    at_or_above = np.cumsum(bins[::-1])[::-1]  # at_or_above[b] = #keys with digit >= b
+    candidates = np.flatnonzero(at_or_above >= need)
+    if candidates.size == 0:
         raise RuntimeError(
             f"radix select lost elements: need {need} more but only {int(at_or_above[0])} share the prefix"
         )
     digit = int(candidates.max())
-    in_bin = int(counts[digit])
+    in_bin = int(bins[digit])
     return digit, need - (int(at_or_above[digit]) - in_bin), in_bin
 
 
@@ -147,16 +151,27 @@ def bincount_histogram(
     digit_bits: int,
     chunk: int = 1 << 22,
 ) -> torch.Tensor:
-    """The ``histogram`` of :func:`find_threshold` over int32 key tensors, with ``torch.bincount``."""
-    counts = torch.zeros(1 << digit_bits, dtype=torch.int64)
+    """The ``histogram`` of :func:`find_threshold` over int32 key tensors, with ``torch.bincount``.
+
+    Keys outside the prefix are counted in an extra bin that is dropped, so the counts stay on the
+    keys' device until the one copy to the host at the end."""
+    bins = 1 << digit_bits
+    totals: dict[torch.device, torch.Tensor] = {}
     for key in keys:
         for lo in range(0, key.numel(), chunk):
             part = key[lo : lo + chunk]
+            digits = ((part >> digit_shift) & (bins - 1)).long()
             if prefix_shift < KEY_BITS:
-                part = part[(part >> prefix_shift) == prefix]
-            digits = ((part >> digit_shift) & ((1 << digit_bits) - 1)).long()
-            counts += torch.bincount(digits, minlength=1 << digit_bits).cpu()
-    return counts
+                digits = torch.where((part >> prefix_shift) == prefix, digits, bins)
+            counted = torch.bincount(digits, minlength=bins + 1)[:bins]
+            if part.device in totals:
+                totals[part.device] += counted
+            else:
+                totals[part.device] = counted
+    counts = np.zeros(bins, dtype=np.int64)  # host arithmetic on the host copies
+    for total in totals.values():
+        counts += (total if total.device.type == "cpu" else total.cpu()).numpy()
+    return torch.from_numpy(counts)
 
 
 def local_ties(threshold: Threshold, equal_before: int) -> Threshold:
@@ -283,6 +298,7 @@ class TorchSelector(_RadixSelect):
         out = {}
         for src, keys in zip(self.sources, self.keys, strict=True):
             packed = torch.empty(packed_size(src.numel), dtype=torch.uint8, device=keys.device)
+            set_bits = 0
             for index, part in enumerate(self._chunks(keys)):
                 selected = part > t
                 if ties_left > 0:
@@ -295,7 +311,9 @@ class TorchSelector(_RadixSelect):
                     ties_left -= min(count, ties_left)
                 lo = index * self.chunk // 8
                 packed[lo : lo + packed_size(part.numel())] = pack_bits(selected)
+                set_bits += int(selected.sum())
             out[src.name] = packed
+            self.stats.selected[src.name] = set_bits
         return out
 
 
@@ -309,7 +327,10 @@ if HAS_TRITON:
     from .bitpack import pack_block
     from .scores import key_block, score_block
 
-    _NO_SPECIALIZE = ["n", "start", "inv_gamma", "seed", "prefix", "threshold", "ties"]
+    # ``n`` is specialised (the JIT compiles a variant for n % 16 == 0): the bounds mask ``offs < n`` is
+    # then known to be uniform over 16 lanes and the loads are 128-bit; other n get their own, still
+    # exact, variant.
+    _NO_SPECIALIZE = ["start", "inv_gamma", "seed", "prefix", "threshold", "ties"]
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _histogram_kernel(
@@ -318,6 +339,7 @@ if HAS_TRITON:
         gr_ptr,
         hist_ptr,
         nonfinite_ptr,
+        zeros_ptr,
         n,
         start,
         inv_gamma,
@@ -339,6 +361,10 @@ if HAS_TRITON:
         histogram is needed. Persistent: program pid walks blocks pid, pid + P, ... (P = ``programs``,
         ``iterations`` = ceil(blocks / P)) and adds its private histogram to the global one once, so a
         pass makes P * 2^B global atomics instead of one histogram per block.
+
+        With COUNT_NONFINITE (the first pass) it also adds the tensor's non-finite scores (key 0) to
+        ``nonfinite_ptr[0]`` and stores each block's count of exactly-zero scores (key 1) at
+        ``zeros_ptr[block]``: the rank offsets of the zero-score tie, the common huge tie.
         """
         pid = tl.program_id(0)
         bins = tl.arange(0, 1 << DIGIT_BITS)
@@ -356,6 +382,9 @@ if HAS_TRITON:
             total += (hist - tl.where(bins == 0, outside, 0)).to(tl.int64)
             if COUNT_NONFINITE:
                 bad += (valid & (key == 0)).to(tl.int32)
+                block = (pid + it * programs).to(tl.int64)
+                zero = tl.sum((valid & (key == 1)).to(tl.int32), axis=0)
+                tl.store(zeros_ptr + block, zero.to(tl.int64), mask=block * BLOCK < n)
             it += 1
         tl.atomic_add(hist_ptr + bins, total)
         if COUNT_NONFINITE:
@@ -389,6 +418,7 @@ if HAS_TRITON:
         gr_ptr,
         out_ptr,
         tie_offset_ptr,
+        count_ptr,
         n,
         start,
         inv_gamma,
@@ -399,7 +429,8 @@ if HAS_TRITON:
         HAS_TIES: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """bit_i = key_i > T or (key_i == T and rank_i < ties); bit i % 8 of byte i // 8.
+        """bit_i = key_i > T or (key_i == T and rank_i < ties); bit i % 8 of byte i // 8; the block's
+        number of set bits is added to ``count_ptr[0]``.
 
         rank_i = (# keys equal to T before this block, over all tensors in order) + (# before i in block).
         """
@@ -414,6 +445,7 @@ if HAS_TRITON:
             before = tl.cumsum(equal_count, axis=0) - equal_count
             rank = tl.load(tie_offset_ptr + pid) + before.to(tl.int64)
             selected = selected | (equal & (rank < ties))
+        tl.atomic_add(count_ptr, tl.sum(selected.to(tl.int64), axis=0))
         packed = pack_block(selected, BLOCK)
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
@@ -427,6 +459,7 @@ if HAS_TRITON:
         cand_key_ptr,
         cand_pos_ptr,
         counter_ptr,
+        count_ptr,
         n,
         start,
         inv_gamma,
@@ -439,8 +472,9 @@ if HAS_TRITON:
     ):
         """One pass that settles every key outside the threshold bin [low, high] and collects the rest.
 
-        bit_i = key_i > high (packed as in ``_mask_kernel``); keys with low <= key_i <= high are appended
-        as (key_i, start + i) to the candidate buffers at slots reserved per block with one atomic add.
+        bit_i = key_i > high (packed as in ``_mask_kernel``, counted into ``count_ptr[0]``); keys with
+        low <= key_i <= high are appended as (key_i, start + i) to the candidate buffers at slots reserved
+        per block with one atomic add.
         """
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -456,6 +490,7 @@ if HAS_TRITON:
             keep = candidate & (slot < capacity)
             tl.store(cand_key_ptr + slot, key, mask=keep)
             tl.store(cand_pos_ptr + slot, start + offs, mask=keep)
+        tl.atomic_add(count_ptr, tl.sum(selected.to(tl.int64), axis=0))
         packed = pack_block(selected, BLOCK)
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
@@ -475,7 +510,7 @@ def compile_variants(block: int = 4096):
     """``(label, kernel, signature, constexprs, attrs)`` of every selection kernel variant, for
     ahead-of-time compile checks (``tests/compile_kernels.py``): the first-digit histogram for every
     registered score method, the other kernels for ``wagle``. ``attrs`` are the JIT's specialisation of
-    16-byte aligned pointers (what ``torch`` allocations give)."""
+    16-byte aligned pointers (what ``torch`` allocations give) and of ``n % 16 == 0`` (Llama-2's sizes)."""
     inputs = {"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32"}
     scalars = {"n": "i64", "start": "i64", "inv_gamma": "fp32", "seed": "i32"}
     wagle = SCORE_METHODS["wagle"].kernel_id
@@ -483,6 +518,7 @@ def compile_variants(block: int = 4096):
         **inputs,
         "hist_ptr": "*i64",
         "nonfinite_ptr": "*i64",
+        "zeros_ptr": "*i64",
         **scalars,
         "prefix": "i32",
         "programs": "i32",
@@ -577,11 +613,16 @@ def compile_variants(block: int = 4096):
         )
     )
     for label, fn, signature, constexprs in variants:
-        yield label, fn, signature, constexprs, aligned_attrs(signature)
+        yield label, fn, signature, constexprs, aligned_attrs(signature, divisible=("n",))
 
 
 class TritonSelector(_RadixSelect):
-    """Kernel backend: every pass recomputes scores from the inputs; one launch per tensor per pass."""
+    """Kernel backend: every pass recomputes scores from the inputs; one launch per tensor per pass.
+
+    Host syncs per selection are constant: one after the first histogram pass (bins, non-finite and
+    zero-score counts together), at most three while resolving candidates, one for the per-tensor
+    selected counts.
+    """
 
     def __init__(
         self,
@@ -603,7 +644,9 @@ class TritonSelector(_RadixSelect):
         self.device = device or self._device()
         self.stats = SelectionStats()
         self._counted_nonfinite = False
-        self._cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
+        self._cache: tuple[tuple[int, int, int, int], np.ndarray] | None = None  # the last pass, on the host
+        self._zero_blocks: list[torch.Tensor] | None = None  # per source: zero-score count per block
+        self._zeros = 0  # exactly-zero scores (key 1) over all sources
         self.candidate_fraction = candidate_fraction
         if max_programs is None:  # persistent histogram programs: a few per SM on a GPU
             cuda = self.device.type == "cuda"
@@ -629,48 +672,61 @@ class TritonSelector(_RadixSelect):
         placeholder = present[0] if present else torch.empty(1, dtype=torch.float32, device=self.device)
         return tuple(t if t is not None else placeholder for t in moved)
 
-    def _grid(self, src: ScoreSource) -> tuple[int]:
-        return (triton.cdiv(src.numel, self.block),)
+    def _blocks(self, src: ScoreSource) -> int:
+        return triton.cdiv(src.numel, self.block)
+
+    def _block_buffer(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One int64 buffer with a region of one counter per block for each source, and the regions."""
+        sizes = [self._blocks(src) for src in self.sources]
+        flat = torch.zeros(max(1, sum(sizes)), dtype=torch.int64, device=self.device)
+        return flat, list(torch.split(flat[: sum(sizes)], sizes)) if sizes else []
 
     def histogram(self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
         args = (prefix, prefix_shift, digit_shift, digit_bits)
         if self._cache is not None and self._cache[0] == args:
-            return self._cache[1].clone()
-        hist = torch.zeros(1 << digit_bits, dtype=torch.int64, device=self.device)
+            return torch.from_numpy(self._cache[1].copy())
+        first = not self._counted_nonfinite
+        bins = 1 << digit_bits
+        # bins, then per source its non-finite count, then the total of zero-score keys
+        counts = torch.zeros(bins + len(self.sources) + 1, dtype=torch.int64, device=self.device)
+        zeros_flat, zero_blocks = self._block_buffer() if first else (counts, [])
         self.stats.histogram_passes += 1
-        count_nonfinite = not self._counted_nonfinite
-        nonfinite = torch.zeros(max(1, len(self.sources)), dtype=torch.int64, device=self.device)
         for index, src in enumerate(self.sources):
             if src.numel == 0:
                 continue
-            programs = min(self._grid(src)[0], self.max_programs)
+            programs = min(self._blocks(src), self.max_programs)
             _histogram_kernel[(programs,)](
                 *self._inputs(src),
-                hist,
-                nonfinite[index:],
+                counts,
+                counts[bins + index :],
+                zero_blocks[index] if first else counts,
                 src.numel,
                 src.start,
                 self.spec.inv_gamma,
                 self.spec.seed,
                 prefix,
                 programs,
-                triton.cdiv(self._grid(src)[0], programs),
+                triton.cdiv(self._blocks(src), programs),
                 PREFIX_SHIFT=prefix_shift,
                 DIGIT_SHIFT=digit_shift,
                 DIGIT_BITS=digit_bits,
                 METHOD=self.method_id,
-                COUNT_NONFINITE=count_nonfinite,
+                COUNT_NONFINITE=first,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
             )
-        if count_nonfinite:
-            counts = nonfinite.tolist()
-            self.stats.nonfinite = {src.name: int(counts[i]) for i, src in enumerate(self.sources)}
+        if first:
+            counts[-1] = zeros_flat.sum()
+        host = counts.cpu().numpy().copy()  # the pass's one host sync; host arithmetic in numpy
+        if first:
+            nonfinite = host[bins : bins + len(self.sources)]
+            self.stats.nonfinite = {src.name: int(nonfinite[i]) for i, src in enumerate(self.sources)}
+            self._zero_blocks = zero_blocks
+            self._zeros = int(host[-1])
             self._counted_nonfinite = True
-        result = hist.cpu()
-        self._cache = (args, result.clone())
-        return result
+        self._cache = (args, host[:bins])
+        return torch.from_numpy(host[:bins].copy())
 
     def nonfinite_counts(self) -> dict[str, int]:
         """Run the first histogram pass if none ran yet (it also counts non-finite scores per tensor)."""
@@ -679,9 +735,44 @@ class TritonSelector(_RadixSelect):
         return dict(self.stats.nonfinite)
 
     def select(self, k: int, n: int) -> dict[str, torch.Tensor]:
-        """The two-pass candidate route when the threshold bin is small, else the full radix passes."""
-        masks = self.select_compact(k, n)
-        return masks if masks is not None else super().select(k, n)
+        """Two passes over the inputs whenever the first histogram allows (module docstring), else the
+        full radix passes."""
+        if 0 < k < n:
+            shift, bits = RADIX_DIGITS[0]
+            digit, need, in_bin = pick_bin(self.histogram(0, KEY_BITS, shift, bits), k)
+            if digit == 0 and need < in_bin:  # the bin of the lowest keys: zero scores and NaN/Inf
+                masks = self._select_lowest_bin(need, in_bin)
+                if masks is not None:
+                    return masks
+            masks = self.select_compact(k, n)
+            if masks is not None:
+                return masks
+        return super().select(k, n)
+
+    def _select_lowest_bin(self, need: int, in_bin: int) -> dict[str, torch.Tensor] | None:
+        """The threshold lies in the lowest top-digit bin, which holds the exactly-zero scores (key 1,
+        often a huge tie) and the non-finite ones (key 0). With ``positive`` keys >= 2 in the bin:
+
+        * need <= positive: the candidates are the positive keys alone (the zeros are never collected);
+        * positive < need <= positive + zeros: every key >= 2 plus the first ``need - positive`` zero
+          scores by position, one mask pass with the zero counts per block of the first pass as tie
+          offsets (no tie pass).
+
+        Returns None where neither applies (the threshold among the non-finite scores).
+        """
+        nonfinite = sum(self.stats.nonfinite.values())
+        positive = in_bin - self._zeros - nonfinite
+        if need <= positive:
+            return self.select_compact_range(2, (1 << RADIX_DIGITS[0][0]) - 1, need, positive)
+        if need <= positive + self._zeros:
+            tie_offsets = torch.cat(self._zero_blocks) if self._zero_blocks else None
+            if tie_offsets is not None:
+                tie_offsets = tie_offsets.cumsum(0) - tie_offsets
+                offsets = list(torch.split(tie_offsets, [self._blocks(src) for src in self.sources]))
+            else:
+                offsets = None
+            return self._mask_pass(Threshold(1, need - positive), offsets)
+        return None
 
     def _packed_regions(self) -> tuple[torch.Tensor, list[int]]:
         """One uint8 buffer for all packed masks, each region starting at a multiple of 4 bytes."""
@@ -703,43 +794,53 @@ class TritonSelector(_RadixSelect):
             return None
         shift, bits = RADIX_DIGITS[0]
         digit, need, in_bin = pick_bin(self.histogram(0, KEY_BITS, shift, bits), k)
-        capacity = int(self.candidate_fraction * n) + 1024
-        if need == in_bin or in_bin > capacity:
+        if need == in_bin:
             return None
-        low, high = digit << shift, ((digit + 1) << shift) - 1
+        return self.select_compact_range(digit << shift, ((digit + 1) << shift) - 1, need, in_bin)
+
+    def select_compact_range(
+        self, low: int, high: int, need: int, in_range: int
+    ) -> dict[str, torch.Tensor] | None:
+        """Select every key above ``high`` and the top ``need`` of the ``in_range`` keys in
+        ``[low, high]`` (collected as candidates); None when they do not fit the candidate buffer."""
+        n = sum(src.numel for src in self.sources)
+        capacity = int(self.candidate_fraction * n) + 1024
+        if self.candidate_fraction <= 0 or in_range > capacity:
+            return None
         buffer, offsets = self._packed_regions()
-        cand_keys = torch.empty(max(in_bin, 1), dtype=torch.int32, device=self.device)
-        cand_pos = torch.empty(max(in_bin, 1), dtype=torch.int64, device=self.device)
-        counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+        cand_keys = torch.empty(max(in_range, 1), dtype=torch.int32, device=self.device)
+        cand_pos = torch.empty(max(in_range, 1), dtype=torch.int64, device=self.device)
+        # the candidate counter, then the selected bits per source
+        counters = torch.zeros(1 + len(self.sources), dtype=torch.int64, device=self.device)
         views = {}
-        for src, offset in zip(self.sources, offsets, strict=True):
+        for index, (src, offset) in enumerate(zip(self.sources, offsets, strict=True)):
             view = buffer[offset : offset + packed_size(src.numel)]
             views[src.name] = view
             if src.numel == 0:
                 continue
-            _mask_compact_kernel[self._grid(src)](
+            _mask_compact_kernel[(self._blocks(src),)](
                 *self._inputs(src),
                 view,
                 cand_keys,
                 cand_pos,
-                counter,
+                counters,
+                counters[1 + index :],
                 src.numel,
                 src.start,
                 self.spec.inv_gamma,
                 self.spec.seed,
                 low,
                 high,
-                in_bin,
+                in_range,
                 METHOD=self.method_id,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
             )
-        found = int(counter.item())
-        if found != in_bin:
-            raise RuntimeError(f"candidate pass found {found} keys in the threshold bin, expected {in_bin}")
-        cand_keys, cand_pos = cand_keys[:in_bin], cand_pos[:in_bin]
-        threshold, _ = find_threshold(lambda *args: bincount_histogram([cand_keys], *args), need, in_bin)
+        self.stats.mask_passes += 1
+        self.stats.compacted = True
+        cand_keys, cand_pos = cand_keys[:in_range], cand_pos[:in_range]
+        threshold, _ = find_threshold(lambda *args: bincount_histogram([cand_keys], *args), need, in_range)
         chosen = cand_pos[cand_keys > threshold.key_threshold]
         if threshold.ties:
             tied = cand_pos[cand_keys == threshold.key_threshold]
@@ -747,6 +848,7 @@ class TritonSelector(_RadixSelect):
         starts = torch.tensor([src.start for src in self.sources], dtype=torch.int64, device=self.device)
         regions = torch.tensor(offsets, dtype=torch.int64, device=self.device)
         owner = torch.searchsorted(starts, chosen, right=True) - 1
+        counters[1:] += torch.bincount(owner, minlength=len(self.sources))
         bit_index = regions[owner] * 8 + (chosen - starts[owner])
         if bit_index.numel():
             _set_bits_kernel[(triton.cdiv(bit_index.numel(), self.block),)](
@@ -756,18 +858,21 @@ class TritonSelector(_RadixSelect):
                 BLOCK=self.block,
                 num_warps=self.num_warps,
             )
-        self.stats.compacted = True
-        self.stats.mask_passes += 1
+        host = counters.tolist()  # one sync: the candidate count and the selected bits per source
+        if host[0] != in_range:
+            raise RuntimeError(
+                f"candidate pass found {host[0]} keys in the threshold bin, expected {in_range}"
+            )
+        self.stats.selected = {src.name: int(host[1 + i]) for i, src in enumerate(self.sources)}
         return views
 
     def _tie_counts_per_block(self, key: int) -> list[torch.Tensor]:
         """One tie pass: per source, the number of keys equal to ``key`` in each block."""
         self.stats.tie_passes += 1
-        per_block = []
-        for src in self.sources:
-            counts = torch.zeros(max(1, self._grid(src)[0]), dtype=torch.int64, device=self.device)
+        _, per_block = self._block_buffer()
+        for src, counts in zip(self.sources, per_block, strict=True):
             if src.numel:
-                _tie_count_kernel[self._grid(src)](
+                _tie_count_kernel[(self._blocks(src),)](
                     *self._inputs(src),
                     counts,
                     src.numel,
@@ -780,32 +885,42 @@ class TritonSelector(_RadixSelect):
                     num_warps=self.num_warps,
                     **launch_options(),
                 )
-            per_block.append(counts[: self._grid(src)[0]])
         return per_block
 
     def tie_count(self, key: int) -> int:
+        if key == 1 and self._zero_blocks is not None:  # the first pass counted the zero scores
+            return self._zeros
         return int(sum(int(c.sum()) for c in self._tie_counts_per_block(key)))
 
     def write_masks(self, threshold: Threshold) -> dict[str, torch.Tensor]:
-        tie_offsets: list[torch.Tensor | None] = [None] * len(self.sources)
-        self.stats.mask_passes += 1
+        offsets = None
         if threshold.ties > 0:
-            per_block = self._tie_counts_per_block(threshold.key_threshold)
-            flat = torch.cat(per_block)
+            if threshold.key_threshold == 1 and self._zero_blocks is not None:
+                per_block = self._zero_blocks  # zero-score counts per block from the first pass
+            else:
+                per_block = self._tie_counts_per_block(threshold.key_threshold)
+            flat = torch.cat(per_block) if per_block else torch.zeros(0, dtype=torch.int64)
             exclusive = flat.cumsum(0) - flat
-            offset = 0
-            for index, counts in enumerate(per_block):
-                tie_offsets[index] = exclusive[offset : offset + counts.numel()]
-                offset += counts.numel()
+            offsets = list(torch.split(exclusive, [c.numel() for c in per_block]))
+        return self._mask_pass(threshold, offsets)
+
+    def _mask_pass(
+        self, threshold: Threshold, tie_offsets: list[torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """One mask pass for ``threshold``; ``tie_offsets``: per source, the exclusive rank offset of
+        each block among the keys equal to the threshold (needed when ``threshold.ties > 0``)."""
+        self.stats.mask_passes += 1
+        counts = torch.zeros(max(1, len(self.sources)), dtype=torch.int64, device=self.device)
         out = {}
         for index, src in enumerate(self.sources):
             packed = torch.empty(packed_size(src.numel), dtype=torch.uint8, device=self.device)
             if src.numel:
-                has_ties = tie_offsets[index] is not None
-                _mask_kernel[self._grid(src)](
+                has_ties = tie_offsets is not None and threshold.ties > 0
+                _mask_kernel[(self._blocks(src),)](
                     *self._inputs(src),
                     packed,
                     tie_offsets[index] if has_ties else packed,
+                    counts[index:],
                     src.numel,
                     src.start,
                     self.spec.inv_gamma,
@@ -819,6 +934,8 @@ class TritonSelector(_RadixSelect):
                     **launch_options(),
                 )
             out[src.name] = packed
+        host = counts.tolist()  # one sync for every tensor's selected count
+        self.stats.selected = {src.name: int(host[i]) for i, src in enumerate(self.sources)}
         return out
 
 

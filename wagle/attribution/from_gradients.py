@@ -84,6 +84,15 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().reshape(-1).contiguous()
 
 
+def _selected_counts(stats: SelectionStats, shapes: dict[str, tuple[int, ...]]) -> dict[str, int] | None:
+    """Set bits per tensor as the selection counted them (None when it did not count every tensor)."""
+    counts = dict(stats.selected)
+    for name, shape in shapes.items():
+        if name not in counts and math.prod(shape) == 0:
+            counts[name] = 0
+    return counts if set(counts) >= set(shapes) else None
+
+
 def mask_from_gradients(
     params: TensorMap,
     grad_forget: TensorMap | None,
@@ -223,5 +232,9 @@ def mask_from_gradients(
         metadata["seed"] = str(seed)
     if entry.needs_gamma:
         metadata["gamma"] = repr(float(gamma))
-    mask = WeightMask({name: (shapes[name], packed[name]) for name in shapes}, metadata)
+    mask = WeightMask(
+        {name: (shapes[name], packed[name]) for name in shapes},
+        metadata,
+        counts=_selected_counts(stats, shapes),
+    )
     return (mask, stats) if return_stats else mask
