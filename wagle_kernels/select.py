@@ -120,20 +120,30 @@ def pick_bin(counts: torch.Tensor, need: int) -> tuple[int, int, int]:
 
 
 def find_threshold(
-    histogram: Callable[[int, int, int, int], torch.Tensor], k: int, n: int
+    histogram: Callable[[int, int, int, int], torch.Tensor],
+    k: int,
+    n: int,
+    *,
+    level: int = 0,
+    prefix: int = 0,
 ) -> tuple[Threshold, int]:
     """Radix-select the threshold of the top ``k`` of ``n`` keys.
 
     ``histogram(prefix, prefix_shift, digit_shift, digit_bits)`` returns int64 counts of the digit
     ``(key >> digit_shift) & (2^digit_bits - 1)`` over keys with ``key >> prefix_shift == prefix``.
-    Returns the threshold and the number of histogram passes used.
+    ``level``/``prefix``: start at digit ``level`` when all ``n`` keys share the digits above it
+    (``prefix``), e.g. candidates collected from one top-digit bin. Returns the threshold and the
+    number of histogram passes used.
     """
     if k <= 0:
         return Threshold.nothing(), 0
     if k >= n:
-        return Threshold.everything(), 0
-    prefix, need, passes = 0, k, 0
-    for shift, bits in RADIX_DIGITS:
+        if level == 0:
+            return Threshold.everything(), 0
+        shift = RADIX_DIGITS[level - 1][0]
+        return Threshold((prefix << shift) - 1, 0), 0
+    need, passes = k, 0
+    for shift, bits in RADIX_DIGITS[level:]:
         counts = histogram(prefix, shift + bits, shift, bits)
         passes += 1
         digit, need, in_bin = pick_bin(counts, need)
@@ -450,18 +460,19 @@ if HAS_TRITON:
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["low", "high", "capacity"])
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["bit_base", "low", "high", "capacity"])
     def _mask_compact_kernel(
         w_ptr,
         gf_ptr,
         gr_ptr,
         out_ptr,
         cand_key_ptr,
-        cand_pos_ptr,
+        cand_bit_ptr,
         counter_ptr,
         count_ptr,
         n,
         start,
+        bit_base,
         inv_gamma,
         seed,
         low,
@@ -473,8 +484,9 @@ if HAS_TRITON:
         """One pass that settles every key outside the threshold bin [low, high] and collects the rest.
 
         bit_i = key_i > high (packed as in ``_mask_kernel``, counted into ``count_ptr[0]``); keys with
-        low <= key_i <= high are appended as (key_i, start + i) to the candidate buffers at slots reserved
-        per block with one atomic add.
+        low <= key_i <= high are appended as (key_i, bit_base + i) to the candidate buffers at slots
+        reserved per block with one atomic add. ``bit_base + i`` is the element's bit in the buffer of
+        all packed masks (regions in tensor order), so it orders candidates like global positions.
         """
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -489,7 +501,7 @@ if HAS_TRITON:
             slot = base + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
             keep = candidate & (slot < capacity)
             tl.store(cand_key_ptr + slot, key, mask=keep)
-            tl.store(cand_pos_ptr + slot, start + offs, mask=keep)
+            tl.store(cand_bit_ptr + slot, bit_base + offs, mask=keep)
         tl.atomic_add(count_ptr, tl.sum(selected.to(tl.int64), axis=0))
         packed = pack_block(selected, BLOCK)
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
@@ -505,114 +517,159 @@ if HAS_TRITON:
         value = (tl.full(offs.shape, 1, tl.uint32) << (bit & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
         tl.atomic_or(words_ptr + (bit >> 5), value, mask=valid)
 
+    @triton.jit(do_not_specialize=["prefix"])
+    def _key_histogram_kernel(
+        key_ptr,
+        hist_ptr,
+        m,
+        prefix,
+        programs,
+        iterations,
+        PREFIX_SHIFT: tl.constexpr,
+        DIGIT_SHIFT: tl.constexpr,
+        DIGIT_BITS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """``_histogram_kernel`` over ``m`` stored int32 keys (the collected candidates)."""
+        pid = tl.program_id(0)
+        bins = tl.arange(0, 1 << DIGIT_BITS)
+        total = tl.zeros((1 << DIGIT_BITS,), tl.int64)
+        it = 0
+        while it < iterations:
+            offs = (pid + it * programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            valid = offs < m
+            key = tl.load(key_ptr + offs, mask=valid, other=0)
+            inside = valid & ((key >> PREFIX_SHIFT) == prefix)
+            digit = tl.where(inside, (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1), 0)
+            hist = tl.histogram(digit, 1 << DIGIT_BITS)
+            outside = tl.sum((~inside).to(tl.int32), axis=0)
+            total += (hist - tl.where(bins == 0, outside, 0)).to(tl.int64)
+            it += 1
+        tl.atomic_add(hist_ptr + bins, total)
+
+    @triton.jit(do_not_specialize=["threshold"])
+    def _candidate_bits_kernel(
+        key_ptr,
+        bit_ptr,
+        words_ptr,
+        region_ptr,
+        count_ptr,
+        tie_ptr,
+        tie_counter_ptr,
+        m,
+        regions,
+        threshold,
+        HAS_TIES: tl.constexpr,
+        LOG2_REGIONS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Settle candidates: key > threshold sets its bit (``words[b >> 5] |= 1 << (b & 31)``) and adds
+        one to its tensor's count (owner found by a binary search over the ``regions`` sorted first
+        bits at ``region_ptr``); with HAS_TIES, keys equal to the threshold are appended to ``tie_ptr``
+        for the host to pick the lowest positions."""
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < m
+        key = tl.load(key_ptr + offs, mask=valid, other=0)
+        bit = tl.load(bit_ptr + offs, mask=valid, other=0)
+        chosen = valid & (key > threshold)
+        value = (tl.full(offs.shape, 1, tl.uint32) << (bit & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
+        tl.atomic_or(words_ptr + (bit >> 5), value, mask=chosen)
+        owner = tl.zeros(offs.shape, tl.int32)
+        for j in tl.static_range(LOG2_REGIONS):
+            probe = owner + (1 << (LOG2_REGIONS - 1 - j))
+            inside = chosen & (probe < regions)
+            first_bit = tl.load(region_ptr + probe, mask=inside, other=0)
+            owner = tl.where(inside & (first_bit <= bit), probe, owner)
+        tl.atomic_add(count_ptr + owner, tl.full(offs.shape, 1, tl.int64), mask=chosen)
+        if HAS_TIES:
+            equal = valid & (key == threshold)
+            flags = equal.to(tl.int32)
+            count = tl.sum(flags, axis=0)
+            if count > 0:
+                base = tl.atomic_add(tie_counter_ptr, count.to(tl.int64))
+                slot = base + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+                tl.store(tie_ptr + slot, bit, mask=equal)
+
+
+# The compile-check type of every selection kernel argument (by name; upper-case names are constexprs):
+# bf16 inputs with an fp32 retain gradient, the numel types the JIT picks below 2^31 elements.
+COMPILE_ARG_TYPES = {
+    **{"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32", "out_ptr": "*u8", "words_ptr": "*i32"},
+    **{"cand_key_ptr": "*i32", "key_ptr": "*i32"},
+    **dict.fromkeys(
+        ("hist_ptr", "nonfinite_ptr", "zeros_ptr", "counts_ptr", "tie_offset_ptr", "count_ptr"), "*i64"
+    ),
+    **dict.fromkeys(
+        ("cand_bit_ptr", "counter_ptr", "bit_ptr", "region_ptr", "tie_ptr", "tie_counter_ptr"), "*i64"
+    ),
+    **dict.fromkeys(
+        ("n", "m", "seed", "prefix", "programs", "iterations", "threshold", "low", "high"), "i32"
+    ),
+    **dict.fromkeys(("regions",), "i32"),
+    **dict.fromkeys(("start", "bit_base", "ties", "capacity"), "i64"),
+    "inv_gamma": "fp32",
+}
+
+
+def kernel_signature(kernel, types: dict[str, str] = COMPILE_ARG_TYPES) -> dict[str, str]:
+    """``{argument: type or "constexpr"}`` of ``kernel`` in argument order, from its own parameters."""
+    import inspect
+
+    fn = getattr(kernel, "fn", kernel)
+    signature = {}
+    for name in inspect.signature(fn).parameters:
+        if name.isupper():
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        else:
+            raise KeyError(f"kernel_signature: no compile type for argument {name!r} of {fn.__name__}")
+    return signature
+
 
 def compile_variants(block: int = 4096):
     """``(label, kernel, signature, constexprs, attrs)`` of every selection kernel variant, for
     ahead-of-time compile checks (``tests/compile_kernels.py``): the first-digit histogram for every
     registered score method, the other kernels for ``wagle``. ``attrs`` are the JIT's specialisation of
     16-byte aligned pointers (what ``torch`` allocations give) and of ``n % 16 == 0`` (Llama-2's sizes)."""
-    inputs = {"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32"}
-    scalars = {"n": "i64", "start": "i64", "inv_gamma": "fp32", "seed": "i32"}
     wagle = SCORE_METHODS["wagle"].kernel_id
-    histogram_signature = {
-        **inputs,
-        "hist_ptr": "*i64",
-        "nonfinite_ptr": "*i64",
-        "zeros_ptr": "*i64",
-        **scalars,
-        "prefix": "i32",
-        "programs": "i32",
-        "iterations": "i32",
-        "PREFIX_SHIFT": "constexpr",
-        "DIGIT_SHIFT": "constexpr",
-        "DIGIT_BITS": "constexpr",
-        "METHOD": "constexpr",
-        "COUNT_NONFINITE": "constexpr",
-        "BLOCK": "constexpr",
-    }
-    (top_shift, top_bits), (_, _), (last_shift, last_bits) = RADIX_DIGITS
+    (top_shift, top_bits), (mid_shift, mid_bits), (last_shift, last_bits) = RADIX_DIGITS
     first_digit = {"PREFIX_SHIFT": KEY_BITS, "DIGIT_SHIFT": top_shift, "DIGIT_BITS": top_bits}
     last_digit = {"PREFIX_SHIFT": last_shift + last_bits, "DIGIT_SHIFT": last_shift, "DIGIT_BITS": last_bits}
     variants = [
         (
             f"histogram method={name}",
             _histogram_kernel,
-            histogram_signature,
             {**first_digit, "METHOD": m.kernel_id, "COUNT_NONFINITE": True, "BLOCK": block},
         )
         for name, m in SCORE_METHODS.items()
     ]
-    variants.append(
+    variants += [
         (
             "histogram last digit",
             _histogram_kernel,
-            histogram_signature,
             {**last_digit, "METHOD": wagle, "COUNT_NONFINITE": False, "BLOCK": block},
-        )
-    )
-    variants.append(
+        ),
+        ("tie count", _tie_count_kernel, {"METHOD": wagle, "BLOCK": block}),
+        ("mask ties=False", _mask_kernel, {"METHOD": wagle, "HAS_TIES": False, "BLOCK": block}),
+        ("mask ties=True", _mask_kernel, {"METHOD": wagle, "HAS_TIES": True, "BLOCK": block}),
+        ("mask + candidates", _mask_compact_kernel, {"METHOD": wagle, "BLOCK": block}),
+        ("set bits", _set_bits_kernel, {"BLOCK": block}),
         (
-            "tie count",
-            _tie_count_kernel,
+            "candidate histogram",
+            _key_histogram_kernel,
             {
-                **inputs,
-                "counts_ptr": "*i64",
-                **scalars,
-                "threshold": "i32",
-                "METHOD": "constexpr",
-                "BLOCK": "constexpr",
+                "PREFIX_SHIFT": mid_shift + mid_bits,
+                "DIGIT_SHIFT": mid_shift,
+                "DIGIT_BITS": mid_bits,
+                "BLOCK": block,
             },
-            {"METHOD": wagle, "BLOCK": block},
-        )
-    )
-    for has_ties in (False, True):
-        variants.append(
-            (
-                f"mask ties={has_ties}",
-                _mask_kernel,
-                {
-                    **inputs,
-                    "out_ptr": "*u8",
-                    "tie_offset_ptr": "*i64",
-                    **scalars,
-                    "threshold": "i32",
-                    "ties": "i64",
-                    "METHOD": "constexpr",
-                    "HAS_TIES": "constexpr",
-                    "BLOCK": "constexpr",
-                },
-                {"METHOD": wagle, "HAS_TIES": has_ties, "BLOCK": block},
-            )
-        )
-    variants.append(
-        (
-            "mask + candidates",
-            _mask_compact_kernel,
-            {
-                **inputs,
-                "out_ptr": "*u8",
-                "cand_key_ptr": "*i32",
-                "cand_pos_ptr": "*i64",
-                "counter_ptr": "*i64",
-                **scalars,
-                "low": "i32",
-                "high": "i32",
-                "capacity": "i64",
-                "METHOD": "constexpr",
-                "BLOCK": "constexpr",
-            },
-            {"METHOD": wagle, "BLOCK": block},
-        )
-    )
-    variants.append(
-        (
-            "set bits",
-            _set_bits_kernel,
-            {"words_ptr": "*i32", "bit_ptr": "*i64", "m": "i64", "BLOCK": "constexpr"},
-            {"BLOCK": block},
-        )
-    )
-    for label, fn, signature, constexprs in variants:
+        ),
+        ("candidate bits", _candidate_bits_kernel, {"HAS_TIES": True, "LOG2_REGIONS": 9, "BLOCK": block}),
+    ]
+    for label, fn, constexprs in variants:
+        signature = kernel_signature(fn)
         yield label, fn, signature, constexprs, aligned_attrs(signature, divisible=("n",))
 
 
@@ -775,12 +832,13 @@ class TritonSelector(_RadixSelect):
         return None
 
     def _packed_regions(self) -> tuple[torch.Tensor, list[int]]:
-        """One uint8 buffer for all packed masks, each region starting at a multiple of 4 bytes."""
+        """One uint8 buffer for all packed masks, each region starting at a multiple of 4 bytes (left
+        uninitialised: the candidate pass writes every byte of every region before any atomic OR)."""
         offsets, total = [], 0
         for src in self.sources:
             offsets.append(total)
             total += (packed_size(src.numel) + 3) // 4 * 4
-        return torch.zeros(max(total, 4), dtype=torch.uint8, device=self.device), offsets
+        return torch.empty(max(total, 4), dtype=torch.uint8, device=self.device), offsets
 
     def select_compact(self, k: int, n: int) -> dict[str, torch.Tensor] | None:
         """Two passes over the inputs when the threshold bin of the first digit is small.
@@ -802,16 +860,23 @@ class TritonSelector(_RadixSelect):
         self, low: int, high: int, need: int, in_range: int
     ) -> dict[str, torch.Tensor] | None:
         """Select every key above ``high`` and the top ``need`` of the ``in_range`` keys in
-        ``[low, high]`` (collected as candidates); None when they do not fit the candidate buffer."""
+        ``[low, high]`` (one top-digit bin, collected as candidates); None when they do not fit the
+        candidate buffer.
+
+        Candidates are (key, bit index in the buffer of all masks); bit indices order like global
+        positions. The lower digits are histogrammed over the candidates' keys (4 bytes each per
+        digit), one kernel sets the bits of the candidates above the threshold and counts them per
+        tensor, and only the candidates equal to the threshold (the tie) are ranked by position.
+        """
         n = sum(src.numel for src in self.sources)
         capacity = int(self.candidate_fraction * n) + 1024
         if self.candidate_fraction <= 0 or in_range > capacity:
             return None
         buffer, offsets = self._packed_regions()
         cand_keys = torch.empty(max(in_range, 1), dtype=torch.int32, device=self.device)
-        cand_pos = torch.empty(max(in_range, 1), dtype=torch.int64, device=self.device)
-        # the candidate counter, then the selected bits per source
-        counters = torch.zeros(1 + len(self.sources), dtype=torch.int64, device=self.device)
+        cand_bits = torch.empty(max(in_range, 1), dtype=torch.int64, device=self.device)
+        # the candidate counter, the tie counter, then the selected bits per source
+        counters = torch.zeros(2 + len(self.sources), dtype=torch.int64, device=self.device)
         views = {}
         for index, (src, offset) in enumerate(zip(self.sources, offsets, strict=True)):
             view = buffer[offset : offset + packed_size(src.numel)]
@@ -822,11 +887,12 @@ class TritonSelector(_RadixSelect):
                 *self._inputs(src),
                 view,
                 cand_keys,
-                cand_pos,
+                cand_bits,
                 counters,
-                counters[1 + index :],
+                counters[2 + index :],
                 src.numel,
                 src.start,
+                offset * 8,
                 self.spec.inv_gamma,
                 self.spec.seed,
                 low,
@@ -839,32 +905,72 @@ class TritonSelector(_RadixSelect):
             )
         self.stats.mask_passes += 1
         self.stats.compacted = True
-        cand_keys, cand_pos = cand_keys[:in_range], cand_pos[:in_range]
-        threshold, _ = find_threshold(lambda *args: bincount_histogram([cand_keys], *args), need, in_range)
-        chosen = cand_pos[cand_keys > threshold.key_threshold]
-        if threshold.ties:
-            tied = cand_pos[cand_keys == threshold.key_threshold]
-            chosen = torch.cat([chosen, torch.topk(tied, threshold.ties, largest=False).values])
-        starts = torch.tensor([src.start for src in self.sources], dtype=torch.int64, device=self.device)
-        regions = torch.tensor(offsets, dtype=torch.int64, device=self.device)
-        owner = torch.searchsorted(starts, chosen, right=True) - 1
-        counters[1:] += torch.bincount(owner, minlength=len(self.sources))
-        bit_index = regions[owner] * 8 + (chosen - starts[owner])
-        if bit_index.numel():
-            _set_bits_kernel[(triton.cdiv(bit_index.numel(), self.block),)](
+        top = low >> RADIX_DIGITS[0][0]
+        threshold, _ = find_threshold(
+            self._candidate_histogram(cand_keys, in_range), need, in_range, level=1, prefix=top
+        )
+        regions = torch.tensor([offset * 8 for offset in offsets], dtype=torch.int64, device=self.device)
+        tied = torch.empty(max(in_range, 1) if threshold.ties else 1, dtype=torch.int64, device=self.device)
+        if in_range:
+            _candidate_bits_kernel[(triton.cdiv(in_range, self.block),)](
+                cand_keys,
+                cand_bits,
                 buffer.view(torch.int32),
-                bit_index,
-                bit_index.numel(),
+                regions,
+                counters[2:],
+                tied,
+                counters[1:],
+                in_range,
+                len(self.sources),
+                threshold.key_threshold,
+                HAS_TIES=threshold.ties > 0,
+                LOG2_REGIONS=max(1, (len(self.sources) - 1).bit_length()),
                 BLOCK=self.block,
                 num_warps=self.num_warps,
             )
-        host = counters.tolist()  # one sync: the candidate count and the selected bits per source
+        if threshold.ties:  # the tie: the lowest positions among the candidates equal to the threshold
+            last_shift, last_bits = RADIX_DIGITS[-1]
+            equal = int(self._last_hist[(threshold.key_threshold >> last_shift) & ((1 << last_bits) - 1)])
+            chosen = torch.topk(tied[:equal], threshold.ties, largest=False).values
+            owner = torch.searchsorted(regions, chosen, right=True) - 1
+            counters[2:] += torch.bincount(owner, minlength=len(self.sources))
+            _set_bits_kernel[(triton.cdiv(chosen.numel(), self.block),)](
+                buffer.view(torch.int32), chosen, chosen.numel(), BLOCK=self.block, num_warps=self.num_warps
+            )
+        host = counters.tolist()  # one sync: candidate count and the selected bits per source
         if host[0] != in_range:
             raise RuntimeError(
                 f"candidate pass found {host[0]} keys in the threshold bin, expected {in_range}"
             )
-        self.stats.selected = {src.name: int(host[1 + i]) for i, src in enumerate(self.sources)}
+        self.stats.selected = {src.name: int(host[2 + i]) for i, src in enumerate(self.sources)}
         return views
+
+    def _candidate_histogram(self, keys: torch.Tensor, m: int):
+        """``find_threshold``'s histogram over the first ``m`` candidate keys (one sync per digit); it
+        remembers the count of the bin it last reported (the tie size at the last digit)."""
+
+        def histogram(prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
+            hist = torch.zeros(1 << digit_bits, dtype=torch.int64, device=self.device)
+            blocks = max(1, triton.cdiv(m, self.block))
+            programs = min(blocks, self.max_programs)
+            _key_histogram_kernel[(programs,)](
+                keys,
+                hist,
+                m,
+                prefix,
+                programs,
+                triton.cdiv(blocks, programs),
+                PREFIX_SHIFT=prefix_shift,
+                DIGIT_SHIFT=digit_shift,
+                DIGIT_BITS=digit_bits,
+                BLOCK=self.block,
+                num_warps=self.num_warps,
+            )
+            host = hist.cpu().numpy().copy()
+            self._last_hist = host
+            return torch.from_numpy(host)
+
+        return histogram
 
     def _tie_counts_per_block(self, key: int) -> list[torch.Tensor]:
         """One tie pass: per source, the number of keys equal to ``key`` in each block."""
