@@ -381,6 +381,21 @@ def _counts(traffic: Traffic) -> dict:
 RATIOS = (0.1, 0.5, 0.95)
 
 
+def launches_per_selection(layers: int = 32) -> dict:
+    """Kernel launches, torch ops and host syncs of one selection (common and tie-heavy case, ratio
+    0.5 / 0.95) and of one masked AdamW step over Llama-2-7B's 291 tensors (the tensor count of
+    ``layers`` decoder layers, each tensor shrunk to a few hundred weights: launches depend on the
+    tensor count, not on the sizes)."""
+    shapes = scaled_llama_shapes(hidden=16, intermediate=43, vocab=64, layers=layers)
+    out = {"tensors": len(shapes)}
+    for case, ratio in (("common", 0.5), ("tie_heavy", 0.95)):
+        row = measure_mask(shapes, case, ratio)
+        out[f"mask_{case}"] = {k: row[k] for k in ("kernel_launches", "torch_ops", "host_syncs", "kernels")}
+    row = measure_optimizer(shapes, "compact", 0.5)
+    out["adamw_compact"] = {k: row[k] for k in ("kernel_launches", "torch_ops", "host_syncs")}
+    return out
+
+
 def run_all(shapes=None) -> list[dict]:
     shapes = shapes or scaled_llama_shapes()
     rows = [measure_mask(shapes, case, r) for case in ("common", "tie_heavy") for r in RATIOS]
@@ -420,6 +435,7 @@ def main(argv=None) -> int:
         hidden=args.hidden, intermediate=round(args.hidden * 2.6875), vocab=4 * args.hidden
     )
     rows = run_all(shapes)
+    launches = launches_per_selection()
     info = environment()
     info["device"] = "interpreter"
     path = args.out or results_path("traffic-llama2-scaled", info)
@@ -435,6 +451,7 @@ def main(argv=None) -> int:
         },
     )
     print(format_table(rows))
+    print(f"Llama-2-7B tensor count ({launches['tensors']}): {launches}")
     print(f"results: {path}")
     return 0
 
