@@ -30,7 +30,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPE_SETS, copy_bandwidth, environment, results_path, synchronize, write_json  # noqa: E402
+from common import (  # noqa: E402
+    SHAPE_SETS,
+    copy_bandwidth,
+    environment,
+    results_path,
+    synchronize,
+    time_stats,
+    write_json,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -148,7 +156,8 @@ def configure_selector(config: dict | None, device) -> None:
 
 
 def _measure(method, args, params, gf, gr, ratio, phases):
-    """Median time, peak memory and pass counts of one method at one ratio (first run warms up)."""
+    """Times (min and median), peak memory and pass counts of one method at one ratio (the first run
+    warms up)."""
     from wagle.attribution import mask_from_gradients
 
     cuda = args.device == "cuda"
@@ -180,12 +189,13 @@ def _measure(method, args, params, gf, gr, ratio, phases):
             result.num_selected if method != "reference" else int(sum(int(m.sum()) for m in result.values()))
         )
         del result
-    times.sort()
+    timing = time_stats(times)
     return {
         "method": method,
         "ratio": ratio,
-        "seconds": times[len(times) // 2],
-        "all_seconds": times,
+        "seconds": timing["min"],
+        "median_seconds": timing["median"],
+        "all_seconds": timing["all"],
         "selected": selected,
         "input_passes": None if stats is None else stats.input_passes,
         "histogram_passes": None if stats is None else stats.histogram_passes,

@@ -17,8 +17,9 @@ Bytes per step (the traffic model the GB/s figures use; ``e`` = param/grad bytes
 * torch +mul:     ``N * (2e + 1)`` (grad.mul_ by a bool mask) ``+ N * 7e`` (AdamW, state in param dtype).
 
 ``% copy`` compares the achieved GB/s with a device copy (bytes read + written) measured in the same
-run. Step times are the minimum over ``--repeats`` steps after a warm-up step (medians are recorded
-too). On CPU the masked rows run the torch reference path, so their GB/s says little about the kernel.
+run. Step times follow the benchmarks' convention (``common.time_stats``): minimum and median over
+``--repeats`` steps after a warm-up step are recorded, the GB/s and table figures use the minimum.
+On CPU the masked rows run the torch reference path, so their GB/s says little about the kernel.
 
     python benchmarks/bench_optimizer.py                       # CPU, scaled-down shapes (llama2-5m)
     python benchmarks/bench_optimizer.py --shapes llama2-7b    # GPU (bf16 params; fp32 and bf16 state)
@@ -37,7 +38,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPE_SETS, copy_bandwidth, environment, results_path, synchronize, write_json  # noqa: E402
+from common import (  # noqa: E402
+    SHAPE_SETS,
+    copy_bandwidth,
+    environment,
+    results_path,
+    synchronize,
+    time_stats,
+    write_json,
+)
 
 import wagle.optim.adamw  # noqa: E402
 from wagle import MaskedAdamW, WeightMask  # noqa: E402
@@ -103,8 +112,7 @@ def timed_row(step, device, repeats) -> tuple[dict | None, str | None]:
             times.append(time.perf_counter() - start)
     except torch.cuda.OutOfMemoryError as error:
         return None, f"out of memory: {str(error).splitlines()[0]}"
-    times.sort()
-    return {"min": times[0], "median": times[len(times) // 2]}, None
+    return time_stats(times), None
 
 
 def main(argv=None) -> int:

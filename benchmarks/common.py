@@ -1,4 +1,10 @@
-"""Shared benchmark helpers: model shapes, device/version facts, copy bandwidth, atomic JSON results."""
+"""Shared benchmark helpers: model shapes, device/version/commit facts, timing statistics, copy
+bandwidth, JSON results that never overwrite each other.
+
+Timing convention (every benchmark): each timed quantity is recorded as both the minimum and the
+median over its repeats (:func:`time_stats`); the derived figures (``x_floor``, GB/s, % of copy) and
+the printed tables use the **minimum**, the least disturbed run on a shared machine.
+"""
 
 from __future__ import annotations
 
@@ -41,10 +47,44 @@ SHAPE_SETS: dict[str, Callable[[], dict[str, tuple[int, ...]]]] = {
 }
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_commit(root: str = ROOT) -> dict:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the source tree the benchmark ran from."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha or None, "dirty": bool(status.strip())}
+
+
+def package_version() -> str | None:
+    """The version of the ``wagle`` package the benchmark imported."""
+    try:
+        import wagle
+    except ImportError:
+        return None
+    return getattr(wagle, "__version__", None)
+
+
 def environment() -> dict:
-    """Device name, versions and date for a results file."""
+    """Device name, versions, source commit and date for a results file."""
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wagle": package_version(),
+        **{f"git_{key}": value for key, value in git_commit().items()},
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
@@ -80,10 +120,18 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+def time_stats(times: list[float]) -> dict:
+    """``{"min", "median", "all"}`` of wall times in seconds (the convention of every benchmark)."""
+    ordered = sorted(times)
+    if not ordered:
+        raise ValueError("times: no timed runs")
+    return {"min": ordered[0], "median": ordered[len(ordered) // 2], "all": ordered}
+
+
 def time_call(
     fn: Callable[[], object], device: torch.device | str, repeats: int = 3, warmup: int = 1
-) -> float:
-    """Median wall time in seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+) -> dict:
+    """:func:`time_stats` of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -93,15 +141,14 @@ def time_call(
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    return time_stats(times)
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Measured device copy bandwidth in bytes/s, counting bytes read + written."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    seconds = time_call(lambda: dst.copy_(src), device, repeats=repeats)
+    seconds = time_call(lambda: dst.copy_(src), device, repeats=repeats)["min"]
     return 2 * src.numel() * 4 / seconds
 
 
@@ -112,7 +159,15 @@ def write_json(path: str, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
-def results_path(kind: str, info: dict) -> str:
+def results_path(kind: str, info: dict, folder: str | None = None) -> str:
+    """``results/<kind>-<device>-<UTC timestamp>[-<n>].json``: a new file per run (a second run in the
+    same second gets a numeric suffix), so no run overwrites another."""
     device = str(info.get("device", "cpu")).lower().replace(" ", "-").replace("/", "-")
-    day = info["date"][:10]
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{kind}-{device}-{day}.json")
+    stamp = info["date"][:19].replace("-", "").replace(":", "")  # 20261201T213542
+    folder = folder or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    path = os.path.join(folder, f"{kind}-{device}-{stamp}Z.json")
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.join(folder, f"{kind}-{device}-{stamp}Z-{suffix}.json")
+    return path

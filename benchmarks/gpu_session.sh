@@ -3,7 +3,7 @@
 # return at most 8 files. Runs from the source tree (PYTHONPATH=.), installs nothing but the carried
 # wheels (.whl, made here by benchmarks/gpu_wheels.sh) into /tmp/site.
 #
-#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]      stages: env tests mask optimizer memory
+#   bash benchmarks/gpu_session.sh STAGE [STAGE ...]      stages: env tests mask optimizer memory kernels
 #
 # Results go to $OUT (the device tool's folder) or benchmarks/results/gpu-<date>/. Planned calls
 # (device tool `run`, carry [".whl"]), about 20 minutes of device time in all:
@@ -104,6 +104,13 @@ stage_optimizer() {
     --num-warps "$warps" --out "$OUT_DIR/optimizer-$SHAPES.json"
 }
 
+stage_kernels() {  # the pytest-benchmark suite: kernels vs torch path vs reference, bytes model attached
+  local shapes=llama2-7b-layer
+  [ "$SMOKE" = 1 ] && shapes=llama2-tiny
+  WAGLE_BENCH_SHAPES="$shapes" run_stage kernels "$PY" -m pytest -q -p no:cacheprovider benchmarks \
+    --benchmark-only --benchmark-json "$OUT_DIR/kernels-$shapes.json"
+}
+
 stage_memory() {
   run_stage memory "$PY" benchmarks/bench_memory.py --arch "$ARCH" "${DEVICE[@]}" \
     --out "$OUT_DIR/memory-$ARCH.json"
@@ -114,8 +121,8 @@ install_wheels
 status=0
 for stage in "$@"; do
   case "$stage" in
-    env|tests|mask|optimizer|memory) "stage_$stage" || status=1 ;;
-    *) echo "unknown stage: $stage (env tests mask optimizer memory)" >&2; exit 2 ;;
+    env|tests|mask|optimizer|memory|kernels) "stage_$stage" || status=1 ;;
+    *) echo "unknown stage: $stage (env tests mask optimizer memory kernels)" >&2; exit 2 ;;
   esac
 done
 echo "results in $OUT_DIR:"; ls -la "$OUT_DIR"

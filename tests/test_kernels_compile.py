@@ -21,4 +21,4 @@ def test_all_kernels_compile_to_cubin(arch):
         [sys.executable, script, "--arch", str(arch)], capture_output=True, text=True, env=env, timeout=900
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert done.stdout.count("ok ") >= 20
+    assert f"kernel variants for sm_{arch}" in done.stdout

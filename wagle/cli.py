@@ -71,13 +71,13 @@ def _add_checkpointing_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_mask_options(parser: argparse.ArgumentParser) -> None:
-    from wagle.attribution.from_model import ATTRIBUTION_METHODS
+    from wagle.attribution.from_model import attribution_methods
 
     parser.add_argument(
         "--ratio", type=finite_float, required=True, help="fraction of weights selected, in [0, 1]"
     )
     parser.add_argument(
-        "--method", choices=ATTRIBUTION_METHODS, default="wagle", help="scoring method (default wagle)"
+        "--method", choices=attribution_methods(), default="wagle", help="scoring method (default wagle)"
     )
     parser.add_argument("--gamma", type=finite_float, default=1e-6, help="WAGLE's gamma (default 1e-6)")
     parser.add_argument("--scope", choices=["global", "per_tensor"], default="global")

@@ -82,9 +82,11 @@ def run_mask(args: argparse.Namespace) -> int:
 
     _check_range("--ratio", args.ratio, 0.0, 1.0)
     _check_range("--batch-size", args.batch_size, 1)
-    needs_retain = args.method == "wagle"
-    if needs_retain and not args.retain:
-        raise UserError("--retain: method 'wagle' needs a retain set")
+    from wagle_kernels.scores import SCORE_METHODS
+
+    method = SCORE_METHODS.get(args.method)  # None for wanda
+    if method is not None and method.reads_retain and not args.retain:
+        raise UserError(f"--retain: method {args.method!r} needs a retain set")
     check_writable(args.out, "--out")
     if args.plot:
         check_writable(args.plot, "--plot")

@@ -146,8 +146,15 @@ class WeightMask(Mapping):
     """
 
     def __init__(
-        self, entries: Mapping[str, tuple[ShapeLike, torch.Tensor]], metadata: Mapping[str, str] | None = None
+        self,
+        entries: Mapping[str, tuple[ShapeLike, torch.Tensor]],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        counts: Mapping[str, int] | None = None,
     ):
+        """``counts``: set bits per entry when the producer already counted them (the selection
+        kernels do); the bits are then neither recounted nor their padding re-read (no host sync per
+        tensor), so the producer guarantees zero padding bits."""
         self._entries: dict[str, _Entry] = {}
         for name, (shape, packed) in entries.items():
             shape = tuple(int(d) for d in shape)
@@ -160,6 +167,9 @@ class WeightMask(Mapping):
                 raise UserError(
                     f"mask entry {name!r}: {packed.numel()} bytes do not hold {numel} bits of shape {shape}"
                 )
+            if counts is not None:
+                self._entries[name] = _Entry(shape, packed, int(counts[name]))
+                continue
             if numel % 8 and packed.numel() and int(packed[-1]) >> (numel % 8):
                 raise UserError(f"mask entry {name!r}: padding bits past the last weight are set")
             self._entries[name] = _Entry(shape, packed, popcount(packed))

@@ -56,3 +56,19 @@ def launch_options() -> dict:
     round every operation exactly like the torch reference path (bit-identical scores and masks).
     """
     return {"enable_fp_fusion": False}
+
+
+def aligned_attrs(signature: dict, divisible: tuple[str, ...] = ()) -> dict:
+    """Specialization attributes of a launch whose pointers are 16-byte aligned and whose integers inside
+    tuples (the numels) and the scalars named in ``divisible`` are multiples of 16, what the JIT derives
+    at run time for such tensors:
+    ``{(arg,) or (arg, element): [["tt.divisibility", 16]]}`` for ``ASTSource(..., attrs=...)``."""
+    attrs = {}
+    for index, (name, kind) in enumerate(signature.items()):
+        if isinstance(kind, tuple):
+            for element, ty in enumerate(kind):
+                if ty.startswith("*") or ty in ("i32", "i64"):
+                    attrs[(index, element)] = [["tt.divisibility", 16]]
+        elif kind.startswith("*") or name in divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return attrs

@@ -1,13 +1,15 @@
 """Bit-packed boolean masks: 1 bit per weight, little-endian bit order within each byte.
 
 Element ``i`` of a flattened mask lives in byte ``i // 8`` at bit ``i % 8`` (``numpy.packbits`` with
-``bitorder="little"``). Bits past the last element of the last byte are zero. The Triton mask
-kernels in :mod:`wagle_kernels.select` write exactly this layout.
+``bitorder="little"``). Bits past the last element of the last byte are zero. The layout is written
+here only: :func:`pack_bits` (torch) and :func:`pack_block` (inside the Triton mask kernels).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._runtime import HAS_TRITON
 
 _BIT_WEIGHTS_CACHE: dict[torch.device, torch.Tensor] = {}
 
@@ -67,3 +69,15 @@ def popcount(packed: torch.Tensor, chunk: int = 1 << 24) -> int:
     for start in range(0, flat.numel(), chunk):
         total += int(table[flat[start : start + chunk].long()].sum(dtype=torch.int64))
     return total
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pack_block(selected, BLOCK: tl.constexpr):
+        """The ``BLOCK // 8`` bytes of a block of ``BLOCK`` flags: ``byte_j = sum_b flag[8j + b] << b``."""
+        bits = tl.reshape(selected.to(tl.int32), (BLOCK // 8, 8))
+        weights = 1 << tl.arange(0, 8)
+        return tl.sum(bits * weights[None, :], axis=1).to(tl.uint8)

@@ -41,12 +41,6 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def load_mask_bits(bits_ptr, offs, valid):
-        """Selected flags of flat offsets ``offs``: bit ``offs % 8`` of byte ``offs // 8``."""
-        byte = tl.load(bits_ptr + (offs >> 3), mask=valid, other=0).to(tl.int32)
-        return valid & (((byte >> (offs & 7).to(tl.int32)) & 1) != 0)
-
-    @triton.jit
     def compact_index(prefix_ptr, pid, selected):
         """Compact-state index of each selected element of block ``pid`` (see the module docstring)."""
         flags = selected.to(tl.int32)
@@ -59,8 +53,11 @@ if HAS_TRITON:
         (every in-range element when not MASKED)."""
         offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n
-        if MASKED:
-            selected = load_mask_bits(bits_ptr, offs, valid)
+        if MASKED:  # each mask byte is requested once (not by each of its 8 elements), then expanded
+            byte_offs = block.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+            packed = tl.load(bits_ptr + byte_offs, mask=byte_offs < (n + 7) // 8, other=0).to(tl.int32)
+            flags = (packed[:, None] >> tl.arange(0, 8)[None, :]) & 1
+            selected = valid & (tl.reshape(flags, (BLOCK,)) != 0)
         else:
             selected = valid
         return offs, valid, selected

@@ -32,11 +32,10 @@ without one after reading their mask bits):
 * compact state: read p, g; write p; moments read and written for the selected weights only:
   ``3 * 2 + ratio * 16`` B for bf16 params and fp32 state + 1 bit of mask.
 
-Launches: tensors are grouped ``MAX_TENSORS_PER_LAUNCH`` (16) per launch, largest first; each tensor
-is its own set of pointer arguments (Triton tuples: no pointer table in memory, so the kernel also runs
-in the interpreter). The grid is (blocks of the launch's largest tensor, tensors): program ``(b, i)``
-updates block ``b`` of tensor ``i`` and returns at once past that tensor's end. One step over ``T``
-same-dtype tensors is ``ceil(T / 16)`` launches (Llama-2-7B: 291 tensors -> 19).
+Launches (:mod:`wagle_kernels.multi_tensor`, shared with masked SGD): tensors are grouped
+``MAX_TENSORS_PER_LAUNCH`` (16) per launch, largest first; the kernel here is only the elementwise
+update :func:`adamw_update`. One step over ``T`` same-dtype tensors is ``ceil(T / 16)`` launches
+(Llama-2-7B: 291 tensors -> 19).
 """
 
 from __future__ import annotations
@@ -46,10 +45,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ._runtime import HAS_TRITON, interpreter_enabled, launch_options
-from .mask_bits import STATE_BLOCK
+from ._runtime import HAS_TRITON, aligned_attrs
+from .multi_tensor import (
+    MAX_TENSORS_PER_LAUNCH,
+    compile_constexprs,
+    compile_signature,
+    launch_masked_update,
+    masked_multi_tensor_kernel,
+    math_dtype,
+)
 
-MAX_TENSORS_PER_LAUNCH = 16  # a power of two; tensors per launch are padded to a power of two
 DENSE_WHERE_RATIO = 0.25  # torch path, dense state: above this density update all and select, else gather
 
 
@@ -104,11 +109,6 @@ class AdamWScalars:
 # ---------------------------------------------------------------------------------------------------
 # torch reference path
 # ---------------------------------------------------------------------------------------------------
-
-
-def math_dtype(param: torch.Tensor) -> torch.dtype:
-    """The torch path computes in fp32, or fp64 for fp64 parameters (the kernel supports 16/32-bit)."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def adamw_update_(
@@ -197,244 +197,28 @@ def masked_adamw_step_torch(
         v_flat.index_put_((index,), v.to(v_flat.dtype))
 
 
-# ---------------------------------------------------------------------------------------------------
-# launch grouping (shared with masked_sgd)
-# ---------------------------------------------------------------------------------------------------
-
-
-def launch_chunks(numels: Sequence[int], max_tensors: int = MAX_TENSORS_PER_LAUNCH) -> list[list[int]]:
-    """Indices of the non-empty tensors, largest first, ``max_tensors`` per launch.
-
-    A launch's grid is ``(blocks of its largest tensor, tensors)``; programs past a smaller tensor's
-    last block return at once, so grouping tensors of similar size keeps that waste small.
-    """
-    if max_tensors < 1 or max_tensors & (max_tensors - 1):
-        raise ValueError(f"max_tensors: must be a power of two, got {max_tensors}")
-    order = sorted((i for i, n in enumerate(numels) if n > 0), key=lambda i: -numels[i])
-    return [order[k : k + max_tensors] for k in range(0, len(order), max_tensors)]
-
-
-def padded_size(count: int) -> int:
-    """Tensors per launch rounded up to a power of two (bounds the number of compiled variants)."""
-    size = 1
-    while size < count:
-        size *= 2
-    return size
-
-
-def launch_grid(numels: Sequence[int], block: int = STATE_BLOCK) -> tuple[int, int]:
-    """``(blocks of the largest tensor, number of tensors)``: program (b, i) updates block b of tensor i."""
-    return (max((n + block - 1) // block for n in numels), len(numels))
-
-
-def pad(values: Sequence, size: int, fill) -> tuple:
-    """``values`` padded with ``fill`` to ``size`` entries (padding entries own no blocks)."""
-    return tuple(values) + (fill,) * (size - len(values))
-
-
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .mask_bits import block_selection, compact_index
-
     @triton.jit
-    def round_like(x, like, EMULATE_BF16: tl.constexpr):
-        """``x`` (fp32) rounded to the dtype of ``like`` (round to nearest even).
-
-        With EMULATE_BF16 (set under the Triton interpreter, whose fp32 -> bf16 cast truncates) bf16 is
-        rounded with integer operations: ``(bits + 0x7FFF + lsb) >> 16``, NaN -> 0x7FC0 as in torch.
-        Compiled kernels use the hardware conversion (``cvt.rn.bf16.f32``), which rounds the same way.
-        """
-        if EMULATE_BF16 and like.dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            lsb = (bits >> 16) & 1
-            rounded = (bits + lsb + 0x7FFF) >> 16
-            rounded = tl.where(x != x, 0x7FC0, rounded)
-            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return x.to(like.dtype)
-
-    @triton.jit
-    def _adamw_update_block(
-        p_ptr,
-        g_ptr,
-        m_ptr,
-        v_ptr,
-        prefix_ptr,
-        block,
-        offs,
-        valid,
-        sel,
-        neg_step_size,
-        bc2_sqrt,
-        decay,
-        beta2,
-        w1,
-        omb2,
-        eps,
-        COMPACT: tl.constexpr,
-        DECAY_ALL: tl.constexpr,
-        LERP_SMALL: tl.constexpr,
-        EMULATE_BF16: tl.constexpr,
-    ):
-        """Load, update (module docstring formula, fp32) and store one block.
-
-        p and g are read for the whole block (vectorisable); the new value is kept where ``upd`` (the
-        selected elements, or every valid one with DECAY_ALL) and the loaded bits elsewhere, so
-        unselected weights are stored back bit for bit. Dense moments likewise; compact moments are
-        gathered/scattered at the selected elements' compact indices only.
-        """
-        p_raw = tl.load(p_ptr + offs, mask=valid, other=0.0)
-        g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        if DECAY_ALL:
-            g = tl.where(sel, g, 0.0)
-            upd = valid
-        else:
-            upd = sel
-        if COMPACT:
-            state = compact_index(prefix_ptr, block, sel)
-            m_raw = tl.load(m_ptr + state, mask=sel, other=0.0)
-            v_raw = tl.load(v_ptr + state, mask=sel, other=0.0)
-        else:
-            state = offs
-            m_raw = tl.load(m_ptr + state, mask=valid, other=0.0)
-            v_raw = tl.load(v_ptr + state, mask=valid, other=0.0)
-        p = p_raw.to(tl.float32) * decay
-        m = m_raw.to(tl.float32)
-        v = v_raw.to(tl.float32)
-        if LERP_SMALL:
+    def adamw_update(p, g, m, v, neg_step_size, bc2_sqrt, SHARED, FLAGS: tl.constexpr):
+        """The module docstring's formula on fp32 blocks; SHARED = (decay, beta2, 1 - beta1, 1 - beta2,
+        eps), FLAGS = (LERP_SMALL,): torch's lerp form for a weight below 0.5."""
+        decay = SHARED[0]
+        beta2 = SHARED[1]
+        w1 = SHARED[2]
+        omb2 = SHARED[3]
+        eps = SHARED[4]
+        p = p * decay
+        if FLAGS[0]:
             m = m + w1 * (g - m)
         else:
             m = g - (g - m) * (1.0 - w1)
         v = v * beta2 + (omb2 * g) * g
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p + tl.div_rn(neg_step_size * m, denom)
-        tl.store(p_ptr + offs, tl.where(upd, round_like(p, p_raw, EMULATE_BF16), p_raw), mask=valid)
-        if COMPACT:
-            tl.store(m_ptr + state, round_like(m, m_raw, EMULATE_BF16), mask=sel)
-            tl.store(v_ptr + state, round_like(v, v_raw, EMULATE_BF16), mask=sel)
-        else:
-            tl.store(m_ptr + state, tl.where(upd, round_like(m, m_raw, EMULATE_BF16), m_raw), mask=valid)
-            tl.store(v_ptr + state, tl.where(upd, round_like(v, v_raw, EMULATE_BF16), v_raw), mask=valid)
-
-    @triton.jit
-    def _adamw_tensor_block(
-        p_ptr,
-        g_ptr,
-        m_ptr,
-        v_ptr,
-        bits_ptr,
-        prefix_ptr,
-        n,
-        block,
-        neg_step_size,
-        bc2_sqrt,
-        decay,
-        beta2,
-        w1,
-        omb2,
-        eps,
-        MASKED: tl.constexpr,
-        COMPACT: tl.constexpr,
-        DECAY_ALL: tl.constexpr,
-        LERP_SMALL: tl.constexpr,
-        EMULATE_BF16: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """Block ``block`` (BLOCK elements from int64 offset ``block * BLOCK``) of an ``n``-element tensor:
-        read its mask bits, skip it when nothing is selected (DECAY_ALL still updates it), else update it."""
-        offs, valid, sel = block_selection(bits_ptr, n, block, MASKED=MASKED, BLOCK=BLOCK)
-        if (tl.sum(sel.to(tl.int32), axis=0) > 0) | DECAY_ALL:
-            _adamw_update_block(
-                p_ptr,
-                g_ptr,
-                m_ptr,
-                v_ptr,
-                prefix_ptr,
-                block,
-                offs,
-                valid,
-                sel,
-                neg_step_size,
-                bc2_sqrt,
-                decay,
-                beta2,
-                w1,
-                omb2,
-                eps,
-                COMPACT=COMPACT,
-                DECAY_ALL=DECAY_ALL,
-                LERP_SMALL=LERP_SMALL,
-                EMULATE_BF16=EMULATE_BF16,
-            )
-
-    @triton.jit(
-        do_not_specialize=["NEG_STEP_SIZE", "BC2_SQRT", "decay", "beta2", "w1", "omb2", "eps"],
-    )
-    def _masked_adamw_kernel(
-        P,
-        G,
-        M,
-        V,
-        BITS,
-        PREFIX,
-        N,
-        NEG_STEP_SIZE,
-        BC2_SQRT,
-        decay,
-        beta2,
-        w1,
-        omb2,
-        eps,
-        NUM: tl.constexpr,
-        MASKED: tl.constexpr,
-        COMPACT: tl.constexpr,
-        DECAY_ALL: tl.constexpr,
-        LERP_SMALL: tl.constexpr,
-        EMULATE_BF16: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """Masked AdamW over ``NUM`` tensors (module docstring formula).
-
-        P, G, M, V, BITS, PREFIX: tuples of NUM pointers (param, grad, exp_avg, exp_avg_sq, mask bytes,
-        compact block prefix; BITS/PREFIX are placeholders when not MASKED/COMPACT). N: numels.
-        Program ``(b, i)`` updates block ``b`` of tensor ``i`` (grid: blocks of the largest tensor x
-        tensors; blocks past a tensor's end return at once). NEG_STEP_SIZE, BC2_SQRT: per-tensor
-        ``-lr/(1-beta1^t)`` and ``sqrt(1-beta2^t)``; decay = ``1 - lr*wd``, w1 = ``1 - beta1``,
-        omb2 = ``1 - beta2``.
-        """
-        block = tl.program_id(0)
-        tensor = tl.program_id(1)
-        for i in tl.static_range(NUM):
-            if (tensor == i) & (block.to(tl.int64) * BLOCK < N[i]):
-                _adamw_tensor_block(
-                    P[i],
-                    G[i],
-                    M[i],
-                    V[i],
-                    BITS[i],
-                    PREFIX[i],
-                    N[i],
-                    block,
-                    NEG_STEP_SIZE[i],
-                    BC2_SQRT[i],
-                    decay,
-                    beta2,
-                    w1,
-                    omb2,
-                    eps,
-                    MASKED=MASKED,
-                    COMPACT=COMPACT,
-                    DECAY_ALL=DECAY_ALL,
-                    LERP_SMALL=LERP_SMALL,
-                    EMULATE_BF16=EMULATE_BF16,
-                    BLOCK=BLOCK,
-                )
+        return p, m, v
 
 
 def masked_adamw_step_triton(
@@ -478,100 +262,46 @@ def masked_adamw_step_triton(
         raise ValueError("decay_all: needs mask bits and dense moments")
     if count and any(s.group_key() != scalars[0].group_key() for s in scalars):
         raise ValueError("scalars: tensors of one launch must share lr, weight decay, betas and eps")
-    launches = 0
-    for chunk in launch_chunks([p.numel() for p in params], max_tensors):
-        size = padded_size(len(chunk))
-        first = scalars[chunk[0]]
-        p0 = params[chunk[0]]
-        p_list = [params[i] for i in chunk]
-        bits = [packed[i] for i in chunk] if packed is not None else p_list
-        prefix = [prefixes[i] for i in chunk] if prefixes is not None else p_list
-        _masked_adamw_kernel[launch_grid([p.numel() for p in p_list])](
-            pad(p_list, size, p0),
-            pad([_contiguous(grads[i]) for i in chunk], size, p0),
-            pad([exp_avgs[i] for i in chunk], size, p0),
-            pad([exp_avg_sqs[i] for i in chunk], size, p0),
-            pad(bits, size, bits[0]),
-            pad(prefix, size, prefix[0]),
-            pad([p.numel() for p in p_list], size, 0),
-            pad([scalars[i].neg_step_size for i in chunk], size, 0.0),
-            pad([scalars[i].bc2_sqrt for i in chunk], size, 1.0),
-            first.decay,
-            first.beta2,
-            first.one_minus_beta1,
-            first.one_minus_beta2,
-            first.eps,
-            NUM=size,
-            MASKED=packed is not None,
-            COMPACT=prefixes is not None,
-            DECAY_ALL=decay_all,
-            LERP_SMALL=abs(first.one_minus_beta1) < 0.5,
-            EMULATE_BF16=interpreter_enabled(),
-            BLOCK=STATE_BLOCK,
-            num_warps=num_warps,
-            **launch_options(),
-        )
-        launches += 1
-    return launches
+    if not count:
+        return 0
+    first = scalars[0]
+    return launch_masked_update(
+        adamw_update,
+        params,
+        grads,
+        (exp_avgs, exp_avg_sqs),
+        packed,
+        prefixes,
+        ([s.neg_step_size for s in scalars], [s.bc2_sqrt for s in scalars]),
+        (first.decay, first.beta2, first.one_minus_beta1, first.one_minus_beta2, first.eps),
+        (abs(first.one_minus_beta1) < 0.5,),
+        update_all=decay_all,
+        max_tensors=max_tensors,
+        num_warps=num_warps,
+    )
 
 
-def compile_variants(num: int = MAX_TENSORS_PER_LAUNCH, dtype: str = "bf16", state: str = "fp32"):
-    """``(label, kernel, signature, constexprs)`` for ahead-of-time compile checks of every variant
-    the optimizer launches (see ``tests/compile_kernels.py``)."""
-    ptr, sptr = f"*{dtype}", f"*{state}"
-    signature = {
-        "P": (ptr,) * num,
-        "G": (ptr,) * num,
-        "M": (sptr,) * num,
-        "V": (sptr,) * num,
-        "BITS": ("*u8",) * num,
-        "PREFIX": ("*i64",) * num,
-        "N": ("i32",) * num,
-        "NEG_STEP_SIZE": ("fp32",) * num,
-        "BC2_SQRT": ("fp32",) * num,
-        "decay": "fp32",
-        "beta2": "fp32",
-        "w1": "fp32",
-        "omb2": "fp32",
-        "eps": "fp32",
-        "NUM": "constexpr",
-        "MASKED": "constexpr",
-        "COMPACT": "constexpr",
-        "DECAY_ALL": "constexpr",
-        "LERP_SMALL": "constexpr",
-        "EMULATE_BF16": "constexpr",
-        "BLOCK": "constexpr",
-    }
-    for masked, compact, decay_all in (
-        (True, True, False),
-        (True, False, False),
-        (True, False, True),
-        (False, False, False),
-    ):
+VARIANTS = (  # (masked, compact, decay_all): every layout the optimizer launches
+    (True, True, False),
+    (True, False, False),
+    (True, False, True),
+    (False, False, False),
+)
+
+
+def compile_variants(
+    num: int = MAX_TENSORS_PER_LAUNCH, dtype: str = "bf16", state: str = "fp32", index: str = "i32"
+):
+    """``(label, kernel, signature, constexprs, attrs)`` for ahead-of-time compile checks of every variant
+    the optimizer launches (``index="i64"``: tensors of 2^31 or more weights; ``attrs``: the JIT's
+    specialisation of 16-byte aligned pointers and numels that are multiples of 16)."""
+    signature = compile_signature(num, 5, dtype, state, index)
+    for masked, compact, decay_all in VARIANTS:
         yield (
-            f"masked adamw x{num} {dtype}/{state} masked={masked} compact={compact} decay_all={decay_all}",
-            _masked_adamw_kernel,
+            f"masked adamw x{num} {dtype}/{state} n:{index} masked={masked} compact={compact} "
+            f"decay_all={decay_all}",
+            masked_multi_tensor_kernel,
             signature,
-            {
-                "NUM": num,
-                "MASKED": masked,
-                "COMPACT": compact,
-                "DECAY_ALL": decay_all,
-                "LERP_SMALL": True,
-                "EMULATE_BF16": False,
-                "BLOCK": STATE_BLOCK,
-            },
+            compile_constexprs(adamw_update, (True,), 2, num, masked, compact, decay_all),
+            aligned_attrs(signature),
         )
-
-
-def aligned_attrs(signature: dict) -> dict:
-    """Specialization attributes of a launch whose pointers are 16-byte aligned and whose numels ``N``
-    are multiples of 16 (what the JIT derives at run time): ``{(arg, element): [["tt.divisibility", 16]]}``
-    for ``ASTSource(..., attrs=...)`` in ahead-of-time compile checks."""
-    attrs = {}
-    for index, (name, kind) in enumerate(signature.items()):
-        if isinstance(kind, tuple):
-            for element, ty in enumerate(kind):
-                if ty.startswith("*") or name == "N":
-                    attrs[(index, element)] = [["tt.divisibility", 16]]
-    return attrs

@@ -10,7 +10,8 @@ For a selected weight, ``torch.optim.SGD``'s update in its operation order (fp32
 
 Unselected weights keep their exact bits and own no momentum buffer; the compact layout stores the
 buffer for selected weights only, indexed like :mod:`wagle_kernels.masked_adamw`'s compact moments.
-Launches: tensors are grouped ``MAX_TENSORS_PER_LAUNCH`` per launch as in masked AdamW.
+Launches: :mod:`wagle_kernels.multi_tensor`; the kernel here is only the elementwise update
+:func:`sgd_update`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._runtime import HAS_TRITON, interpreter_enabled, launch_options
-from .mask_bits import STATE_BLOCK
-from .masked_adamw import (
+from ._runtime import HAS_TRITON, aligned_attrs
+from .multi_tensor import (
     MAX_TENSORS_PER_LAUNCH,
-    _contiguous,
-    launch_chunks,
-    launch_grid,
+    compile_constexprs,
+    compile_signature,
+    launch_masked_update,
+    masked_multi_tensor_kernel,
     math_dtype,
-    pad,
-    padded_size,
 )
 
 
@@ -115,158 +114,29 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .mask_bits import block_selection, compact_index
-    from .masked_adamw import round_like
-
     @triton.jit
-    def _sgd_update_block(
-        p_ptr,
-        g_ptr,
-        b_ptr,
-        prefix_ptr,
-        block,
-        offs,
-        valid,
-        sel,
-        first,
-        neg_lr,
-        momentum,
-        one_minus_dampening,
-        weight_decay,
-        COMPACT: tl.constexpr,
-        HAS_WD: tl.constexpr,
-        HAS_MOMENTUM: tl.constexpr,
-        NESTEROV: tl.constexpr,
-        EMULATE_BF16: tl.constexpr,
-    ):
-        """Load, update (module docstring formula, fp32) and store one block; unselected elements are
-        stored back with the bits they were read with (dense buffers likewise)."""
-        p_raw = tl.load(p_ptr + offs, mask=valid, other=0.0)
-        p = p_raw.to(tl.float32)
-        d = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        if HAS_WD:
+    def sgd_update(p, g, b, unused, first, unused_b, SHARED, FLAGS: tl.constexpr):
+        """The module docstring's formula on fp32 blocks; ``first`` = 1.0 on a tensor's first momentum
+        step; SHARED = (-lr, momentum, 1 - dampening, weight_decay); FLAGS = (HAS_WD, HAS_MOMENTUM,
+        NESTEROV)."""
+        neg_lr = SHARED[0]
+        momentum = SHARED[1]
+        one_minus_dampening = SHARED[2]
+        weight_decay = SHARED[3]
+        d = g
+        if FLAGS[0]:
             d = d + weight_decay * p
-        if HAS_MOMENTUM:
-            if COMPACT:
-                state = compact_index(prefix_ptr, block, sel)
-                b_raw = tl.load(b_ptr + state, mask=sel, other=0.0)
-            else:
-                state = offs
-                b_raw = tl.load(b_ptr + state, mask=valid, other=0.0)
-            b = d
+        if FLAGS[1]:
+            new_b = d
             if first == 0.0:
-                b = b_raw.to(tl.float32) * momentum + one_minus_dampening * d
-            if COMPACT:
-                tl.store(b_ptr + state, round_like(b, b_raw, EMULATE_BF16), mask=sel)
-            else:
-                tl.store(b_ptr + state, tl.where(sel, round_like(b, b_raw, EMULATE_BF16), b_raw), mask=valid)
-            if NESTEROV:
+                new_b = b * momentum + one_minus_dampening * d
+            b = new_b
+            if FLAGS[2]:
                 d = d + momentum * b
             else:
                 d = b
         p = p + neg_lr * d
-        tl.store(p_ptr + offs, tl.where(sel, round_like(p, p_raw, EMULATE_BF16), p_raw), mask=valid)
-
-    @triton.jit
-    def _sgd_tensor_block(
-        p_ptr,
-        g_ptr,
-        b_ptr,
-        bits_ptr,
-        prefix_ptr,
-        n,
-        block,
-        first,
-        neg_lr,
-        momentum,
-        one_minus_dampening,
-        weight_decay,
-        MASKED: tl.constexpr,
-        COMPACT: tl.constexpr,
-        HAS_WD: tl.constexpr,
-        HAS_MOMENTUM: tl.constexpr,
-        NESTEROV: tl.constexpr,
-        EMULATE_BF16: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """Block ``block`` of an ``n``-element tensor; skipped when none of its weights is selected."""
-        offs, valid, sel = block_selection(bits_ptr, n, block, MASKED=MASKED, BLOCK=BLOCK)
-        if tl.sum(sel.to(tl.int32), axis=0) > 0:
-            _sgd_update_block(
-                p_ptr,
-                g_ptr,
-                b_ptr,
-                prefix_ptr,
-                block,
-                offs,
-                valid,
-                sel,
-                first,
-                neg_lr,
-                momentum,
-                one_minus_dampening,
-                weight_decay,
-                COMPACT=COMPACT,
-                HAS_WD=HAS_WD,
-                HAS_MOMENTUM=HAS_MOMENTUM,
-                NESTEROV=NESTEROV,
-                EMULATE_BF16=EMULATE_BF16,
-            )
-
-    @triton.jit(do_not_specialize=["FIRST", "neg_lr", "momentum", "one_minus_dampening", "weight_decay"])
-    def _masked_sgd_kernel(
-        P,
-        G,
-        B,
-        BITS,
-        PREFIX,
-        N,
-        FIRST,
-        neg_lr,
-        momentum,
-        one_minus_dampening,
-        weight_decay,
-        NUM: tl.constexpr,
-        MASKED: tl.constexpr,
-        COMPACT: tl.constexpr,
-        HAS_WD: tl.constexpr,
-        HAS_MOMENTUM: tl.constexpr,
-        NESTEROV: tl.constexpr,
-        EMULATE_BF16: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """Masked SGD over ``NUM`` tensors (module docstring formula).
-
-        P, G, B, BITS, PREFIX: tuples of pointers (param, grad, momentum buffer, mask bytes, compact
-        block prefix; placeholders where unused). N: numels. Program ``(b, i)`` updates block ``b`` of
-        tensor ``i``. FIRST: per tensor, 1.0 on the first momentum step (the buffer is set to ``d``;
-        floats, so the flags do not specialise the kernel). neg_lr = ``-lr``.
-        """
-        block = tl.program_id(0)
-        tensor = tl.program_id(1)
-        for i in tl.static_range(NUM):
-            if (tensor == i) & (block.to(tl.int64) * BLOCK < N[i]):
-                _sgd_tensor_block(
-                    P[i],
-                    G[i],
-                    B[i],
-                    BITS[i],
-                    PREFIX[i],
-                    N[i],
-                    block,
-                    FIRST[i],
-                    neg_lr,
-                    momentum,
-                    one_minus_dampening,
-                    weight_decay,
-                    MASKED=MASKED,
-                    COMPACT=COMPACT,
-                    HAS_WD=HAS_WD,
-                    HAS_MOMENTUM=HAS_MOMENTUM,
-                    NESTEROV=NESTEROV,
-                    EMULATE_BF16=EMULATE_BF16,
-                    BLOCK=BLOCK,
-                )
+        return p, b, unused
 
 
 def masked_sgd_step_triton(
@@ -293,78 +163,42 @@ def masked_sgd_step_triton(
     if has_momentum and bufs is None:
         raise ValueError("bufs: momentum > 0 needs momentum buffers")
     first = list(first) if first is not None else [False] * len(params)
-    launches = 0
-    for chunk in launch_chunks([p.numel() for p in params], max_tensors):
-        size = padded_size(len(chunk))
-        p_list = [params[i] for i in chunk]
-        p0 = p_list[0]
-        b_list = [bufs[i] for i in chunk] if has_momentum else p_list
-        bits = [packed[i] for i in chunk] if packed is not None else p_list
-        prefix = [prefixes[i] for i in chunk] if prefixes is not None and has_momentum else p_list
-        numels = [p.numel() for p in p_list]
-        _masked_sgd_kernel[launch_grid(numels)](
-            pad(p_list, size, p0),
-            pad([_contiguous(grads[i]) for i in chunk], size, p0),
-            pad(b_list, size, b_list[0]),
-            pad(bits, size, bits[0]),
-            pad(prefix, size, prefix[0]),
-            pad(numels, size, 0),
-            pad([float(first[i]) for i in chunk], size, 0.0),
-            -s.lr,
-            s.momentum,
-            1 - s.dampening,
-            s.weight_decay,
-            NUM=size,
-            MASKED=packed is not None,
-            COMPACT=prefixes is not None and has_momentum,
-            HAS_WD=s.weight_decay != 0,
-            HAS_MOMENTUM=has_momentum,
-            NESTEROV=s.nesterov,
-            EMULATE_BF16=interpreter_enabled(),
-            BLOCK=STATE_BLOCK,
-            num_warps=num_warps,
-            **launch_options(),
-        )
-        launches += 1
-    return launches
+    return launch_masked_update(
+        sgd_update,
+        params,
+        grads,
+        (bufs,) if has_momentum else (),
+        packed,
+        prefixes if has_momentum else None,
+        ([float(f) for f in first], [0.0] * len(params)),
+        (-s.lr, s.momentum, 1 - s.dampening, s.weight_decay),
+        (s.weight_decay != 0, has_momentum, s.nesterov),
+        max_tensors=max_tensors,
+        num_warps=num_warps,
+    )
 
 
-def compile_variants(num: int = MAX_TENSORS_PER_LAUNCH, dtype: str = "bf16", state: str = "fp32"):
-    """``(label, kernel, signature, constexprs)`` for ahead-of-time compile checks."""
-    signature = {
-        "P": (f"*{dtype}",) * num,
-        "G": (f"*{dtype}",) * num,
-        "B": (f"*{state}",) * num,
-        "BITS": ("*u8",) * num,
-        "PREFIX": ("*i64",) * num,
-        "N": ("i32",) * num,
-        "FIRST": ("fp32",) * num,
-        "neg_lr": "fp32",
-        "momentum": "fp32",
-        "one_minus_dampening": "fp32",
-        "weight_decay": "fp32",
-        "NUM": "constexpr",
-        "MASKED": "constexpr",
-        "COMPACT": "constexpr",
-        "HAS_WD": "constexpr",
-        "HAS_MOMENTUM": "constexpr",
-        "NESTEROV": "constexpr",
-        "EMULATE_BF16": "constexpr",
-        "BLOCK": "constexpr",
-    }
-    for compact, momentum, nesterov in ((True, True, False), (False, True, True), (True, False, False)):
+VARIANTS = (  # (compact, momentum, nesterov), masked, with weight decay
+    (True, True, False),
+    (False, True, True),
+    (True, False, False),
+)
+
+
+def compile_variants(
+    num: int = MAX_TENSORS_PER_LAUNCH, dtype: str = "bf16", state: str = "fp32", index: str = "i32"
+):
+    """``(label, kernel, signature, constexprs, attrs)`` for ahead-of-time compile checks (as
+    :func:`wagle_kernels.masked_adamw.compile_variants`)."""
+    signature = compile_signature(num, 4, dtype, state, index)
+    for compact, momentum, nesterov in VARIANTS:
         yield (
-            f"masked sgd x{num} {dtype}/{state} compact={compact} momentum={momentum} nesterov={nesterov}",
-            _masked_sgd_kernel,
+            f"masked sgd x{num} {dtype}/{state} n:{index} compact={compact} momentum={momentum} "
+            f"nesterov={nesterov}",
+            masked_multi_tensor_kernel,
             signature,
-            {
-                "NUM": num,
-                "MASKED": True,
-                "COMPACT": compact,
-                "HAS_WD": True,
-                "HAS_MOMENTUM": momentum,
-                "NESTEROV": nesterov,
-                "EMULATE_BF16": False,
-                "BLOCK": STATE_BLOCK,
-            },
+            compile_constexprs(
+                sgd_update, (True, momentum, nesterov), int(momentum), num, True, compact and momentum
+            ),
+            aligned_attrs(signature),
         )

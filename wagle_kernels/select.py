@@ -29,13 +29,15 @@ histograms over the keys. Both backends produce bit-identical masks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-from ._runtime import HAS_TRITON, launch_options
+from ._runtime import HAS_TRITON, aligned_attrs, launch_options
 from .bitpack import pack_bits, packed_size
-from .scores import KEY_BITS, METHOD_IDS, keys_torch, scores_torch
+from .scores import KEY_BITS, SCORE_METHODS, get_method, keys_torch, scores_torch
 
 RADIX_DIGITS: tuple[tuple[int, int], ...] = ((20, 11), (10, 10), (0, 10))  # (shift, bits), top first
 assert sum(bits for _, bits in RADIX_DIGITS) == KEY_BITS
@@ -78,48 +80,70 @@ class Threshold:
 
 @dataclass
 class SelectionStats:
-    """What a selection did: passes over the inputs and the threshold it found."""
+    """What a selection did: passes over the inputs (the torch backend: over its int32 keys), whether
+    the threshold bin was resolved on collected candidates, and non-finite scores per tensor."""
 
     histogram_passes: int = 0
     tie_passes: int = 0
     mask_passes: int = 0
     compacted: bool = False  # the threshold bin was resolved on collected candidates (2 input passes)
-    nonfinite: dict[str, int] | None = None
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    selected: dict[str, int] = field(default_factory=dict)  # set bits per tensor of the masks written
 
     @property
     def input_passes(self) -> int:
         return self.histogram_passes + self.tie_passes + self.mask_passes
 
+    def add(self, other: SelectionStats) -> None:
+        """Accumulate ``other`` (e.g. one selection per tensor with ``scope="per_tensor"``)."""
+        self.histogram_passes += other.histogram_passes
+        self.tie_passes += other.tie_passes
+        self.mask_passes += other.mask_passes
+        self.compacted = self.compacted or other.compacted
+        self.nonfinite.update(other.nonfinite)
+        self.selected.update(other.selected)
+
 
 def pick_bin(counts: torch.Tensor, need: int) -> tuple[int, int, int]:
     """The bin holding the ``need``-th largest key: (digit, keys still needed inside it, keys in it)."""
-    counts = counts.to(torch.int64).cpu()
-    at_or_above = counts.flip(0).cumsum(0).flip(0)  # at_or_above[b] = #keys with digit >= b
-    candidates = (at_or_above >= need).nonzero()
-    if candidates.numel() == 0:
+    host = counts if counts.device.type == "cpu" else counts.cpu()
+    bins = np.asarray(host.numpy(), dtype=np.int64)  # host arithmetic on the host copy
+    at_or_above = np.cumsum(bins[::-1])[::-1]  # at_or_above[b] = #keys with digit >= b
+    candidates = np.flatnonzero(at_or_above >= need)
+    if candidates.size == 0:
         raise RuntimeError(
             f"radix select lost elements: need {need} more but only {int(at_or_above[0])} share the prefix"
         )
     digit = int(candidates.max())
-    in_bin = int(counts[digit])
+    in_bin = int(bins[digit])
     return digit, need - (int(at_or_above[digit]) - in_bin), in_bin
 
 
 def find_threshold(
-    histogram: Callable[[int, int, int, int], torch.Tensor], k: int, n: int
+    histogram: Callable[[int, int, int, int], torch.Tensor],
+    k: int,
+    n: int,
+    *,
+    level: int = 0,
+    prefix: int = 0,
 ) -> tuple[Threshold, int]:
     """Radix-select the threshold of the top ``k`` of ``n`` keys.
 
     ``histogram(prefix, prefix_shift, digit_shift, digit_bits)`` returns int64 counts of the digit
     ``(key >> digit_shift) & (2^digit_bits - 1)`` over keys with ``key >> prefix_shift == prefix``.
-    Returns the threshold and the number of histogram passes used.
+    ``level``/``prefix``: start at digit ``level`` when all ``n`` keys share the digits above it
+    (``prefix``), e.g. candidates collected from one top-digit bin. Returns the threshold and the
+    number of histogram passes used.
     """
     if k <= 0:
         return Threshold.nothing(), 0
     if k >= n:
-        return Threshold.everything(), 0
-    prefix, need, passes = 0, k, 0
-    for shift, bits in RADIX_DIGITS:
+        if level == 0:
+            return Threshold.everything(), 0
+        shift = RADIX_DIGITS[level - 1][0]
+        return Threshold((prefix << shift) - 1, 0), 0
+    need, passes = k, 0
+    for shift, bits in RADIX_DIGITS[level:]:
         counts = histogram(prefix, shift + bits, shift, bits)
         passes += 1
         digit, need, in_bin = pick_bin(counts, need)
@@ -137,22 +161,90 @@ def bincount_histogram(
     digit_bits: int,
     chunk: int = 1 << 22,
 ) -> torch.Tensor:
-    """The ``histogram`` of :func:`find_threshold` over int32 key tensors, with ``torch.bincount``."""
-    counts = torch.zeros(1 << digit_bits, dtype=torch.int64)
+    """The ``histogram`` of :func:`find_threshold` over int32 key tensors, with ``torch.bincount``.
+
+    Keys outside the prefix are counted in an extra bin that is dropped, so the counts stay on the
+    keys' device until the one copy to the host at the end."""
+    bins = 1 << digit_bits
+    totals: dict[torch.device, torch.Tensor] = {}
     for key in keys:
         for lo in range(0, key.numel(), chunk):
             part = key[lo : lo + chunk]
+            digits = ((part >> digit_shift) & (bins - 1)).long()
             if prefix_shift < KEY_BITS:
-                part = part[(part >> prefix_shift) == prefix]
-            digits = ((part >> digit_shift) & ((1 << digit_bits) - 1)).long()
-            counts += torch.bincount(digits, minlength=1 << digit_bits).cpu()
-    return counts
+                digits = torch.where((part >> prefix_shift) == prefix, digits, bins)
+            counted = torch.bincount(digits, minlength=bins + 1)[:bins]
+            if part.device in totals:
+                totals[part.device] += counted
+            else:
+                totals[part.device] = counted
+    counts = np.zeros(bins, dtype=np.int64)  # host arithmetic on the host copies
+    for total in totals.values():
+        counts += (total if total.device.type == "cpu" else total.cpu()).numpy()
+    return torch.from_numpy(counts)
+
+
+def local_ties(threshold: Threshold, equal_before: int) -> Threshold:
+    """The share of ``threshold``'s ties for a part of the keys that has ``equal_before`` keys equal to
+    the threshold key before it (by global position): ``clamp(ties - equal_before, 0, ...)``. A sharded
+    selection gives each shard its share from an exclusive prefix sum of the shards' ``tie_count``."""
+    return Threshold(threshold.key_threshold, max(0, threshold.ties - equal_before))
+
+
+# ---------------------------------------------------------------------------------------------
+# the selector protocol
+# ---------------------------------------------------------------------------------------------
+@runtime_checkable
+class Selector(Protocol):
+    """What every selection backend provides, over the sources it was built with (in source order).
+
+    The core is local and reduction-friendly, so a sharded selection can wrap any selector: sum the
+    shards' ``histogram`` counts (an all-reduce) and feed the sums to :func:`find_threshold`; sum
+    ``nonfinite_counts``; get each shard's tie share from an exclusive prefix sum of the shards'
+    ``tie_count`` (:func:`local_ties`, shards in global-position order); then ``write_masks``.
+
+    * ``histogram(prefix, prefix_shift, digit_shift, digit_bits)``: int64 CPU counts, ``2^digit_bits``
+      bins, of the digit ``(key >> digit_shift) & (2^digit_bits - 1)`` over this selector's keys with
+      ``key >> prefix_shift == prefix`` (:func:`find_threshold`'s histogram);
+    * ``tie_count(key)``: how many of this selector's keys equal ``key``;
+    * ``write_masks(threshold)``: packed masks (:mod:`wagle_kernels.bitpack`) per source name with bit
+      = ``key > T`` or (``key == T`` and among the first ``ties`` equal keys in source order);
+    * ``nonfinite_counts()``: NaN/Inf scores per source name;
+    * ``select(k, n)``: the masks of the top ``k`` of this selector's ``n`` keys (a backend may take a
+      faster route than histogram + write_masks; the result is the same);
+    * ``stats``: the :class:`SelectionStats` of everything this selector ran (the one place
+      statistics are reported).
+    """
+
+    stats: SelectionStats
+
+    def histogram(
+        self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int
+    ) -> torch.Tensor: ...
+
+    def tie_count(self, key: int) -> int: ...
+
+    def write_masks(self, threshold: Threshold) -> dict[str, torch.Tensor]: ...
+
+    def nonfinite_counts(self) -> dict[str, int]: ...
+
+    def select(self, k: int, n: int) -> dict[str, torch.Tensor]: ...
+
+
+class _RadixSelect:
+    """``select`` by the full radix passes: threshold from ``histogram``, then ``write_masks``."""
+
+    stats: SelectionStats
+
+    def select(self, k: int, n: int) -> dict[str, torch.Tensor]:
+        threshold, _ = find_threshold(self.histogram, k, n)
+        return self.write_masks(threshold)
 
 
 # ---------------------------------------------------------------------------------------------
 # torch backend
 # ---------------------------------------------------------------------------------------------
-class TorchSelector:
+class TorchSelector(_RadixSelect):
     """Reference backend: int32 keys per tensor, ``bincount`` histograms, chunked to bound temporaries."""
 
     def __init__(
@@ -166,8 +258,7 @@ class TorchSelector:
         self.chunk = max(8, chunk - chunk % 8)
         self.device = device
         self.keys: list[torch.Tensor] = []
-        self.nonfinite: dict[str, int] = {}
-        self.histogram_passes = 0  # passes over the int32 keys
+        self.stats = SelectionStats()
         for src in self.sources:
             device = self.device or self._device(src)
             keys = torch.empty(src.numel, dtype=torch.int32, device=device)
@@ -186,7 +277,7 @@ class TorchSelector:
                     numel=hi - lo,
                 )
                 keys[lo:hi] = keys_torch(scores)
-            self.nonfinite[src.name] = int((keys == 0).sum())
+            self.stats.nonfinite[src.name] = int((keys == 0).sum())
             self.keys.append(keys)
 
     @staticmethod
@@ -200,16 +291,24 @@ class TorchSelector:
         for lo in range(0, keys.numel(), self.chunk):
             yield keys[lo : lo + self.chunk]
 
+    def nonfinite_counts(self) -> dict[str, int]:
+        return dict(self.stats.nonfinite)
+
     def histogram(self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
-        self.histogram_passes += 1
+        self.stats.histogram_passes += 1
         return bincount_histogram(self.keys, prefix, prefix_shift, digit_shift, digit_bits, self.chunk)
 
-    def write_masks(self, threshold: Threshold) -> tuple[dict[str, torch.Tensor], int]:
+    def tie_count(self, key: int) -> int:
+        return sum(int((part == key).sum()) for keys in self.keys for part in self._chunks(keys))
+
+    def write_masks(self, threshold: Threshold) -> dict[str, torch.Tensor]:
+        self.stats.mask_passes += 1
         ties_left = threshold.ties
         t = threshold.key_threshold
         out = {}
         for src, keys in zip(self.sources, self.keys, strict=True):
             packed = torch.empty(packed_size(src.numel), dtype=torch.uint8, device=keys.device)
+            set_bits = 0
             for index, part in enumerate(self._chunks(keys)):
                 selected = part > t
                 if ties_left > 0:
@@ -222,8 +321,10 @@ class TorchSelector:
                     ties_left -= min(count, ties_left)
                 lo = index * self.chunk // 8
                 packed[lo : lo + packed_size(part.numel())] = pack_bits(selected)
+                set_bits += int(selected.sum())
             out[src.name] = packed
-        return out, 0
+            self.stats.selected[src.name] = set_bits
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,9 +334,13 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .bitpack import pack_block
     from .scores import key_block, score_block
 
-    _NO_SPECIALIZE = ["n", "start", "inv_gamma", "seed", "prefix", "threshold", "ties"]
+    # ``n`` is specialised (the JIT compiles a variant for n % 16 == 0): the bounds mask ``offs < n`` is
+    # then known to be uniform over 16 lanes and the loads are 128-bit; other n get their own, still
+    # exact, variant.
+    _NO_SPECIALIZE = ["start", "inv_gamma", "seed", "prefix", "threshold", "ties"]
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _histogram_kernel(
@@ -244,6 +349,7 @@ if HAS_TRITON:
         gr_ptr,
         hist_ptr,
         nonfinite_ptr,
+        zeros_ptr,
         n,
         start,
         inv_gamma,
@@ -265,6 +371,10 @@ if HAS_TRITON:
         histogram is needed. Persistent: program pid walks blocks pid, pid + P, ... (P = ``programs``,
         ``iterations`` = ceil(blocks / P)) and adds its private histogram to the global one once, so a
         pass makes P * 2^B global atomics instead of one histogram per block.
+
+        With COUNT_NONFINITE (the first pass) it also adds the tensor's non-finite scores (key 0) to
+        ``nonfinite_ptr[0]`` and stores each block's count of exactly-zero scores (key 1) at
+        ``zeros_ptr[block]``: the rank offsets of the zero-score tie, the common huge tie.
         """
         pid = tl.program_id(0)
         bins = tl.arange(0, 1 << DIGIT_BITS)
@@ -282,6 +392,9 @@ if HAS_TRITON:
             total += (hist - tl.where(bins == 0, outside, 0)).to(tl.int64)
             if COUNT_NONFINITE:
                 bad += (valid & (key == 0)).to(tl.int32)
+                block = (pid + it * programs).to(tl.int64)
+                zero = tl.sum((valid & (key == 1)).to(tl.int32), axis=0)
+                tl.store(zeros_ptr + block, zero.to(tl.int64), mask=block * BLOCK < n)
             it += 1
         tl.atomic_add(hist_ptr + bins, total)
         if COUNT_NONFINITE:
@@ -315,6 +428,7 @@ if HAS_TRITON:
         gr_ptr,
         out_ptr,
         tie_offset_ptr,
+        count_ptr,
         n,
         start,
         inv_gamma,
@@ -325,7 +439,8 @@ if HAS_TRITON:
         HAS_TIES: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """bit_i = key_i > T or (key_i == T and rank_i < ties); bit i % 8 of byte i // 8.
+        """bit_i = key_i > T or (key_i == T and rank_i < ties); bit i % 8 of byte i // 8; the block's
+        number of set bits is added to ``count_ptr[0]``.
 
         rank_i = (# keys equal to T before this block, over all tensors in order) + (# before i in block).
         """
@@ -340,23 +455,24 @@ if HAS_TRITON:
             before = tl.cumsum(equal_count, axis=0) - equal_count
             rank = tl.load(tie_offset_ptr + pid) + before.to(tl.int64)
             selected = selected | (equal & (rank < ties))
-        bits = tl.reshape(selected.to(tl.int32), (BLOCK // 8, 8))
-        weights = 1 << tl.arange(0, 8)
-        packed = tl.sum(bits * weights[None, :], axis=1).to(tl.uint8)
+        tl.atomic_add(count_ptr, tl.sum(selected.to(tl.int64), axis=0))
+        packed = pack_block(selected, BLOCK)
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["low", "high", "capacity"])
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["bit_base", "low", "high", "capacity"])
     def _mask_compact_kernel(
         w_ptr,
         gf_ptr,
         gr_ptr,
         out_ptr,
         cand_key_ptr,
-        cand_pos_ptr,
+        cand_bit_ptr,
         counter_ptr,
+        count_ptr,
         n,
         start,
+        bit_base,
         inv_gamma,
         seed,
         low,
@@ -367,8 +483,10 @@ if HAS_TRITON:
     ):
         """One pass that settles every key outside the threshold bin [low, high] and collects the rest.
 
-        bit_i = key_i > high (packed as in ``_mask_kernel``); keys with low <= key_i <= high are appended
-        as (key_i, start + i) to the candidate buffers at slots reserved per block with one atomic add.
+        bit_i = key_i > high (packed as in ``_mask_kernel``, counted into ``count_ptr[0]``); keys with
+        low <= key_i <= high are appended as (key_i, bit_base + i) to the candidate buffers at slots
+        reserved per block with one atomic add. ``bit_base + i`` is the element's bit in the buffer of
+        all packed masks (regions in tensor order), so it orders candidates like global positions.
         """
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -383,10 +501,9 @@ if HAS_TRITON:
             slot = base + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
             keep = candidate & (slot < capacity)
             tl.store(cand_key_ptr + slot, key, mask=keep)
-            tl.store(cand_pos_ptr + slot, start + offs, mask=keep)
-        bits = tl.reshape(selected.to(tl.int32), (BLOCK // 8, 8))
-        weights = 1 << tl.arange(0, 8)
-        packed = tl.sum(bits * weights[None, :], axis=1).to(tl.uint8)
+            tl.store(cand_bit_ptr + slot, bit_base + offs, mask=keep)
+        tl.atomic_add(count_ptr, tl.sum(selected.to(tl.int64), axis=0))
+        packed = pack_block(selected, BLOCK)
         byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
 
@@ -400,9 +517,169 @@ if HAS_TRITON:
         value = (tl.full(offs.shape, 1, tl.uint32) << (bit & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
         tl.atomic_or(words_ptr + (bit >> 5), value, mask=valid)
 
+    @triton.jit(do_not_specialize=["prefix"])
+    def _key_histogram_kernel(
+        key_ptr,
+        hist_ptr,
+        m,
+        prefix,
+        programs,
+        iterations,
+        PREFIX_SHIFT: tl.constexpr,
+        DIGIT_SHIFT: tl.constexpr,
+        DIGIT_BITS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """``_histogram_kernel`` over ``m`` stored int32 keys (the collected candidates)."""
+        pid = tl.program_id(0)
+        bins = tl.arange(0, 1 << DIGIT_BITS)
+        total = tl.zeros((1 << DIGIT_BITS,), tl.int64)
+        it = 0
+        while it < iterations:
+            offs = (pid + it * programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            valid = offs < m
+            key = tl.load(key_ptr + offs, mask=valid, other=0)
+            inside = valid & ((key >> PREFIX_SHIFT) == prefix)
+            digit = tl.where(inside, (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1), 0)
+            hist = tl.histogram(digit, 1 << DIGIT_BITS)
+            outside = tl.sum((~inside).to(tl.int32), axis=0)
+            total += (hist - tl.where(bins == 0, outside, 0)).to(tl.int64)
+            it += 1
+        tl.atomic_add(hist_ptr + bins, total)
 
-class TritonSelector:
-    """Kernel backend: every pass recomputes scores from the inputs; one launch per tensor per pass."""
+    @triton.jit(do_not_specialize=["threshold"])
+    def _candidate_bits_kernel(
+        key_ptr,
+        bit_ptr,
+        words_ptr,
+        region_ptr,
+        count_ptr,
+        tie_ptr,
+        tie_counter_ptr,
+        m,
+        regions,
+        threshold,
+        HAS_TIES: tl.constexpr,
+        LOG2_REGIONS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Settle candidates: key > threshold sets its bit (``words[b >> 5] |= 1 << (b & 31)``) and adds
+        one to its tensor's count (owner found by a binary search over the ``regions`` sorted first
+        bits at ``region_ptr``); with HAS_TIES, keys equal to the threshold are appended to ``tie_ptr``
+        for the host to pick the lowest positions."""
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < m
+        key = tl.load(key_ptr + offs, mask=valid, other=0)
+        bit = tl.load(bit_ptr + offs, mask=valid, other=0)
+        chosen = valid & (key > threshold)
+        value = (tl.full(offs.shape, 1, tl.uint32) << (bit & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
+        tl.atomic_or(words_ptr + (bit >> 5), value, mask=chosen)
+        owner = tl.zeros(offs.shape, tl.int32)
+        for j in tl.static_range(LOG2_REGIONS):
+            probe = owner + (1 << (LOG2_REGIONS - 1 - j))
+            inside = chosen & (probe < regions)
+            first_bit = tl.load(region_ptr + probe, mask=inside, other=0)
+            owner = tl.where(inside & (first_bit <= bit), probe, owner)
+        tl.atomic_add(count_ptr + owner, tl.full(offs.shape, 1, tl.int64), mask=chosen)
+        if HAS_TIES:
+            equal = valid & (key == threshold)
+            flags = equal.to(tl.int32)
+            count = tl.sum(flags, axis=0)
+            if count > 0:
+                base = tl.atomic_add(tie_counter_ptr, count.to(tl.int64))
+                slot = base + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+                tl.store(tie_ptr + slot, bit, mask=equal)
+
+
+# The compile-check type of every selection kernel argument (by name; upper-case names are constexprs):
+# bf16 inputs with an fp32 retain gradient, the numel types the JIT picks below 2^31 elements.
+COMPILE_ARG_TYPES = {
+    **{"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32", "out_ptr": "*u8", "words_ptr": "*i32"},
+    **{"cand_key_ptr": "*i32", "key_ptr": "*i32"},
+    **dict.fromkeys(
+        ("hist_ptr", "nonfinite_ptr", "zeros_ptr", "counts_ptr", "tie_offset_ptr", "count_ptr"), "*i64"
+    ),
+    **dict.fromkeys(
+        ("cand_bit_ptr", "counter_ptr", "bit_ptr", "region_ptr", "tie_ptr", "tie_counter_ptr"), "*i64"
+    ),
+    **dict.fromkeys(
+        ("n", "m", "seed", "prefix", "programs", "iterations", "threshold", "low", "high"), "i32"
+    ),
+    **dict.fromkeys(("regions",), "i32"),
+    **dict.fromkeys(("start", "bit_base", "ties", "capacity"), "i64"),
+    "inv_gamma": "fp32",
+}
+
+
+def kernel_signature(kernel, types: dict[str, str] = COMPILE_ARG_TYPES) -> dict[str, str]:
+    """``{argument: type or "constexpr"}`` of ``kernel`` in argument order, from its own parameters."""
+    import inspect
+
+    fn = getattr(kernel, "fn", kernel)
+    signature = {}
+    for name in inspect.signature(fn).parameters:
+        if name.isupper():
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        else:
+            raise KeyError(f"kernel_signature: no compile type for argument {name!r} of {fn.__name__}")
+    return signature
+
+
+def compile_variants(block: int = 4096):
+    """``(label, kernel, signature, constexprs, attrs)`` of every selection kernel variant, for
+    ahead-of-time compile checks (``tests/compile_kernels.py``): the first-digit histogram for every
+    registered score method, the other kernels for ``wagle``. ``attrs`` are the JIT's specialisation of
+    16-byte aligned pointers (what ``torch`` allocations give) and of ``n % 16 == 0`` (Llama-2's sizes)."""
+    wagle = SCORE_METHODS["wagle"].kernel_id
+    (top_shift, top_bits), (mid_shift, mid_bits), (last_shift, last_bits) = RADIX_DIGITS
+    first_digit = {"PREFIX_SHIFT": KEY_BITS, "DIGIT_SHIFT": top_shift, "DIGIT_BITS": top_bits}
+    last_digit = {"PREFIX_SHIFT": last_shift + last_bits, "DIGIT_SHIFT": last_shift, "DIGIT_BITS": last_bits}
+    variants = [
+        (
+            f"histogram method={name}",
+            _histogram_kernel,
+            {**first_digit, "METHOD": m.kernel_id, "COUNT_NONFINITE": True, "BLOCK": block},
+        )
+        for name, m in SCORE_METHODS.items()
+    ]
+    variants += [
+        (
+            "histogram last digit",
+            _histogram_kernel,
+            {**last_digit, "METHOD": wagle, "COUNT_NONFINITE": False, "BLOCK": block},
+        ),
+        ("tie count", _tie_count_kernel, {"METHOD": wagle, "BLOCK": block}),
+        ("mask ties=False", _mask_kernel, {"METHOD": wagle, "HAS_TIES": False, "BLOCK": block}),
+        ("mask ties=True", _mask_kernel, {"METHOD": wagle, "HAS_TIES": True, "BLOCK": block}),
+        ("mask + candidates", _mask_compact_kernel, {"METHOD": wagle, "BLOCK": block}),
+        ("set bits", _set_bits_kernel, {"BLOCK": block}),
+        (
+            "candidate histogram",
+            _key_histogram_kernel,
+            {
+                "PREFIX_SHIFT": mid_shift + mid_bits,
+                "DIGIT_SHIFT": mid_shift,
+                "DIGIT_BITS": mid_bits,
+                "BLOCK": block,
+            },
+        ),
+        ("candidate bits", _candidate_bits_kernel, {"HAS_TIES": True, "LOG2_REGIONS": 9, "BLOCK": block}),
+    ]
+    for label, fn, constexprs in variants:
+        signature = kernel_signature(fn)
+        yield label, fn, signature, constexprs, aligned_attrs(signature, divisible=("n",))
+
+
+class TritonSelector(_RadixSelect):
+    """Kernel backend: every pass recomputes scores from the inputs; one launch per tensor per pass.
+
+    Host syncs per selection are constant: one after the first histogram pass (bins, non-finite and
+    zero-score counts together), at most three while resolving candidates, one for the per-tensor
+    selected counts.
+    """
 
     def __init__(
         self,
@@ -420,14 +697,14 @@ class TritonSelector:
         self.spec = spec
         self.block = block
         self.num_warps = num_warps
-        self.method_id = METHOD_IDS[spec.method]
+        self.method_id = get_method(spec.method).kernel_id
         self.device = device or self._device()
-        self.nonfinite: dict[str, int] = {}
+        self.stats = SelectionStats()
         self._counted_nonfinite = False
-        self._cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
-        self.histogram_passes = 0  # passes over the inputs (w, g_f, g_r)
+        self._cache: tuple[tuple[int, int, int, int], np.ndarray] | None = None  # the last pass, on the host
+        self._zero_blocks: list[torch.Tensor] | None = None  # per source: zero-score count per block
+        self._zeros = 0  # exactly-zero scores (key 1) over all sources
         self.candidate_fraction = candidate_fraction
-        self.compacted = False
         if max_programs is None:  # persistent histogram programs: a few per SM on a GPU
             cuda = self.device.type == "cuda"
             max_programs = (
@@ -452,62 +729,116 @@ class TritonSelector:
         placeholder = present[0] if present else torch.empty(1, dtype=torch.float32, device=self.device)
         return tuple(t if t is not None else placeholder for t in moved)
 
-    def _grid(self, src: ScoreSource) -> tuple[int]:
-        return (triton.cdiv(src.numel, self.block),)
+    def _blocks(self, src: ScoreSource) -> int:
+        return triton.cdiv(src.numel, self.block)
+
+    def _block_buffer(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One int64 buffer with a region of one counter per block for each source, and the regions."""
+        sizes = [self._blocks(src) for src in self.sources]
+        flat = torch.zeros(max(1, sum(sizes)), dtype=torch.int64, device=self.device)
+        return flat, list(torch.split(flat[: sum(sizes)], sizes)) if sizes else []
 
     def histogram(self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
         args = (prefix, prefix_shift, digit_shift, digit_bits)
         if self._cache is not None and self._cache[0] == args:
-            return self._cache[1].clone()
-        hist = torch.zeros(1 << digit_bits, dtype=torch.int64, device=self.device)
-        self.histogram_passes += 1
-        count_nonfinite = not self._counted_nonfinite
-        nonfinite = torch.zeros(max(1, len(self.sources)), dtype=torch.int64, device=self.device)
+            return torch.from_numpy(self._cache[1].copy())
+        first = not self._counted_nonfinite
+        bins = 1 << digit_bits
+        # bins, then per source its non-finite count, then the total of zero-score keys
+        counts = torch.zeros(bins + len(self.sources) + 1, dtype=torch.int64, device=self.device)
+        zeros_flat, zero_blocks = self._block_buffer() if first else (counts, [])
+        self.stats.histogram_passes += 1
         for index, src in enumerate(self.sources):
             if src.numel == 0:
                 continue
-            programs = min(self._grid(src)[0], self.max_programs)
+            programs = min(self._blocks(src), self.max_programs)
             _histogram_kernel[(programs,)](
                 *self._inputs(src),
-                hist,
-                nonfinite[index:],
+                counts,
+                counts[bins + index :],
+                zero_blocks[index] if first else counts,
                 src.numel,
                 src.start,
                 self.spec.inv_gamma,
                 self.spec.seed,
                 prefix,
                 programs,
-                triton.cdiv(self._grid(src)[0], programs),
+                triton.cdiv(self._blocks(src), programs),
                 PREFIX_SHIFT=prefix_shift,
                 DIGIT_SHIFT=digit_shift,
                 DIGIT_BITS=digit_bits,
                 METHOD=self.method_id,
-                COUNT_NONFINITE=count_nonfinite,
+                COUNT_NONFINITE=first,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
             )
-        if count_nonfinite:
-            counts = nonfinite.tolist()
-            self.nonfinite = {src.name: int(counts[i]) for i, src in enumerate(self.sources)}
+        if first:
+            counts[-1] = zeros_flat.sum()
+        host = counts.cpu().numpy().copy()  # the pass's one host sync; host arithmetic in numpy
+        if first:
+            nonfinite = host[bins : bins + len(self.sources)]
+            self.stats.nonfinite = {src.name: int(nonfinite[i]) for i, src in enumerate(self.sources)}
+            self._zero_blocks = zero_blocks
+            self._zeros = int(host[-1])
             self._counted_nonfinite = True
-        result = hist.cpu()
-        self._cache = (args, result.clone())
-        return result
+        self._cache = (args, host[:bins])
+        return torch.from_numpy(host[:bins].copy())
 
-    def count_nonfinite(self) -> dict[str, int]:
-        """Run one histogram pass if none ran yet (it also counts non-finite scores per tensor)."""
+    def nonfinite_counts(self) -> dict[str, int]:
+        """Run the first histogram pass if none ran yet (it also counts non-finite scores per tensor)."""
         if not self._counted_nonfinite:
             self.histogram(0, KEY_BITS, RADIX_DIGITS[0][0], RADIX_DIGITS[0][1])
-        return self.nonfinite
+        return dict(self.stats.nonfinite)
+
+    def select(self, k: int, n: int) -> dict[str, torch.Tensor]:
+        """Two passes over the inputs whenever the first histogram allows (module docstring), else the
+        full radix passes."""
+        if 0 < k < n:
+            shift, bits = RADIX_DIGITS[0]
+            digit, need, in_bin = pick_bin(self.histogram(0, KEY_BITS, shift, bits), k)
+            if digit == 0 and need < in_bin:  # the bin of the lowest keys: zero scores and NaN/Inf
+                masks = self._select_lowest_bin(need, in_bin)
+                if masks is not None:
+                    return masks
+            masks = self.select_compact(k, n)
+            if masks is not None:
+                return masks
+        return super().select(k, n)
+
+    def _select_lowest_bin(self, need: int, in_bin: int) -> dict[str, torch.Tensor] | None:
+        """The threshold lies in the lowest top-digit bin, which holds the exactly-zero scores (key 1,
+        often a huge tie) and the non-finite ones (key 0). With ``positive`` keys >= 2 in the bin:
+
+        * need <= positive: the candidates are the positive keys alone (the zeros are never collected);
+        * positive < need <= positive + zeros: every key >= 2 plus the first ``need - positive`` zero
+          scores by position, one mask pass with the zero counts per block of the first pass as tie
+          offsets (no tie pass).
+
+        Returns None where neither applies (the threshold among the non-finite scores).
+        """
+        nonfinite = sum(self.stats.nonfinite.values())
+        positive = in_bin - self._zeros - nonfinite
+        if need <= positive:
+            return self.select_compact_range(2, (1 << RADIX_DIGITS[0][0]) - 1, need, positive)
+        if need <= positive + self._zeros:
+            tie_offsets = torch.cat(self._zero_blocks) if self._zero_blocks else None
+            if tie_offsets is not None:
+                tie_offsets = tie_offsets.cumsum(0) - tie_offsets
+                offsets = list(torch.split(tie_offsets, [self._blocks(src) for src in self.sources]))
+            else:
+                offsets = None
+            return self._mask_pass(Threshold(1, need - positive), offsets)
+        return None
 
     def _packed_regions(self) -> tuple[torch.Tensor, list[int]]:
-        """One uint8 buffer for all packed masks, each region starting at a multiple of 4 bytes."""
+        """One uint8 buffer for all packed masks, each region starting at a multiple of 4 bytes (left
+        uninitialised: the candidate pass writes every byte of every region before any atomic OR)."""
         offsets, total = [], 0
         for src in self.sources:
             offsets.append(total)
             total += (packed_size(src.numel) + 3) // 4 * 4
-        return torch.zeros(max(total, 4), dtype=torch.uint8, device=self.device), offsets
+        return torch.empty(max(total, 4), dtype=torch.uint8, device=self.device), offsets
 
     def select_compact(self, k: int, n: int) -> dict[str, torch.Tensor] | None:
         """Two passes over the inputs when the threshold bin of the first digit is small.
@@ -521,100 +852,181 @@ class TritonSelector:
             return None
         shift, bits = RADIX_DIGITS[0]
         digit, need, in_bin = pick_bin(self.histogram(0, KEY_BITS, shift, bits), k)
-        capacity = int(self.candidate_fraction * n) + 1024
-        if need == in_bin or in_bin > capacity:
+        if need == in_bin:
             return None
-        low, high = digit << shift, ((digit + 1) << shift) - 1
+        return self.select_compact_range(digit << shift, ((digit + 1) << shift) - 1, need, in_bin)
+
+    def select_compact_range(
+        self, low: int, high: int, need: int, in_range: int
+    ) -> dict[str, torch.Tensor] | None:
+        """Select every key above ``high`` and the top ``need`` of the ``in_range`` keys in
+        ``[low, high]`` (one top-digit bin, collected as candidates); None when they do not fit the
+        candidate buffer.
+
+        Candidates are (key, bit index in the buffer of all masks); bit indices order like global
+        positions. The lower digits are histogrammed over the candidates' keys (4 bytes each per
+        digit), one kernel sets the bits of the candidates above the threshold and counts them per
+        tensor, and only the candidates equal to the threshold (the tie) are ranked by position.
+        """
+        n = sum(src.numel for src in self.sources)
+        capacity = int(self.candidate_fraction * n) + 1024
+        if self.candidate_fraction <= 0 or in_range > capacity:
+            return None
         buffer, offsets = self._packed_regions()
-        cand_keys = torch.empty(max(in_bin, 1), dtype=torch.int32, device=self.device)
-        cand_pos = torch.empty(max(in_bin, 1), dtype=torch.int64, device=self.device)
-        counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+        cand_keys = torch.empty(max(in_range, 1), dtype=torch.int32, device=self.device)
+        cand_bits = torch.empty(max(in_range, 1), dtype=torch.int64, device=self.device)
+        # the candidate counter, the tie counter, then the selected bits per source
+        counters = torch.zeros(2 + len(self.sources), dtype=torch.int64, device=self.device)
         views = {}
-        for src, offset in zip(self.sources, offsets, strict=True):
+        for index, (src, offset) in enumerate(zip(self.sources, offsets, strict=True)):
             view = buffer[offset : offset + packed_size(src.numel)]
             views[src.name] = view
             if src.numel == 0:
                 continue
-            _mask_compact_kernel[self._grid(src)](
+            _mask_compact_kernel[(self._blocks(src),)](
                 *self._inputs(src),
                 view,
                 cand_keys,
-                cand_pos,
-                counter,
+                cand_bits,
+                counters,
+                counters[2 + index :],
                 src.numel,
                 src.start,
+                offset * 8,
                 self.spec.inv_gamma,
                 self.spec.seed,
                 low,
                 high,
-                in_bin,
+                in_range,
                 METHOD=self.method_id,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
             )
-        found = int(counter.item())
-        if found != in_bin:
-            raise RuntimeError(f"candidate pass found {found} keys in the threshold bin, expected {in_bin}")
-        cand_keys, cand_pos = cand_keys[:in_bin], cand_pos[:in_bin]
-        threshold, _ = find_threshold(lambda *args: bincount_histogram([cand_keys], *args), need, in_bin)
-        chosen = cand_pos[cand_keys > threshold.key_threshold]
-        if threshold.ties:
-            tied = cand_pos[cand_keys == threshold.key_threshold]
-            chosen = torch.cat([chosen, torch.topk(tied, threshold.ties, largest=False).values])
-        starts = torch.tensor([src.start for src in self.sources], dtype=torch.int64, device=self.device)
-        regions = torch.tensor(offsets, dtype=torch.int64, device=self.device)
-        owner = torch.searchsorted(starts, chosen, right=True) - 1
-        bit_index = regions[owner] * 8 + (chosen - starts[owner])
-        if bit_index.numel():
-            _set_bits_kernel[(triton.cdiv(bit_index.numel(), self.block),)](
+        self.stats.mask_passes += 1
+        self.stats.compacted = True
+        top = low >> RADIX_DIGITS[0][0]
+        threshold, _ = find_threshold(
+            self._candidate_histogram(cand_keys, in_range), need, in_range, level=1, prefix=top
+        )
+        regions = torch.tensor([offset * 8 for offset in offsets], dtype=torch.int64, device=self.device)
+        tied = torch.empty(max(in_range, 1) if threshold.ties else 1, dtype=torch.int64, device=self.device)
+        if in_range:
+            _candidate_bits_kernel[(triton.cdiv(in_range, self.block),)](
+                cand_keys,
+                cand_bits,
                 buffer.view(torch.int32),
-                bit_index,
-                bit_index.numel(),
+                regions,
+                counters[2:],
+                tied,
+                counters[1:],
+                in_range,
+                len(self.sources),
+                threshold.key_threshold,
+                HAS_TIES=threshold.ties > 0,
+                LOG2_REGIONS=max(1, (len(self.sources) - 1).bit_length()),
                 BLOCK=self.block,
                 num_warps=self.num_warps,
             )
-        self.compacted = True
+        if threshold.ties:  # the tie: the lowest positions among the candidates equal to the threshold
+            last_shift, last_bits = RADIX_DIGITS[-1]
+            equal = int(self._last_hist[(threshold.key_threshold >> last_shift) & ((1 << last_bits) - 1)])
+            chosen = torch.topk(tied[:equal], threshold.ties, largest=False).values
+            owner = torch.searchsorted(regions, chosen, right=True) - 1
+            counters[2:] += torch.bincount(owner, minlength=len(self.sources))
+            _set_bits_kernel[(triton.cdiv(chosen.numel(), self.block),)](
+                buffer.view(torch.int32), chosen, chosen.numel(), BLOCK=self.block, num_warps=self.num_warps
+            )
+        host = counters.tolist()  # one sync: candidate count and the selected bits per source
+        if host[0] != in_range:
+            raise RuntimeError(
+                f"candidate pass found {host[0]} keys in the threshold bin, expected {in_range}"
+            )
+        self.stats.selected = {src.name: int(host[2 + i]) for i, src in enumerate(self.sources)}
         return views
 
-    def write_masks(self, threshold: Threshold) -> tuple[dict[str, torch.Tensor], int]:
-        tie_offsets: list[torch.Tensor | None] = [None] * len(self.sources)
-        tie_passes = 0
+    def _candidate_histogram(self, keys: torch.Tensor, m: int):
+        """``find_threshold``'s histogram over the first ``m`` candidate keys (one sync per digit); it
+        remembers the count of the bin it last reported (the tie size at the last digit)."""
+
+        def histogram(prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
+            hist = torch.zeros(1 << digit_bits, dtype=torch.int64, device=self.device)
+            blocks = max(1, triton.cdiv(m, self.block))
+            programs = min(blocks, self.max_programs)
+            _key_histogram_kernel[(programs,)](
+                keys,
+                hist,
+                m,
+                prefix,
+                programs,
+                triton.cdiv(blocks, programs),
+                PREFIX_SHIFT=prefix_shift,
+                DIGIT_SHIFT=digit_shift,
+                DIGIT_BITS=digit_bits,
+                BLOCK=self.block,
+                num_warps=self.num_warps,
+            )
+            host = hist.cpu().numpy().copy()
+            self._last_hist = host
+            return torch.from_numpy(host)
+
+        return histogram
+
+    def _tie_counts_per_block(self, key: int) -> list[torch.Tensor]:
+        """One tie pass: per source, the number of keys equal to ``key`` in each block."""
+        self.stats.tie_passes += 1
+        _, per_block = self._block_buffer()
+        for src, counts in zip(self.sources, per_block, strict=True):
+            if src.numel:
+                _tie_count_kernel[(self._blocks(src),)](
+                    *self._inputs(src),
+                    counts,
+                    src.numel,
+                    src.start,
+                    self.spec.inv_gamma,
+                    self.spec.seed,
+                    key,
+                    METHOD=self.method_id,
+                    BLOCK=self.block,
+                    num_warps=self.num_warps,
+                    **launch_options(),
+                )
+        return per_block
+
+    def tie_count(self, key: int) -> int:
+        if key == 1 and self._zero_blocks is not None:  # the first pass counted the zero scores
+            return self._zeros
+        return int(sum(int(c.sum()) for c in self._tie_counts_per_block(key)))
+
+    def write_masks(self, threshold: Threshold) -> dict[str, torch.Tensor]:
+        offsets = None
         if threshold.ties > 0:
-            tie_passes = 1
-            per_block = []
-            for src in self.sources:
-                counts = torch.zeros(max(1, self._grid(src)[0]), dtype=torch.int64, device=self.device)
-                if src.numel:
-                    _tie_count_kernel[self._grid(src)](
-                        *self._inputs(src),
-                        counts,
-                        src.numel,
-                        src.start,
-                        self.spec.inv_gamma,
-                        self.spec.seed,
-                        threshold.key_threshold,
-                        METHOD=self.method_id,
-                        BLOCK=self.block,
-                        num_warps=self.num_warps,
-                        **launch_options(),
-                    )
-                per_block.append(counts[: self._grid(src)[0]])
-            flat = torch.cat(per_block)
+            if threshold.key_threshold == 1 and self._zero_blocks is not None:
+                per_block = self._zero_blocks  # zero-score counts per block from the first pass
+            else:
+                per_block = self._tie_counts_per_block(threshold.key_threshold)
+            flat = torch.cat(per_block) if per_block else torch.zeros(0, dtype=torch.int64)
             exclusive = flat.cumsum(0) - flat
-            offset = 0
-            for index, counts in enumerate(per_block):
-                tie_offsets[index] = exclusive[offset : offset + counts.numel()]
-                offset += counts.numel()
+            offsets = list(torch.split(exclusive, [c.numel() for c in per_block]))
+        return self._mask_pass(threshold, offsets)
+
+    def _mask_pass(
+        self, threshold: Threshold, tie_offsets: list[torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """One mask pass for ``threshold``; ``tie_offsets``: per source, the exclusive rank offset of
+        each block among the keys equal to the threshold (needed when ``threshold.ties > 0``)."""
+        self.stats.mask_passes += 1
+        counts = torch.zeros(max(1, len(self.sources)), dtype=torch.int64, device=self.device)
         out = {}
         for index, src in enumerate(self.sources):
             packed = torch.empty(packed_size(src.numel), dtype=torch.uint8, device=self.device)
             if src.numel:
-                has_ties = tie_offsets[index] is not None
-                _mask_kernel[self._grid(src)](
+                has_ties = tie_offsets is not None and threshold.ties > 0
+                _mask_kernel[(self._blocks(src),)](
                     *self._inputs(src),
                     packed,
                     tie_offsets[index] if has_ties else packed,
+                    counts[index:],
                     src.numel,
                     src.start,
                     self.spec.inv_gamma,
@@ -628,21 +1040,17 @@ class TritonSelector:
                     **launch_options(),
                 )
             out[src.name] = packed
-        return out, tie_passes
+        host = counts.tolist()  # one sync for every tensor's selected count
+        self.stats.selected = {src.name: int(host[i]) for i, src in enumerate(self.sources)}
+        return out
 
 
-def select_top_k(selector, k: int, n: int, stats: SelectionStats) -> dict[str, torch.Tensor]:
-    """Run radix select with ``selector`` (Torch/TritonSelector) and return packed masks per tensor."""
-    compact = getattr(selector, "select_compact", None)
-    masks = compact(k, n) if compact is not None else None
-    if masks is not None:
-        stats.histogram_passes += selector.histogram_passes
-        stats.mask_passes += 1
-        stats.compacted = True
-        return masks
-    threshold, _ = find_threshold(selector.histogram, k, n)
-    stats.histogram_passes += selector.histogram_passes
-    masks, tie_passes = selector.write_masks(threshold)
-    stats.tie_passes += tie_passes
-    stats.mask_passes += 1
+def select_top_k(
+    selector: Selector, k: int, n: int, stats: SelectionStats | None = None
+) -> dict[str, torch.Tensor]:
+    """Packed masks of the top ``k`` of ``n`` keys by ``selector``; its statistics are added to
+    ``stats`` when given (they are always in ``selector.stats``)."""
+    masks = selector.select(k, n)
+    if stats is not None:
+        stats.add(selector.stats)
     return masks

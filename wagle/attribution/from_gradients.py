@@ -10,11 +10,12 @@ import torch
 from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle_kernels._runtime import require_triton, triton_supports
-from wagle_kernels.scores import METHOD_INPUTS, METHODS, inverse_gamma
+from wagle_kernels.scores import get_method, inverse_gamma, method_names
 from wagle_kernels.select import (
     ScoreSource,
     ScoreSpec,
     SelectionStats,
+    Selector,
     TorchSelector,
     TritonSelector,
     select_top_k,
@@ -84,6 +85,15 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().reshape(-1).contiguous()
 
 
+def _selected_counts(stats: SelectionStats, shapes: dict[str, tuple[int, ...]]) -> dict[str, int] | None:
+    """Set bits per tensor as the selection counted them (None when it did not count every tensor)."""
+    counts = dict(stats.selected)
+    for name, shape in shapes.items():
+        if name not in counts and math.prod(shape) == 0:
+            counts[name] = 0
+    return counts if set(counts) >= set(shapes) else None
+
+
 def mask_from_gradients(
     params: TensorMap,
     grad_forget: TensorMap | None,
@@ -127,8 +137,9 @@ def mask_from_gradients(
             model-sized buffer; time: one host-to-device copy of the gradients per pass).
         return_stats: also return a :class:`SelectionStats` (passes over the inputs, non-finite counts).
     """
-    if method not in METHODS:
-        raise UserError(f"method: unknown method {method!r}; expected one of {list(METHODS)}")
+    if method not in method_names():
+        raise UserError(f"method: unknown method {method!r}; expected one of {list(method_names())}")
+    entry = get_method(method)
     if scope not in SCOPES:
         raise UserError(f"scope: unknown scope {scope!r}; expected one of {list(SCOPES)}")
     if backend not in BACKENDS:
@@ -138,9 +149,9 @@ def mask_from_gradients(
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
         raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
     ratio = float(ratio)
-    uses_weight, uses_forget, uses_retain = METHOD_INPUTS[method]
-    if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+    uses_weight, uses_forget, uses_retain = entry.reads
+    if entry.needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
 
     weights = _as_dict(params, "params")
     forget = _as_dict(grad_forget, "grad_forget")
@@ -178,8 +189,8 @@ def mask_from_gradients(
         )
     device = devices.pop() if devices else torch.device("cpu")
 
-    if seed is None:  # only the random baseline uses a seed; other masks stay reproducible
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if method == "random" else 0
+    if seed is None:  # only seeded methods (the random baseline) draw one; other masks stay reproducible
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if entry.needs_seed else 0
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise UserError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
 
@@ -197,16 +208,16 @@ def mask_from_gradients(
         if use_triton:
             require_triton([torch.empty(0, device=device)], "mask_from_gradients(backend='triton')")
 
-    spec = ScoreSpec(method, inverse_gamma(gamma) if method == "wagle" else 1.0, seed)
+    spec = ScoreSpec(method, inverse_gamma(gamma) if entry.needs_gamma else 1.0, seed)
     groups = [sources] if scope == "global" else [[s] for s in sources]
-    stats = SelectionStats(nonfinite={})
+    stats = SelectionStats()
     packed: dict[str, torch.Tensor] = {}
     for group in groups:
         n = sum(s.numel for s in group)
         k = num_to_select(ratio, n)
-        selector = (TritonSelector if use_triton else TorchSelector)(group, spec, device=device)
-        if nonfinite == "error" and method != "random":
-            counts = selector.count_nonfinite() if use_triton else selector.nonfinite
+        selector: Selector = (TritonSelector if use_triton else TorchSelector)(group, spec, device=device)
+        if nonfinite == "error" and entry.can_be_nonfinite:
+            counts = selector.nonfinite_counts()
             bad = {name: c for name, c in counts.items() if c}
             if bad:
                 name, count = next(iter(bad.items()))
@@ -217,12 +228,15 @@ def mask_from_gradients(
                     "(nonfinite='lowest'; CLI: --nonfinite lowest)"
                 )
         packed.update(select_top_k(selector, k, n, stats))
-        stats.nonfinite.update(selector.nonfinite)
 
     metadata = {"method": method, "ratio": repr(ratio), "scope": scope}
-    if method == "random":
+    if entry.needs_seed:
         metadata["seed"] = str(seed)
-    if method == "wagle":
+    if entry.needs_gamma:
         metadata["gamma"] = repr(float(gamma))
-    mask = WeightMask({name: (shapes[name], packed[name]) for name in shapes}, metadata)
+    mask = WeightMask(
+        {name: (shapes[name], packed[name]) for name in shapes},
+        metadata,
+        counts=_selected_counts(stats, shapes),
+    )
     return (mask, stats) if return_stats else mask

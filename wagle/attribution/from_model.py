@@ -19,13 +19,20 @@ from tqdm.auto import tqdm
 from wagle.errors import UserError
 from wagle.mask import WeightMask, model_metadata, parameter_aliases
 from wagle.positions import check_sequence_length
+from wagle_kernels.scores import SCORE_METHODS, method_names
 
-from .from_gradients import METHODS, mask_from_gradients
+from .from_gradients import mask_from_gradients
 from .wanda import wanda_mask
 
 logger = logging.getLogger(__name__)
 
-ATTRIBUTION_METHODS = (*METHODS, "wanda")
+
+def attribution_methods() -> tuple[str, ...]:
+    """Every method :func:`attribute` accepts: the registered score methods, then ``wanda``."""
+    return (*method_names(), "wanda")
+
+
+ATTRIBUTION_METHODS = attribution_methods()  # at import time; attribution_methods() sees later registrations
 Batch = Mapping[str, torch.Tensor]
 
 
@@ -174,8 +181,8 @@ def attribute(
     Face models; same gradients, about one extra forward pass) so long batches fit.
     The prompt format of the forget loader (``prompt_format``) is recorded in the mask's metadata.
     """
-    if method not in ATTRIBUTION_METHODS:
-        raise UserError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
+    if method not in attribution_methods():
+        raise UserError(f"method: unknown method {method!r}; expected one of {list(attribution_methods())}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
         raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
     from wagle.distributed.attribution import attribute_distributed, distributed_kind
@@ -203,14 +210,16 @@ def attribute(
         mask.metadata.update(model_metadata(model.module if kind == "ddp" else model))
         return _with_prompt_format(mask, forget)
     params = select_parameters(model, include, exclude)
-    needs_forget = method in ("wagle", "snip", "gradient", "wanda")
-    needs_retain = method == "wagle"
+    entry = SCORE_METHODS.get(method)  # None for wanda (activations, not a per-weight score)
+    needs_forget = entry is None or entry.reads_forget
+    needs_retain = entry is not None and entry.reads_retain
     if needs_forget and forget is None:
         raise UserError(f"forget: method={method!r} needs forget-set batches")
     if needs_retain and retain is None:
         raise UserError(f"retain: method={method!r} needs retain-set batches")
-    if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+    needs_gamma = entry is not None and entry.needs_gamma
+    if needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
 
     was_training = model.training
     model.eval()
@@ -256,7 +265,7 @@ def _attribute(  # the computation of attribute(), on validated arguments, with 
     gradient_checkpointing,
     progress,
 ) -> WeightMask:
-    needs_retain = method == "wagle"
+    entry = SCORE_METHODS.get(method)  # None for wanda (activations, not a per-weight score)
     if method == "wanda":
         return wanda_mask(
             model,
@@ -275,7 +284,7 @@ def _attribute(  # the computation of attribute(), on validated arguments, with 
         "seed": seed,
         "nonfinite": nonfinite,
     }
-    if method in ("magnitude", "random"):
+    if not entry.reads_forget:  # scores from the weights alone (or none): no gradients to accumulate
         return mask_from_gradients(params, None, None, **select_kw)
     from wagle.models.checkpointing import activation_checkpointing  # transformers, on use
 
@@ -291,7 +300,7 @@ def _attribute(  # the computation of attribute(), on validated arguments, with 
             )
             grad_forget = _take_grads(params, to_host=offload_gradients)
             grad_retain = None
-            if needs_retain:
+            if entry.reads_retain:
                 accumulate_gradients(
                     model,
                     retain,
