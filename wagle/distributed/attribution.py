@@ -370,8 +370,9 @@ def attribute_distributed(
 
     if method == "wanda":
         raise UserError("method='wanda' is not supported on FSDP2/DDP models (it needs full activations)")
-    needs_forget = method in ("wagle", "snip", "gradient")
-    needs_retain = method == "wagle"
+    from wagle_kernels.scores import get_method
+
+    needs_forget, needs_retain = get_method(method).reads[1:]
     if needs_forget and forget is None:
         raise UserError(f"forget: method={method!r} needs forget-set batches")
     if needs_retain and retain is None:

@@ -42,7 +42,7 @@ from wagle.attribution.from_gradients import (
 )
 from wagle.errors import UserError
 from wagle_kernels._runtime import require_triton, triton_supports
-from wagle_kernels.scores import METHOD_INPUTS, METHODS, inverse_gamma
+from wagle_kernels.scores import get_method, inverse_gamma, method_names
 from wagle_kernels.select import (
     RADIX_DIGITS,
     ScoreSource,
@@ -174,8 +174,9 @@ def select_segments(
     global position wins) are those of :func:`wagle.mask_from_gradients`; the returned
     :class:`ShardedMask` holds this rank's bits of that mask.
     """
-    if method not in METHODS:
-        raise UserError(f"method: unknown method {method!r}; expected one of {list(METHODS)}")
+    if method not in method_names():
+        raise UserError(f"method: unknown method {method!r}; expected one of {list(method_names())}")
+    entry = get_method(method)
     if scope not in SCOPES:
         raise UserError(f"scope: unknown scope {scope!r}; expected one of {list(SCOPES)}")
     if backend not in BACKENDS:
@@ -184,16 +185,16 @@ def select_segments(
         raise UserError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
         raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
-    if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+    if entry.needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
     ratio = float(ratio)
     comm = collectives(comm)
     shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
-    segments = _check_segments(shapes, segments, METHOD_INPUTS[method])
+    segments = _check_segments(shapes, segments, entry.reads)
     device = _device(segments)
     stats = ShardedSelectionStats()
 
-    if method == "random":  # every rank must hash with the same seed
+    if entry.needs_seed:  # every rank must hash with the same seed
         local = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
         seed = int(comm.broadcast(torch.tensor([local], dtype=torch.int64))[0])
     else:
@@ -207,7 +208,7 @@ def select_segments(
         use_triton = backend == "triton"
         if use_triton:
             require_triton([torch.empty(0, device=device)], "select_segments(backend='triton')")
-    spec = ScoreSpec(method, inverse_gamma(gamma) if method == "wagle" else 1.0, seed)
+    spec = ScoreSpec(method, inverse_gamma(gamma) if entry.needs_gamma else 1.0, seed)
 
     names = list(shapes)
     index = {name: i for i, name in enumerate(names)}
@@ -235,7 +236,7 @@ def select_segments(
     local_counts = torch.zeros(len(names), 2, dtype=torch.int64)
     for seg in segments:
         sel = selectors[seg.name]
-        counts = sel.count_nonfinite() if use_triton else sel.nonfinite
+        counts = sel.nonfinite_counts()
         local_counts[index[seg.name]] = torch.tensor([seg.numel, int(counts.get(seg.name, 0))])
     covered, bad = comm.all_reduce_sum(local_counts).T.tolist()
     for i, name in enumerate(names):
@@ -246,7 +247,7 @@ def select_segments(
             )
     stats.nonfinite = {name: int(bad[i]) for i, name in enumerate(names)}
     clock.lap("counts")
-    if nonfinite == "error" and method != "random":
+    if nonfinite == "error" and entry.can_be_nonfinite:
         offenders = [(name, c) for name, c in stats.nonfinite.items() if c]
         if offenders:
             name, count = offenders[0]
@@ -305,7 +306,7 @@ def select_segments(
             for seg in local_of[g]:
                 count = 0
                 if seg.numel:
-                    count = int(selectors[seg.name].histogram(t, 0, 0, 1).sum())
+                    count = selectors[seg.name].tie_count(t)
                 local[row_of[seg.name]] = torch.tensor([seg.offset, count])
         gathered = torch.stack(comm.all_gather(local))  # [world, tied tensors, (offset, count)]
         stats.tie_gathers += 1
@@ -327,15 +328,15 @@ def select_segments(
     group_of = {name: g for g, group in enumerate(groups) for name in group}
     for seg in segments:
         threshold = thresholds[group_of[seg.name]]
-        packed, _ = selectors[seg.name].write_masks(Threshold(threshold.key_threshold, ties_of[seg.name]))
+        packed = selectors[seg.name].write_masks(Threshold(threshold.key_threshold, ties_of[seg.name]))
         parts[seg.name] = MaskPart(seg.offset, seg.numel, packed[seg.name], seg.local_shape)
-        stats.local_histogram_passes += selectors[seg.name].histogram_passes
+        stats.local_histogram_passes += selectors[seg.name].stats.histogram_passes
     clock.lap("masks")
 
     metadata = {"method": method, "ratio": repr(ratio), "scope": scope}
-    if method == "random":
+    if entry.needs_seed:
         metadata["seed"] = str(seed)
-    if method == "wagle":
+    if entry.needs_gamma:
         metadata["gamma"] = repr(float(gamma))
     mask = ShardedMask(shapes, parts, metadata, rank=comm.rank, world_size=comm.world_size)
     stats.comm = getattr(comm, "stats", stats.comm)
