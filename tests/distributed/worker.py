@@ -291,42 +291,6 @@ def cli_checks(out, rank, world):
     return results
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world)}
-    )
-    torch.set_num_threads(1)
-    main(out)
-
-
-if __name__ == "__main__":
-    import transformers  # noqa: F401 - imported once here, inherited by the forked ranks
-    from transformers import LlamaForCausalLM  # noqa: F401
-
-    root = sys.argv[1]
-    context = multiprocessing.get_context("fork")
-    failed = []
-    for world in map(int, sys.argv[2:]):
-        port = free_port()
-        ranks = [
-            context.Process(target=child, args=(r, world, port, os.path.join(root, f"world{world}")))
-            for r in range(world)
-        ]
-        for proc in ranks:
-            proc.start()
-        for proc in ranks:
-            proc.join(600)
-        failed += [f"world {world} rank {r}: exit {p.exitcode}" for r, p in enumerate(ranks) if p.exitcode]
-    if failed:
-        sys.exit("; ".join(failed))
-
-
 def _params(model):
     return {
         n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
@@ -401,3 +365,39 @@ def unlearn_checks(out, rank, world):
     except wagle.unlearning.ResumeMismatchError as exc:
         results["unlearn_mismatch_refused"] = "lr 0.005 -> 0.001" in str(exc)
     return results
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world)}
+    )
+    torch.set_num_threads(1)
+    main(out)
+
+
+if __name__ == "__main__":
+    import transformers  # noqa: F401 - imported once here, inherited by the forked ranks
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    root = sys.argv[1]
+    context = multiprocessing.get_context("fork")
+    failed = []
+    for world in map(int, sys.argv[2:]):
+        port = free_port()
+        ranks = [
+            context.Process(target=child, args=(r, world, port, os.path.join(root, f"world{world}")))
+            for r in range(world)
+        ]
+        for proc in ranks:
+            proc.start()
+        for proc in ranks:
+            proc.join(600)
+        failed += [f"world {world} rank {r}: exit {p.exitcode}" for r, p in enumerate(ranks) if p.exitcode]
+    if failed:
+        sys.exit("; ".join(failed))
