@@ -55,8 +55,23 @@ def test_fsdp_attribution_leaves_the_model_as_it_was(job, world):
     assert results["settings_restored"] and results["params_unchanged"] and results["local_matches"]
 
 
-def test_unlearn_loop_refuses_fsdp_models(job):
-    assert job[1][2]["unlearn_refused"]
+@pytest.mark.parametrize("case", ["npo", "grad_diff"])
+def test_fsdp_unlearn_equals_one_device(job, case):
+    results = job[1][2]
+    assert results[f"unlearn_{case}_moved"]  # the one-device run changed the weights
+    assert results[f"unlearn_{case}"] and results[f"unlearn_{case}_history"]  # bit for bit
+
+
+def test_fsdp_unlearn_more_micro_batches_than_ranks_within_tolerance(job):
+    results = job[1][2]  # 4 micro-batches on 2 ranks: the gradient terms are added in another order
+    assert results["unlearn_grad_diff_accum4_moved"] and results["unlearn_grad_diff_accum4_history"]
+    assert results["unlearn_grad_diff_accum4_max_diff"] < 1e-6
+
+
+def test_fsdp_unlearn_resume_equals_uninterrupted(job):
+    results = job[1][2]
+    assert results["unlearn_resumed_from"] == 2 and results["unlearn_resume"]
+    assert results["unlearn_mismatch_refused"]
 
 
 def test_fsdp_empty_shards_at_world_3(job):
@@ -118,4 +133,19 @@ def test_wagle_mask_command_under_torchrun_equals_one_device(job, world):
     sharded = WeightMask.load(folder / "sharded.safetensors")
     assert list(single) == list(sharded) and single.metadata == sharded.metadata
     assert all(torch.equal(single.packed(n), sharded.packed(n)) for n in single)
-    assert results["cli_unlearn_refused"]  # exit 2 with one line instead of N copies of the run
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_wagle_unlearn_command_under_torchrun_equals_one_device(job, world):
+    from safetensors.torch import load_file
+
+    results = job[1][world]
+    assert results["cli_unlearn_single_exit"] == 0
+    assert results["cli_unlearn_first_exits"] == results["cli_unlearn_resumed_exits"] == [0] * world
+    folder = job[0] / f"world{world}" / "cli"
+    single = load_file(folder / "u_single" / "model" / "model.safetensors")
+    start = load_file(folder / "model" / "model.safetensors")
+    assert not all(torch.equal(single[k], start[k]) for k in single)
+    for run in ("u_first", "u_resumed"):  # the run, and its resume from the last checkpoint
+        sharded = load_file(folder / run / "model.safetensors")
+        assert sorted(sharded) == sorted(single) and all(torch.equal(sharded[k], single[k]) for k in single)

@@ -182,20 +182,31 @@ def _out_folder(path: str) -> str:
 
 
 def run_unlearn(args: argparse.Namespace) -> int:
-    from wagle.distributed.launch import refuse_torchrun
-
-    refuse_torchrun("wagle unlearn")
     from wagle.data import load_dataset_file
+    from wagle.distributed.launch import shard_model, start_session  # torchrun: FSDP2 over the ranks
     from wagle.models import save_model
     from wagle.unlearning import CheckpointError, ResumeMismatchError, unlearn
     from wagle.unlearning.fingerprint import short
 
-    out = _out_folder(args.out)  # before any work: a run must not fail after its last step
+    session = start_session(args.device)
+    if session is None:
+        out = _out_folder(args.out)  # before any work: a run must not fail after its last step
+    else:  # rank 0 prepares the folder, every rank uses it
+        import torch.distributed as dist
+
+        box = [_out_folder(args.out) if session.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        out = box[0]
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, session.device if session else None)
     partial = "allow" if args.allow_partial_mask else "error"
     mask = WeightMask.load(args.mask, model, partial=partial) if args.mask else None
+    if session is not None:  # the full mask on every rank; the optimizer keeps each rank's bits
+        from wagle.distributed.unlearning import save_full_model
+
+        model = shard_model(model)
+        save_model = save_full_model  # noqa: F811 - every rank gathers, rank 0 writes
     template = _template(args)
     if mask is not None and mask.metadata.get("prompt_format", template.name) != template.name:
         logger.warning(
@@ -245,6 +256,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
         raise UserError(f"{exc}; start over with --no-resume (discards the checkpoints)") from None
     except OSError as exc:
         raise UserError(f"--out: could not write to {args.out}: {exc}") from None
+    if session is not None and not session.is_main:
+        return 0
     last = result.history[-1] if result.history else {}
     final_loss = last.get("loss", float("nan"))
     if result.resumed_from is not None:

@@ -190,11 +190,6 @@ def main(out: str) -> None:
                 )
                 for n, p in sharded.parts.items()
             )
-    try:
-        wagle.unlearn(model, [], None, tokenizer=None, steps=1)
-        results["unlearn_refused"] = False
-    except TypeError as exc:
-        results["unlearn_refused"] = "does not support FSDP2 models" in str(exc)
     groups = model._get_fsdp_state()._fsdp_param_groups
     results["settings_restored"] = all(
         g.gradient_divide_factor is None and not g.force_sum_reduction_for_comms for g in groups
@@ -233,6 +228,8 @@ def main(out: str) -> None:
     dist.all_reduce(flags)
     results["ddp"] = int(flags[0]) == world
 
+    if world == 2:  # wagle.unlearn on FSDP2 (one world size keeps the job short)
+        results.update(unlearn_checks(out, rank, world))
     results.update(cli_checks(out, rank, world))
     if rank == 0:
         with open(os.path.join(out, "results.json"), "w") as handle:
@@ -242,6 +239,8 @@ def main(out: str) -> None:
 
 def cli_checks(out, rank, world):
     """`wagle mask` as torchrun runs it (the same environment variables) == `wagle mask` on one device."""
+    import shutil
+
     from helpers import tiny_model, tiny_tokenizer
 
     from wagle.cli import main as cli
@@ -272,7 +271,99 @@ def cli_checks(out, rank, world):
     codes = [None] * world
     dist.all_gather_object(codes, code)
     results["cli_sharded_exits"] = codes
-    results["cli_unlearn_refused"] = cli(["unlearn", *args[1:7], "--out", os.path.join(root, "u")]) == 2
+    # `wagle unlearn` (masked NPO, a checkpoint per step) on one device, then under torchrun twice
+    # (the second run resumes the finished run from its last checkpoint and saves the model again)
+    unlearn = ["unlearn", *args[1:7], "--mask", os.path.join(root, "single.safetensors"), "--steps", "2"]
+    unlearn += ["--lr", "5e-3", "--grad-accum", "2", "--checkpoint-every", "1", "--device", "cpu"]
+    unlearn += ["--no-progress"]
+    if rank == 0:
+        os.environ["WORLD_SIZE"] = "1"
+        results["cli_unlearn_single_exit"] = cli([*unlearn, "--out", os.path.join(root, "u_single")])
+        os.environ["WORLD_SIZE"] = str(world)
+    dist.barrier()
+    for run in ("first", "resumed"):
+        code = cli([*unlearn, "--out", os.path.join(root, "u_sharded")])
+        dist.all_gather_object(codes, code)
+        results[f"cli_unlearn_{run}_exits"] = codes[:]
+        if rank == 0:
+            shutil.copytree(os.path.join(root, "u_sharded", "model"), os.path.join(root, f"u_{run}"))
+        dist.barrier()
+    return results
+
+
+def _params(model):
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def _max_diff(a, b):
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+def unlearn_checks(out, rank, world):
+    """``wagle.unlearn`` on FSDP2 == one device (NPO and GradDiff, masked); DCP resume == uninterrupted;
+    ``wagle unlearn`` under torchrun == on one device."""
+    import shutil
+
+    from helpers import tiny_model, tiny_tokenizer
+
+    from wagle.data import make_dataloader
+    from wagle.data.benchmark import generate_rows
+    from wagle.distributed.launch import shard_model
+
+    tokenizer = tiny_tokenizer()
+    base = tiny_model(seed=1)
+    rows = generate_rows(num_authors=20, seed=0)["full"]
+    forget = [{"question": r["question"], "answer": r["answer"]} for r in rows[:6]]
+    retain = [{"question": r["question"], "answer": r["answer"]} for r in rows[6:12]]
+    loaders = [make_dataloader(rows, tokenizer, batch_size=3) for rows in (forget, retain)]
+    mask = wagle.attribute(copy.deepcopy(base), *loaders, ratio=0.5, progress=False)
+    common = {"tokenizer": tokenizer, "mask": mask, "lr": 5e-3, "batch_size": 2, "progress": False}
+    cases = {  # grad_accum <= world: every micro-batch enters one SUM reduce-scatter
+        "npo": {"method": "npo", "steps": 3, "grad_accum": 2, "max_grad_norm": 0.5},
+        "grad_diff": {"method": "grad_diff", "steps": 3, "grad_accum": 1, "clip_mode": "clip_then_mask"},
+        "grad_diff_accum4": {"method": "grad_diff", "steps": 2, "grad_accum": 4},
+    }
+    results = {}
+    for key, kw in cases.items():
+        reference = copy.deepcopy(base)
+        ref = wagle.unlearn(reference, forget, retain, **common, **kw) if rank == 0 else None
+        model = shard_model(copy.deepcopy(base))
+        got = wagle.unlearn(model, forget, retain, **common, **kw)
+        params = _params(model)
+        if rank == 0:
+            want = dict(reference.named_parameters())
+            results[f"unlearn_{key}_moved"] = not all(
+                torch.equal(p, want[n]) for n, p in base.named_parameters()
+            )
+            results[f"unlearn_{key}"] = all(torch.equal(params[n], want[n]) for n in want)
+            results[f"unlearn_{key}_max_diff"] = _max_diff(params, {n: p.detach() for n, p in want.items()})
+            results[f"unlearn_{key}_history"] = [
+                {k: v for k, v in r.items() if k != "grad_norm"} for r in got.history
+            ] == [{k: v for k, v in r.items() if k != "grad_norm"} for r in ref.history]
+
+    # resume: 4 steps with a checkpoint at 2; drop the one of step 4 and resume a fresh model from 2
+    folder = os.path.join(out, "unlearn_ckpt")
+    kw = {**cases["npo"], "steps": 4, "checkpoint_dir": folder, "checkpoint_every": 2}
+    whole = shard_model(copy.deepcopy(base))
+    wagle.unlearn(whole, forget, retain, **common, **kw)
+    uninterrupted = _params(whole)
+    if rank == 0:
+        shutil.rmtree(os.path.join(folder, "checkpoint-000004"))
+    dist.barrier()
+    again = shard_model(copy.deepcopy(base))
+    resumed = wagle.unlearn(again, forget, retain, **common, **kw)
+    params = _params(again)
+    if rank == 0:
+        results["unlearn_resumed_from"] = resumed.resumed_from
+        results["unlearn_resume"] = all(torch.equal(params[n], uninterrupted[n]) for n in params)
+    try:
+        wagle.unlearn(shard_model(copy.deepcopy(base)), forget, retain, **{**common, **kw, "lr": 1e-3})
+        results["unlearn_mismatch_refused"] = False
+    except wagle.unlearning.ResumeMismatchError as exc:
+        results["unlearn_mismatch_refused"] = "lr 0.005 -> 0.001" in str(exc)
     return results
 
 

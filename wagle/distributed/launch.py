@@ -79,6 +79,6 @@ def refuse_torchrun(command: str) -> None:
     """A command that does not run sharded stops under torchrun instead of running N copies."""
     if world_size_from_env() > 1:
         raise UserError(
-            f"{command} does not run under torchrun (WORLD_SIZE > 1); 'wagle mask' does "
-            "(FSDP2), and the Python API covers sharded unlearning"
+            f"{command} does not run under torchrun (WORLD_SIZE > 1); 'wagle mask' and 'wagle unlearn' "
+            "do (FSDP2)"
         )

@@ -36,11 +36,13 @@ def check_clip_mode(mode: str, what: str = "clip_mode") -> str:
 @torch.no_grad()
 def mask_gradients_(optimizer: MaskedOptimizer) -> int:
     """Zero the unselected entries of the gradients of ``optimizer``'s masked parameters, ``g <- g * m``
-    (in place); gradients of parameters the optimizer never updates (frozen, or no selected weight) are
-    zeroed entirely. Returns the number of gradients changed."""
+    (in place; DTensor gradients on their local shards); gradients of parameters the optimizer never updates
+    (frozen, or no selected weight) are zeroed entirely. Returns the number of gradients changed."""
+    from wagle.distributed.optim import local_view  # a DTensor (FSDP2) gradient: its local shard
+
     changed = 0
     for param, plan in optimizer.named_plans():
-        grad = param.grad
+        grad = None if param.grad is None else local_view(param.grad)
         if grad is None or plan.kind == "dense" or (plan.masked and plan.selected == plan.numel):
             continue
         if optimizer.skips(plan):
@@ -61,4 +63,10 @@ def clip_masked_grad_norm_(
     if mode == "mask_then_clip":
         mask_gradients_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    from wagle.distributed.attribution import is_dtensor
+
+    if any(is_dtensor(p.grad) for p in params):  # FSDP2: the one-device norm of the full gradients
+        from wagle.distributed.clipping import clip_grad_norm_
+
+        return clip_grad_norm_(params, max_norm)
     return torch.nn.utils.clip_grad_norm_(params, max_norm)

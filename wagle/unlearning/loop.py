@@ -21,7 +21,7 @@ from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
 from wagle.positions import check_examples
 
-from .checkpoint import find_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
+from . import checkpoint as _checkpoints
 from .examples import encode_examples, micro_batch_indices, ordered_batches
 from .fingerprint import (
     ResumeMismatchError,
@@ -191,17 +191,18 @@ def _first_nonfinite(named_params) -> str | None:
     return None
 
 
-def _resume(checkpoint_dir, fingerprint, model, optimizer, scheduler, objective, steps):
+def _resume(checkpoint_dir, fingerprint, model, optimizer, scheduler, objective, steps, store=_checkpoints):
     """Continue from the newest good checkpoint of the same run: (start step, history, path, skipped).
 
-    Refuses (:class:`ResumeMismatchError`) a checkpoint of a run with another fingerprint."""
-    path, state, problems = find_checkpoint(checkpoint_dir)
+    Refuses (:class:`ResumeMismatchError`) a checkpoint of a run with another fingerprint. ``store``
+    has the checkpoint functions (:mod:`.checkpoint`, or the sharded ones of an FSDP2 run)."""
+    path, state, problems = store.find_checkpoint(checkpoint_dir)
     if path is None:
         return 0, [], None, problems
     changes = compare(state.get("fingerprint"), fingerprint)
     if changes:
         raise ResumeMismatchError(checkpoint_dir, changes)
-    objective_state, state = load_checkpoint(path, model, optimizer, scheduler, verified=True)
+    objective_state, state = store.load_checkpoint(path, model, optimizer, scheduler, verified=True)
     objective.load_state_dict(objective_state)
     start = int(state["step"])
     logger.info("resumed from step %d of %d (%s)", start, steps, path)
@@ -321,11 +322,13 @@ class _Run:
             raise self.diverged(f"{bad} became NaN/Inf", step, " with a finite loss and gradient")
 
 
-def _run_fingerprint(model, mask, objective, make_optimizer, forget, retain, pad_id, **settings) -> dict:
+def _run_fingerprint(
+    model, mask, objective, make_optimizer, forget, retain, pad_id, digest=weights_digest, **settings
+) -> dict:
     """The run's fingerprint (see :mod:`wagle.unlearning.fingerprint`), JSON-normalised."""
     return normalised(
         {
-            "model weights": weights_digest(model),
+            "model weights": digest(model),
             "mask": mask_digest(mask),
             "forget data": examples_digest(forget),
             "retain data": examples_digest(retain),
@@ -410,11 +413,24 @@ def unlearn(
     most of the activation memory. ``template`` is the prompt format of QA rows (see
     :func:`wagle.data.get_prompt_format`).
     """
-    from wagle.distributed.attribution import refuse_sharded  # FSDP2/DDP/DeepSpeed: not in this loop
+    from wagle.distributed.attribution import distributed_kind, refuse_sharded
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
     from wagle.optim import StepInBackward
 
-    refuse_sharded(model, "wagle.unlearn")
+    # --- FSDP2: the micro-batches split over the ranks (wagle.distributed.unlearning); DDP refused ---
+    kind = distributed_kind(model)
+    if kind == "ddp":
+        refuse_sharded(model, "wagle.unlearn")
+    sharded = None
+    if kind == "fsdp":
+        from wagle.distributed import unlearning as sharded
+
+        sharded.check_options(step_in_backward=step_in_backward, precision=precision, optimizer=optimizer)
+        progress = progress and torch.distributed.get_rank() == 0
+        mask = mask.gather() if hasattr(mask, "gather") else mask  # a ShardedMask: the full bits
+    store = sharded.ShardedCheckpoints() if sharded else _checkpoints
+    remove_stale = store.remove_stale_temporaries if sharded else remove_stale_temporaries
+    # --- end FSDP2 ---
     _check_options(
         steps,
         lr,
@@ -481,7 +497,7 @@ def unlearn(
         )
         warmup = int(warmup_ratio * steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, steps))
-        run = _Run(
+        run = (sharded.ShardedRun if sharded else _Run)(
             model,
             objective,
             opt,
@@ -509,6 +525,11 @@ def unlearn(
                 forget_examples,
                 retain_examples,
                 pad_id,
+                **(
+                    {"digest": sharded.weights_digest, "world size": torch.distributed.get_world_size()}
+                    if sharded
+                    else {}
+                ),
                 steps=steps,
                 lr=lr,
                 **{"warmup steps": warmup},
@@ -526,13 +547,13 @@ def unlearn(
                 step_in_backward=step_in_backward,
                 gradient_checkpointing=gradient_checkpointing,
             )
-            remove_stale_temporaries(checkpoint_dir)
+            remove_stale(checkpoint_dir)
             if resume:
                 start_step, history, run.last_checkpoint, problems = _resume(
-                    checkpoint_dir, fingerprint, model, opt, scheduler, objective, steps
+                    checkpoint_dir, fingerprint, model, opt, scheduler, objective, steps, store
                 )
             else:
-                remove_checkpoints(checkpoint_dir)
+                store.remove_checkpoints(checkpoint_dir)
         resumed_from = start_step if run.last_checkpoint is not None else None
 
         started = time.perf_counter()
@@ -541,8 +562,15 @@ def unlearn(
             hooks = StepInBackward(
                 opt, accumulation_steps=grad_accum, clip_norm_per_param=max_grad_norm or None
             )
+        if sharded:  # summed gradients (divide factor 1), restored after the run
+            from wagle.distributed.attribution import summed_fsdp_gradients
+
+            context.enter_context(summed_fsdp_gradients(model))
         _seed_torch(micro_batch_seed(seed, -1), run.cuda_indices)
-        objective.prepare(
+        prepare = objective.prepare
+        if sharded:
+            prepare = lambda *a, **k: sharded.prepare_objective(objective, *a, **k)  # noqa: E731
+        prepare(
             model,
             list(ordered_batches(forget_examples, batch_size, pad_id)),
             list(ordered_batches(retain_examples, batch_size, pad_id)) if retain_examples else None,
@@ -566,7 +594,7 @@ def unlearn(
             if due or done == steps:
                 run.check_weights(step)
             if due:
-                run.last_checkpoint = save_checkpoint(
+                run.last_checkpoint = store.save_checkpoint(
                     checkpoint_dir,
                     done,
                     model,
