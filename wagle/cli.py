@@ -1,4 +1,4 @@
-"""The ``wagle`` command line: ``demo``, ``mask``, ``unlearn``, ``eval``.
+"""The ``wagle`` command line: ``demo``, ``mask``, ``unlearn``, ``eval``, ``compare``.
 
 Every user mistake ends with a one-line ``wagle: error: ...`` on stderr and exit status 2 (bad
 arguments or inputs) or 1 (a run that failed, e.g. diverged); never a traceback.
@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference-model", default=None, help="retain model directory (for forget quality)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--out", required=True, help="output report (.json)")
+
+    from wagle.comparison.command import add_parser as add_compare_parser
+
+    add_compare_parser(sub, common)
     return parser
 
 
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "mask": commands.run_mask,
         "unlearn": commands.run_unlearn,
         "eval": commands.run_eval,
+        "compare": commands.run_compare,
     }
     try:
         return handlers[args.command](args)

@@ -45,7 +45,7 @@ def _align(rows: list[list[str]], left: int = 2) -> str:
 
     def line(cells):
         return "  ".join(
-            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
     return "\n".join(

@@ -295,6 +295,7 @@ def compare(
             "batch_size": settings.eval_batch_size,
             "max_new_tokens": settings.max_new_tokens,
             "max_length": settings.max_length,
+            "utility_splits": tuple(name for name in eval_splits if name != "forget"),
             "progress": False,
         }
         timings: dict[str, float] = {}
