@@ -8,6 +8,14 @@ import os
 from .grid import METHODS
 
 DEFAULT_METHODS = ",".join(METHODS)
+GRID_DEFAULTS = {
+    "objectives": ("npo",),
+    "methods": METHODS,
+    "ratios": (0.5,),
+    "lrs": (1e-5,),
+    "steps": (100,),
+    "seeds": (0, 1, 2),
+}
 
 
 def _list_of(kind, name: str):
@@ -36,6 +44,19 @@ def add_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "utility at matched forgetting with seed spreads. Finished runs go to OUT/results.jsonl; rerun "
         "the same command to resume an interrupted study.",
     )
+    p.add_argument(
+        "--preset",
+        choices=["study"],
+        default=None,
+        help="study: the bundled study benchmark (25 authors x 20 facts, 100 forget questions), a "
+        "3.7M-weight Llama trained once and cached, and a preset grid (no --model/--forget/... then)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where --preset study keeps its trained models "
+        "(default $XDG_CACHE_HOME/wagle, else ~/.cache/wagle)",
+    )
     p.add_argument("--model", help="target model: local Hugging Face causal-LM directory")
     p.add_argument("--gold-model", help="gold-standard retain model (trained without the forget set)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --model folder)")
@@ -44,25 +65,23 @@ def add_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--general", default=None, help="extra utility split (TOFU QA schema; optional)")
     p.add_argument("--out", default="wagle-compare", help="output folder (default ./wagle-compare)")
     p.add_argument(
-        "--objectives", type=_list_of(str, "--objectives"), default=["npo"], help="comma list (default npo)"
+        "--objectives", type=_list_of(str, "--objectives"), default=None, help="comma list (default npo)"
     )
     p.add_argument(
         "--methods",
         type=_list_of(str, "--methods"),
-        default=list(METHODS),
+        default=None,
         help=f"comma list of {DEFAULT_METHODS} (default all)",
     )
     p.add_argument(
-        "--ratios", type=_list_of(float, "--ratios"), default=[0.5], help="mask ratios (default 0.5)"
+        "--ratios", type=_list_of(float, "--ratios"), default=None, help="mask ratios (default 0.5)"
     )
-    p.add_argument(
-        "--lrs", type=_list_of(float, "--lrs"), default=[1e-5], help="learning rates (default 1e-5)"
-    )
+    p.add_argument("--lrs", type=_list_of(float, "--lrs"), default=None, help="learning rates (default 1e-5)")
     p.add_argument(
         "--lora-lrs", type=_list_of(float, "--lora-lrs"), default=None, help="LoRA lrs (default --lrs)"
     )
-    p.add_argument("--steps", type=_list_of(int, "--steps"), default=[100], help="step counts (default 100)")
-    p.add_argument("--seeds", type=_list_of(int, "--seeds"), default=[0, 1, 2], help="seeds (default 0,1,2)")
+    p.add_argument("--steps", type=_list_of(int, "--steps"), default=None, help="step counts (default 100)")
+    p.add_argument("--seeds", type=_list_of(int, "--seeds"), default=None, help="seeds (default 0,1,2)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=256)
@@ -80,7 +99,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="first N rows of retain/general scored (default all)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="pin torch's CPU threads (recorded in the study)"
+        "--threads", type=int, default=None, help="pin torch's CPU threads (recorded; --preset study: 2)"
     )
     p.add_argument(
         "--budget",
@@ -106,13 +125,18 @@ def run(args: argparse.Namespace) -> int:
 
     from .runner import DEFAULT_FQ_LEVELS, DEFAULT_GAP_LEVELS, CompareSettings, compare
 
+    if args.budget is not None and args.budget <= 0:
+        raise ValueError(f"--budget: must be > 0, got {args.budget}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: must be >= 1, got {args.threads}")
+    if args.preset is not None:
+        return _run_preset(args)
     for option in ("model", "gold_model", "forget", "retain"):
         if getattr(args, option) is None:
-            raise ValueError(f"--{option.replace('_', '-')}: required")
-    for option in ("budget",):
-        value = getattr(args, option)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{option}: must be > 0, got {value}")
+            raise ValueError(f"--{option.replace('_', '-')}: required (or --preset study)")
+    for option, default in GRID_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, list(default))
     device = _device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
     forget = load_dataset_file(args.forget, schema="qa", role="forget")
@@ -168,6 +192,44 @@ def run(args: argparse.Namespace) -> int:
         plot=not args.no_plot,
         progress=not args.no_progress,
     )
+    print_report(report, args.out)
+    return 0
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/wagle``, else ``~/.cache/wagle``."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "wagle")
+
+
+def _run_preset(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    own = [
+        "model",
+        "gold_model",
+        "tokenizer",
+        "forget",
+        "retain",
+        "general",
+        *GRID_DEFAULTS,
+        "lora_lrs",
+        "beta",
+    ]
+    given = [f"--{o.replace('_', '-')}" for o in own if getattr(args, o) is not None]
+    if given:
+        raise ValueError(
+            f"--preset: {args.preset} defines its own models, data and grid; drop {', '.join(given)}"
+        )
+    report = run_study(
+        args.out,
+        args.cache_dir or default_cache_dir(),
+        num_threads=args.threads or 2,
+        budget_seconds=args.budget,
+        progress=not args.no_progress,
+    )
+    models = report["study_models"]
+    print(f"study models: {'cached' if models['from_cache'] else 'trained'} in {models['path']}")
     print_report(report, args.out)
     return 0
 

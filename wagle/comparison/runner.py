@@ -229,6 +229,7 @@ def compare(
     fq_levels: Sequence[float] = DEFAULT_FQ_LEVELS,
     gap_levels: Sequence[float] = DEFAULT_GAP_LEVELS,
     plot: bool = True,
+    extra: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> dict:
     """Run (or resume) a mask comparison study and write ``results.jsonl``, ``report.json``,
@@ -245,6 +246,7 @@ def compare(
     after ``probe_runs`` runs (or from the timings already in the file) the seconds per run are
     estimated and the grid is trimmed by :func:`wagle.comparison.grid.trim_grid` to fit; what was
     dropped is in the report (``budget``). Runs that diverge are recorded and left out of the statistics.
+    ``extra`` is copied into the report as it is (e.g. how the models were made).
     """
     from wagle.data import make_dataloader
     from wagle.evaluation import evaluate
@@ -384,11 +386,7 @@ def compare(
                 last = outcome.history[-1] if outcome.history else {}
                 record.update(status="ok", metrics=run_metrics(result, gold_ref["forget"]))
                 record["final_loss"] = _finite(last.get("loss"))
-            record["updated_fraction"] = (
-                mask.density
-                if mask is not None
-                else (_lora_fraction(model, target) if spec.method == "lora" else 1.0)
-            )
+            record["updated_fraction"] = _updated_fraction(spec, mask, model, target)
             record["seconds"] = time.perf_counter() - t
             del model
             return record
@@ -463,13 +461,18 @@ def compare(
             timings=timings,
             results_path=results.path,
         )
+        report.update(extra or {})
         write_outputs(report, out_dir, plot=plot)
         return report
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _lora_fraction(model: torch.nn.Module, target: torch.nn.Module) -> float:
-    """Trainable adapter weights as a fraction of the target's weights."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable / sum(p.numel() for p in target.parameters())
+def _updated_fraction(spec: RunSpec, mask: WeightMask | None, model, target: torch.nn.Module) -> float:
+    """Weights a run may change as a fraction of the target's weights (LoRA: its adapter weights)."""
+    total = sum(p.numel() for p in target.parameters())
+    if mask is not None:  # a Wanda mask covers Linear weights only: the rest is frozen
+        return mask.num_selected / total
+    if spec.method == "lora":
+        return sum(p.numel() for p in model.parameters() if p.requires_grad) / total
+    return 1.0
