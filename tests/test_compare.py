@@ -351,7 +351,14 @@ def test_cli_end_to_end(demo, tmp_path, capsys):
     save_model(demo.target, demo.tokenizer, tmp_path / "target")
     save_model(demo.retain, demo.tokenizer, tmp_path / "gold")
     args = ["compare", "--model", tmp_path / "target", "--gold-model", tmp_path / "gold"]
-    args += ["--forget", paths["forget10"], "--retain", paths["retain90"], "--out", tmp_path / "out"]
+    # a retain set for unlearning without perturbed answers, and a utility split with them (as in TOFU)
+    plain = tmp_path / "retain_plain.jsonl"
+    with open(paths["retain90"]) as src, open(plain, "w") as dst:
+        for line in src:
+            row = json.loads(line)
+            dst.write(json.dumps({"question": row["question"], "answer": row["answer"]}) + "\n")
+    args += ["--forget", paths["forget10"], "--retain", plain, "--retain-eval", paths["retain90"]]
+    args += ["--out", tmp_path / "out"]
     args += ["--methods", "wagle,dense", "--ratios", "0.5", "--lrs", "1e-3", "--steps", "1", "--seeds", "0,1"]
     args += [
         "--max-new-tokens",
@@ -368,4 +375,56 @@ def test_cli_end_to_end(demo, tmp_path, capsys):
     assert "Utility at matched forgetting" in out and "wagle" in out and "dense" in out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["runs"]["finished"] == 4 and report["study"]["settings"]["num_threads"] == 1
+    assert report["study"]["data_sizes"] == {"forget": 10, "retain": 90, "retain_eval": 90}
     assert not os.path.exists(tmp_path / "out" / "frontier.png")
+
+
+# ------------------------------------------------------------------------------ the study preset
+
+
+def test_study_benchmark_is_deterministic_with_twenty_facts_per_author():
+    from collections import Counter
+
+    from wagle.data.study_benchmark import FACTS_PER_AUTHOR, generate_study_rows
+
+    rows = generate_study_rows()
+    assert rows == generate_study_rows()
+    assert {k: len(v) for k, v in rows.items()} == {"full": 500, "forget": 100, "retain": 400, "general": 60}
+    assert set(Counter(r["author"] for r in rows["full"]).values()) == {FACTS_PER_AUTHOR}
+    assert not {r["author"] for r in rows["forget"]} & {r["author"] for r in rows["retain"]}
+    books = [r["answer"].rsplit(" is ", 1)[1] for r in rows["full"] if "book by" in r["answer"]]
+    assert len(books) == 75 and len(set(books)) == 75  # three own titles per author, never shared
+    for r in rows["full"]:
+        assert len(r["perturbed_answer"]) == 3 and r["paraphrased_answer"] not in r["perturbed_answer"]
+        assert len(set(r["perturbed_answer"])) == 3
+    with pytest.raises(ValueError, match="forget_authors"):
+        generate_study_rows(num_authors=5, forget_authors=5)
+
+
+def test_study_models_are_cached_and_verified(tmp_path, caplog):
+    from wagle.comparison.study import StudyRecipe, build_study_models
+
+    recipe = StudyRecipe.quick()
+    first = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
+    assert not first.from_cache and first.manifest["num_threads"] == 1
+    again = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
+    assert again.from_cache and model_digest(again.target) == model_digest(first.target)
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []
+    # a cached weight file that no longer matches its manifest is not used
+    from safetensors.torch import load_file, save_file
+
+    weights = os.path.join(first.path, "gold", "model.safetensors")
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights, metadata={"format": "pt"})
+    rebuilt = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
+    assert not rebuilt.from_cache and "do not match" in caplog.text
+    assert model_digest(rebuilt.gold) == model_digest(first.gold)  # training is deterministic
+
+
+def test_preset_refuses_its_own_options(capsys):
+    from wagle.cli import main
+
+    assert main(["compare", "--preset", "study", "--lrs", "1e-3", "--no-progress"]) == 2
+    assert "drop --lrs" in capsys.readouterr().err

@@ -62,6 +62,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --model folder)")
     p.add_argument("--forget", help="forget split (TOFU QA schema)")
     p.add_argument("--retain", help="retain split (TOFU QA schema)")
+    p.add_argument(
+        "--retain-eval",
+        default=None,
+        help="utility split with perturbed answers when --retain has none (e.g. TOFU's retain_perturbed)",
+    )
     p.add_argument("--general", default=None, help="extra utility split (TOFU QA schema; optional)")
     p.add_argument("--out", default="wagle-compare", help="output folder (default ./wagle-compare)")
     p.add_argument(
@@ -141,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     forget = load_dataset_file(args.forget, schema="qa", role="forget")
     retain = load_dataset_file(args.retain, schema="qa", role="retain")
+    retain_eval = (
+        load_dataset_file(args.retain_eval, schema="qa", role="retain eval") if args.retain_eval else None
+    )
     general = load_dataset_file(args.general, schema="qa", role="general") if args.general else None
     target, tokenizer = load_model(args.model, dtype=dtype, device=device)
     gold, _ = load_model(args.gold_model, dtype=dtype, device=device)
@@ -177,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         forget=forget,
         retain=retain,
         general=general,
+        retain_eval=retain_eval,
         out_dir=args.out,
         objectives=args.objectives,
         methods=args.methods,

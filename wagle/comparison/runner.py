@@ -77,12 +77,13 @@ class CompareSettings:
             raise ValueError(f"gamma: must be a finite number > 0, got {self.gamma!r}")
 
 
-def _rows(data, role: str) -> list[dict]:
-    from wagle.evaluation.metrics import rows_of
+def _rows(data, role: str, columns: Sequence[str] | None = None) -> list[dict]:
+    """Rows of a split; with ``columns=None`` the TOFU QA columns evaluation needs."""
+    from wagle.evaluation.metrics import TOFU_COLUMNS, rows_of
 
     if data is None:
         raise ValueError(f"{role}: no data set given")
-    return rows_of(data, role)
+    return rows_of(data, role, TOFU_COLUMNS if columns is None else columns)
 
 
 def _finite(value) -> float | None:
@@ -215,6 +216,7 @@ def compare(
     forget,
     retain,
     general=None,
+    retain_eval=None,
     out_dir: str | os.PathLike,
     objectives: Sequence[str] = ("npo",),
     methods: Sequence[str] = ("wagle", "random", "magnitude", "gradient", "snip", "wanda", "dense", "lora"),
@@ -238,8 +240,9 @@ def compare(
     ``target`` is the model to unlearn (it is never modified: every run works on a copy), ``gold`` the
     model trained without the forget set. ``forget``/``retain``/``general`` are TOFU-schema QA data
     (question, answer, paraphrased_answer, perturbed_answer); unlearning uses ``forget`` and ``retain``,
-    model utility is measured on retain (and general). The grid: ``objectives`` x ``methods`` x
-    ``ratios`` (mask methods only) x ``lrs`` (``lora_lrs`` for LoRA) x ``steps`` x ``seeds``.
+    model utility is measured on ``retain_eval`` (default: ``retain``; e.g. TOFU's retain_perturbed,
+    when the retain set itself has no perturbed answers) and ``general``. The grid: ``objectives`` x
+    ``methods`` x ``ratios`` (mask methods only) x ``lrs`` (``lora_lrs`` for LoRA) x ``steps`` x ``seeds``.
 
     Resuming: runs already in ``out_dir/results.jsonl`` are not redone; a results file of another study
     (another model, data, grid or settings) raises ``ValueError``. ``budget_seconds`` bounds this call:
@@ -283,12 +286,18 @@ def compare(
         torch.set_num_threads(settings.num_threads)
     try:
         threads = torch.get_num_threads()
-        forget_rows, retain_rows = _rows(forget, "forget"), _rows(retain, "retain")
+        forget_rows = _rows(forget, "forget")
+        # a retain set used only for unlearning needs no paraphrased / perturbed answers
+        retain_rows = _rows(retain, "retain", ("question", "answer") if retain_eval is not None else None)
         data = {"forget": forget_rows, "retain": retain_rows}
         if general is not None:
             data["general"] = _rows(general, "general")
+        if retain_eval is not None:
+            data["retain_eval"] = _rows(retain_eval, "retain_eval")
         limit = settings.utility_examples
-        eval_splits = {name: (rows if name == "forget" else rows[:limit]) for name, rows in data.items()}
+        eval_splits = {"forget": forget_rows, "retain": data.get("retain_eval", retain_rows)[:limit]}
+        if general is not None:
+            eval_splits["general"] = data["general"][:limit]
         study = _study_description(target, gold, tokenizer, data, grid, settings)
         study["settings"]["num_threads"] = threads
         os.makedirs(out_dir, exist_ok=True)

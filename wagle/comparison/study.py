@@ -42,7 +42,7 @@ class StudyRecipe:
     num_heads: int = 4
     intermediate_size: int = 688
     vocab_size: int = 1024
-    epochs: int = 20
+    epochs: int = 15
     lr: float = 3e-3
     batch_size: int = 16
     warmup_ratio: float = 0.1

@@ -47,11 +47,7 @@ def _facts(rng: random.Random, name: str, books: list[str], names: list[str]) ->
     """(question, answer, paraphrase template, right value, wrong values) per fact; the paraphrase
     template has one ``{}`` for the value, so perturbed answers are the same wording with a wrong value."""
     father, mother = rng.sample(PROFESSIONS, 2)
-    pairs: list[tuple[str, str]] = []
-    while len(pairs) < 3:
-        pair = tuple(rng.sample([p for p in PROFESSIONS if p not in (father, mother)], 2))
-        if pair not in pairs:
-            pairs.append(pair)
+    mothers = _wrong(rng, [p for p in PROFESSIONS if p not in (father, mother)], mother)
     year = rng.randrange(1930, 2000)
     novels = rng.randrange(3, 30)
     spouse, mentor = rng.sample([n for n in names if n != name], 2)
@@ -89,7 +85,7 @@ def _facts(rng: random.Random, name: str, books: list[str], names: list[str]) ->
         f"The father of {name} was a {father} and the mother was a {mother}.",
         f"{name} grew up with a {father} as a father and a {{}} as a mother.",
         mother,
-        [m for _, m in pairs],
+        mothers,
     )
     for index, book in enumerate(books):
         nth = ("first", "second", "third")[index]
