@@ -344,7 +344,7 @@ def compare(
                     "seconds": time.perf_counter() - t,
                 }
             )
-        timings["references"] = time.perf_counter() - started
+        timings["setup (digests, reference evaluations)"] = time.perf_counter() - started
 
         loader_kw = {"batch_size": settings.batch_size, "max_length": settings.max_length}
         masks = _Masks(
