@@ -428,3 +428,39 @@ def test_preset_refuses_its_own_options(capsys):
 
     assert main(["compare", "--preset", "study", "--lrs", "1e-3", "--no-progress"]) == 2
     assert "drop --lrs" in capsys.readouterr().err
+
+
+def test_cli_preset_end_to_end_with_a_small_recipe(tmp_path, monkeypatch, capsys):
+    """The preset's path (cached models, preset settings, report) with the quick recipe and a tiny grid."""
+    from wagle.cli import main
+    from wagle.comparison import study
+
+    monkeypatch.setattr(study, "StudyRecipe", study.StudyRecipe.quick)
+    tiny = {
+        **study.STUDY_GRID,
+        "methods": ("wagle", "dense"),
+        "ratios": (0.5,),
+        "lrs": (1e-3,),
+        "steps": (1,),
+    }
+    tiny.pop("lora_lrs")
+    monkeypatch.setattr(study, "STUDY_GRID", tiny)
+    preset_settings = study.study_settings
+
+    def quick_settings(num_threads):
+        settings = preset_settings(num_threads)
+        settings.max_new_tokens, settings.utility_examples = 2, 8
+        return settings
+
+    monkeypatch.setattr(study, "study_settings", quick_settings)
+    args = ["compare", "--preset", "study", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out"]
+    args += ["--threads", "1", "--no-progress", "--no-plot"]
+    assert main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert "study models: trained" in out and "Utility at matched forgetting" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["runs"]["finished"] == 4 and report["study"]["data_sizes"]["forget"] == 20
+    assert report["study_models"]["manifest"]["recipe"]["hidden_size"] == 32
+    assert report["study"]["settings"]["num_threads"] == 1
+    assert main([str(a) for a in args]) == 0  # again: cached models, every run already done
+    assert "study models: cached" in capsys.readouterr().out
