@@ -82,3 +82,49 @@ def test_an_enabled_setting_is_kept_and_unsupported_models_are_refused():
         refused.__enter__()
     with activation_checkpointing(torch.nn.Linear(2, 2), enabled=False):
         pass
+
+
+def dropout_model(kind: str):
+    """Tiny OPT / GPT-2 with dropout 0.1 everywhere (OPT applies it from the layer's own flag)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(5)
+    if kind == "opt":
+        config = OPTConfig(
+            vocab_size=64,
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            word_embed_proj_dim=16,
+            dropout=0.1,
+            attention_dropout=0.1,
+        )
+        return OPTForCausalLM(config).eval()
+    config = GPT2Config(
+        vocab_size=64,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["opt", "gpt2"])
+def test_checkpointed_attribution_keeps_dropout_off(kind):
+    model = dropout_model(kind)
+    forget, retain = batches(1), batches(2)
+    plain = attribute(model, forget, retain, ratio=0.3, progress=False)
+    runs = [
+        attribute(model, forget, retain, ratio=0.3, gradient_checkpointing=True, progress=False)
+        for _ in range(2)
+    ]
+    for mask in runs:
+        differing = sum(int((plain[n] != mask[n]).sum()) for n in plain)
+        assert differing == 0
+    assert not any(m.training for m in model.modules()) and not checkpointed_modules(model)

@@ -611,3 +611,39 @@ def test_fp64_parameters_use_fp64_math_on_the_torch_path():
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-6, atol=1e-9)
     with pytest.raises(TypeError, match="fp32/bf16/fp16"):
         MaskedAdamW(list(make_params(torch.float64).items()), mask, fused=True)
+
+
+def test_state_dict_hooks_fire_around_the_mask_checks():
+    """User hooks on state_dict/load_state_dict fire as on any torch optimizer: load pre-hooks see the
+    saved dict before the mask checks, post-hooks see the restored state (moments kept in fp32 for
+    bf16 parameters, not cast to the parameter's dtype)."""
+    mask = make_mask(0.5)
+    params = make_params(torch.bfloat16)
+    opt = run_masked(MaskedAdamW, params, mask, 2, state_layout="compact", **HYPER)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("save-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("save-post", "wagle" in sd)))
+    state = opt.state_dict()
+    assert calls == ["save-pre", ("save-post", True)]
+
+    twin = MaskedAdamW(list(clone_params(params).items()), mask, state_layout="compact", **HYPER)
+    seen = []
+
+    def pre(o, sd):
+        seen.append(("pre", sorted(sd)))
+        return {**sd, "param_groups": [{**g, "lr": 0.5} for g in sd["param_groups"]]}
+
+    def post(o):
+        seen.append(("post", {s["exp_avg"].dtype for s in o.state.values()}))
+
+    twin.register_load_state_dict_pre_hook(pre)
+    twin.register_load_state_dict_post_hook(post)
+    twin.load_state_dict(state)
+    assert seen == [("pre", ["param_groups", "state", "wagle"]), ("post", {torch.float32})]
+    assert all(g["lr"] == 0.5 for g in twin.param_groups)  # the pre-hook's change was loaded
+    for p_a, p_b in zip(opt.state, twin.state, strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p_a][key], twin.state[p_b][key])
+    other = MaskedAdamW(list(clone_params(params).items()), make_mask(0.2), state_layout="compact")
+    with pytest.raises(MaskMismatchError):
+        other.load_state_dict(state)

@@ -8,8 +8,9 @@ report = wagle.compare(model, retain_model, tok, forget=f, retain=r, out_dir="st
 
 from .attribution import attribute, mask_from_gradients
 from .comparison import compare
+from .errors import UserError
 from .evaluation import EvaluationResult, evaluate
-from .mask import MaskMismatchError, WeightMask
+from .mask import MaskFileError, MaskMismatchError, PartialMaskWarning, WeightMask
 from .mask_plot import layer_densities, plot_mask_densities
 from .optim import MaskedAdamW, MaskedSGD, StepInBackward
 from .unlearning import UnlearningDiverged, UnlearnResult, unlearn
@@ -18,12 +19,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EvaluationResult",
+    "MaskFileError",
     "MaskMismatchError",
     "MaskedAdamW",
     "MaskedSGD",
+    "PartialMaskWarning",
     "StepInBackward",
     "UnlearnResult",
     "UnlearningDiverged",
+    "UserError",
     "WeightMask",
     "__version__",
     "attribute",

@@ -1,16 +1,32 @@
 """The ``wagle`` command line: ``demo``, ``mask``, ``unlearn``, ``eval``, ``compare``.
 
-Every user mistake ends with a one-line ``wagle: error: ...`` on stderr and exit status 2 (bad
-arguments or inputs) or 1 (a run that failed, e.g. diverged); never a traceback.
+A mistake the user can fix (a :class:`~wagle.errors.UserError`, or an ``OSError`` on one of the
+user's paths) ends with one ``wagle: error: ...`` line on stderr and exit status 2; a run that failed
+(diverged, non-finite loss, out of memory) with one line and exit status 1. Anything else is a bug:
+its traceback is shown and the exit status is 1. ``-v``/``--verbose`` also shows the traceback of the
+one-line errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+import traceback
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, retain_required: bool = False) -> None:
@@ -41,11 +57,13 @@ def _add_checkpointing_option(parser: argparse.ArgumentParser) -> None:
 def _add_mask_options(parser: argparse.ArgumentParser) -> None:
     from wagle.attribution.from_model import ATTRIBUTION_METHODS
 
-    parser.add_argument("--ratio", type=float, required=True, help="fraction of weights selected, in [0, 1]")
+    parser.add_argument(
+        "--ratio", type=finite_float, required=True, help="fraction of weights selected, in [0, 1]"
+    )
     parser.add_argument(
         "--method", choices=ATTRIBUTION_METHODS, default="wagle", help="scoring method (default wagle)"
     )
-    parser.add_argument("--gamma", type=float, default=1e-6, help="WAGLE's gamma (default 1e-6)")
+    parser.add_argument("--gamma", type=finite_float, default=1e-6, help="WAGLE's gamma (default 1e-6)")
     parser.add_argument("--scope", choices=["global", "per_tensor"], default="global")
     parser.add_argument(
         "--include", action="append", default=None, help="parameter-name glob to include (repeatable)"
@@ -55,6 +73,12 @@ def _add_mask_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    parser.add_argument(
+        "--nonfinite",
+        choices=["error", "lowest"],
+        default="error",
+        help="a NaN/Inf score: stop with an error (default) or rank it below every finite score",
+    )
     parser.add_argument(
         "--offload-gradients",
         action="store_true",
@@ -69,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wagle {_version()}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details; tracebacks for every error"
+    )
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -83,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="wagle-demo", help="output directory (default ./wagle-demo)")
     demo.add_argument(
-        "--ratio", type=float, default=0.5, help="mask ratio for WAGLE and random (default 0.5)"
+        "--ratio", type=finite_float, default=0.5, help="mask ratio for WAGLE and random (default 0.5)"
     )
     demo.add_argument(
         "--steps", type=int, default=None, help="unlearning steps (default: the demo's setting)"
@@ -118,14 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(unl)
     unl.add_argument("--mask", default=None, help="mask file from 'wagle mask' (default: no mask, dense)")
     unl.add_argument(
+        "--allow-partial-mask",
+        action="store_true",
+        help="accept a mask that leaves model parameters uncovered (frozen) although it was not made "
+        "for this model (e.g. one without its biases, or from a tied-embedding variant)",
+    )
+    unl.add_argument(
         "--method", default="npo", help="grad_ascent, grad_diff, npo, simnpo, po, rmu (default npo)"
     )
     unl.add_argument("--steps", type=int, default=100)
-    unl.add_argument("--lr", type=float, default=1e-5)
+    unl.add_argument("--lr", type=finite_float, default=1e-5)
     unl.add_argument("--grad-accum", type=int, default=1)
-    unl.add_argument("--warmup-ratio", type=float, default=0.1)
-    unl.add_argument("--weight-decay", type=float, default=0.0)
-    unl.add_argument("--max-grad-norm", type=float, default=1.0)
+    unl.add_argument("--warmup-ratio", type=finite_float, default=0.1)
+    unl.add_argument("--weight-decay", type=finite_float, default=0.0)
+    unl.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     unl.add_argument("--state-layout", choices=["compact", "dense"], default="compact")
     unl.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32", help="AdamW moment dtype")
     unl.add_argument(
@@ -134,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="step each parameter during backward and free its gradient (clipping becomes per parameter)",
     )
     _add_checkpointing_option(unl)
-    unl.add_argument("--beta", type=float, default=None, help="beta of NPO/SimNPO")
+    unl.add_argument("--beta", type=finite_float, default=None, help="beta of NPO/SimNPO")
     unl.add_argument("--checkpoint-every", type=int, default=0)
     unl.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     unl.add_argument("--seed", type=int, default=0)
@@ -198,17 +230,28 @@ def main(argv: list[str] | None = None) -> int:
         print("wagle: interrupted", file=sys.stderr)
         return 130
     except commands.RUN_FAILURES as exc:
-        print(f"wagle: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return _report(exc, EXIT_FAILED, verbose=args.verbose)
     except commands.USER_ERRORS as exc:
-        print(f"wagle: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report(exc, EXIT_USAGE, verbose=args.verbose)
+    except Exception:  # a bug: keep its traceback
+        traceback.print_exc()
+        print("wagle: internal error (the traceback above is a bug in wagle or a library)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _report(exc: BaseException, code: int, *, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(exc)
+    print(f"wagle: error: {_one_line(exc)}", file=sys.stderr)
+    return code
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, KeyError):
-        text = text.strip("'\"")
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        text = f"{where}: {exc.strerror}"
+    else:
+        text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())
 
 

@@ -12,23 +12,17 @@ import time
 
 import torch
 
-from wagle.mask import MaskMismatchError, WeightMask
+from wagle.errors import UserError
+from wagle.files import check_writable
+from wagle.mask import WeightMask
 from wagle.unlearning import UnlearningDiverged
 
 logger = logging.getLogger("wagle")
 
-# exceptions that mean "the user asked for something impossible" (exit 2) or "the run failed" (exit 1)
-USER_ERRORS = (
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    KeyError,
-    MaskMismatchError,
-    PermissionError,
-)
-RUN_FAILURES = (UnlearningDiverged, FloatingPointError, RuntimeError, MemoryError)
+# exceptions that mean "the user asked for something impossible" (exit 2) or "the run failed" (exit 1);
+# every other exception is a bug and keeps its traceback
+USER_ERRORS = (UserError, OSError)
+RUN_FAILURES = (UnlearningDiverged, FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,9 +46,9 @@ def _device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device: {exc}") from None
+        raise UserError(f"--device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name} requested but no CUDA device is available")
+        raise UserError(f"--device: {name} requested but no CUDA device is available")
     return device
 
 
@@ -62,7 +56,7 @@ def _check_range(option: str, value, low, high=None, *, inclusive_low=True) -> N
     bad = value < low if inclusive_low else value <= low
     if bad or (high is not None and value > high):
         span = f"[{low}, {high}]" if high is not None else (f">= {low}" if inclusive_low else f"> {low}")
-        raise ValueError(f"{option}: must be {span}, got {value}")
+        raise UserError(f"{option}: must be {span}, got {value}")
 
 
 def _load(args: argparse.Namespace):
@@ -81,10 +75,20 @@ def run_mask(args: argparse.Namespace) -> int:
     _check_range("--batch-size", args.batch_size, 1)
     needs_retain = args.method == "wagle"
     if needs_retain and not args.retain:
-        raise ValueError("--retain: method 'wagle' needs a retain set")
+        raise UserError("--retain: method 'wagle' needs a retain set")
+    check_writable(args.out, "--out")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
     model, tokenizer = _load(args)
+    if args.backend == "triton":
+        from wagle_kernels._runtime import require_triton
+
+        try:
+            require_triton([next(model.parameters())], "--backend triton")
+        except RuntimeError as exc:  # no triton, or a device it cannot run on
+            raise UserError(str(exc)) from None
     loader_kw = {"batch_size": args.batch_size, "max_length": args.max_length}
     started = time.perf_counter()
     mask = attribute(
@@ -99,6 +103,7 @@ def run_mask(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         backend=args.backend,
         seed=args.seed,
+        nonfinite=args.nonfinite,
         offload_gradients=args.offload_gradients,
         gradient_checkpointing=args.gradient_checkpointing,
         progress=not args.no_progress,
@@ -124,7 +129,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
     forget = load_dataset_file(args.forget, role="forget")
     retain = load_dataset_file(args.retain, role="retain") if args.retain else None
     model, tokenizer = _load(args)
-    mask = WeightMask.load(args.mask, model) if args.mask else None
+    partial = "allow" if args.allow_partial_mask else "error"
+    mask = WeightMask.load(args.mask, model, partial=partial) if args.mask else None
     objective_kwargs = {"beta": args.beta} if args.beta is not None else None
     result = unlearn(
         model,
@@ -166,6 +172,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from wagle.data import load_dataset_file
     from wagle.evaluation import evaluate, format_table, write_json
 
+    check_writable(args.out, "--out")
     splits = {
         "forget": load_dataset_file(args.forget, schema="qa", role="forget"),
         "retain": load_dataset_file(args.retain, schema="qa", role="retain"),

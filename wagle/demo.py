@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from wagle.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,7 +62,7 @@ def run(
     from wagle.unlearning import unlearn
 
     if config.forget_split not in RETAIN_OF:
-        raise ValueError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {config.forget_split!r}")
+        raise UserError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {config.forget_split!r}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(out_dir, exist_ok=True)
     timings: dict[str, float] = {}

@@ -4,13 +4,23 @@ mask = 1 means "this weight is selected / updated". The mask keeps, per paramete
 a packed uint8 tensor (see :mod:`wagle_kernels.bitpack` for the bit layout), so a 7B model's mask is
 ~0.84 GB instead of 6.7 GB as bool tensors. Files are safetensors with the shapes and a fingerprint of
 the parameter names and shapes in the metadata; a mask made for another model is rejected.
+
+Integrity: a file (format 2) stores every entry's selected count and sha256 of its packed bits, and a
+digest over all entries; :meth:`WeightMask.load` verifies them and names the file in every error.
+Files of format 1 (no checksums) are still read; their total selected count and size are verified,
+which catches most, not all, damaged bytes. Masks made by :func:`wagle.attribute` record the whole
+model's parameter layout (``model_fingerprint``: every parameter's name and shape, tied aliases
+noted), so a mask applied to a model with parameters it does not cover is flagged unless it was made
+for exactly that model (a deliberate subset: ``include``/``exclude`` or Wanda).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -18,11 +28,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from wagle.errors import UserError
 from wagle.files import atomic_write
 from wagle_kernels.bitpack import pack_bits, packed_size, popcount, unpack_bits
 
 FORMAT_NAME = "wagle-mask"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+# metadata keys written by save() itself (the rest is the mask's own metadata)
+_FILE_KEYS = ("format", "format_version", "shapes", "order", "fingerprint", "num_selected", "numel")
+_CHECK_KEYS = ("selected", "sha256", "digest")
+PARTIAL_POLICIES = ("warn", "error", "allow")
 
 ShapeLike = tuple[int, ...]
 
@@ -46,8 +62,64 @@ def named_shapes(source) -> dict[str, ShapeLike]:
     return shapes
 
 
-class MaskMismatchError(ValueError):
-    """A mask does not belong to the model (names or shapes differ)."""
+def parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for parameters reachable under a second name (tied weights): ``alias`` is
+    absent from ``named_parameters()``, ``name`` is how it is listed there (e.g. ``lm_head.weight`` ->
+    ``model.embed_tokens.weight``)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of a model's whole parameter layout: every parameter's ``name:shape`` (as
+    ``named_parameters()`` lists them) and, for a module, every tied ``alias=name`` pair."""
+    digest = hashlib.sha256(fingerprint_shapes(named_shapes(model)).encode())
+    if isinstance(model, torch.nn.Module):
+        for alias, name in sorted(parameter_aliases(model).items()):
+            digest.update(f"{alias}={name}\n".encode())
+    return digest.hexdigest()
+
+
+def model_metadata(model: torch.nn.Module) -> dict[str, str]:
+    """Metadata that records which model a mask was made for (see :meth:`WeightMask.check_compatible`)."""
+    meta = {
+        "model_fingerprint": model_fingerprint(model),
+        "model_parameters": str(len(named_shapes(model))),
+    }
+    aliases = parameter_aliases(model)
+    if aliases:
+        meta["model_aliases"] = json.dumps(aliases, sort_keys=True)
+    return meta
+
+
+def _sha256(packed: torch.Tensor) -> str:
+    data = packed.detach().to("cpu").contiguous().numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def _digest(layout: list[tuple[str, ShapeLike, str]]) -> str:
+    digest = hashlib.sha256()
+    for name, shape, entry_sha in layout:
+        digest.update(f"{name}:{','.join(map(str, shape))}:{entry_sha}\n".encode())
+    return digest.hexdigest()
+
+
+class MaskMismatchError(UserError):
+    """A mask does not belong to the model (names or shapes differ, or it leaves parameters uncovered)."""
+
+
+class MaskFileError(UserError):
+    """A mask file is unreadable or damaged (the message names the file)."""
+
+
+class PartialMaskWarning(UserWarning):
+    """The model has parameters a mask does not cover, and the mask was not made for this model."""
 
 
 @dataclass(frozen=True)
@@ -80,18 +152,19 @@ class WeightMask(Mapping):
         for name, (shape, packed) in entries.items():
             shape = tuple(int(d) for d in shape)
             if packed.dtype != torch.uint8 or packed.dim() != 1:
-                raise ValueError(f"mask entry {name!r}: packed bits must be a 1-D uint8 tensor")
+                raise UserError(f"mask entry {name!r}: packed bits must be a 1-D uint8 tensor")
             numel = 1
             for d in shape:
                 numel *= d
             if packed.numel() != packed_size(numel):
-                raise ValueError(
+                raise UserError(
                     f"mask entry {name!r}: {packed.numel()} bytes do not hold {numel} bits of shape {shape}"
                 )
             if numel % 8 and packed.numel() and int(packed[-1]) >> (numel % 8):
-                raise ValueError(f"mask entry {name!r}: padding bits past the last weight are set")
+                raise UserError(f"mask entry {name!r}: padding bits past the last weight are set")
             self._entries[name] = _Entry(shape, packed, popcount(packed))
         self.metadata: dict[str, str] = dict(metadata or {})
+        self._accepted_model: str | None = None  # a model this mask was accepted for with partial='allow'
 
     # ---- mapping protocol -------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -165,6 +238,7 @@ class WeightMask(Mapping):
     def to(self, device: torch.device | str) -> WeightMask:
         """A copy with the packed bits on ``device`` (entries already validated and counted)."""
         moved = WeightMask({}, self.metadata)
+        moved._accepted_model = self._accepted_model
         moved._entries = {
             name: _Entry(e.shape, e.packed.to(device), e.num_selected) for name, e in self._entries.items()
         }
@@ -193,17 +267,28 @@ class WeightMask(Mapping):
         return "\n".join(lines)
 
     # ---- compatibility ----------------------------------------------------------------------
-    def check_compatible(self, model_or_params, *, require_all: bool = False) -> None:
+    def check_compatible(self, model_or_params, *, require_all: bool = False, partial: str = "warn") -> None:
         """Raise :class:`MaskMismatchError` unless every mask entry exists in the model with the same shape.
 
-        ``require_all=True`` also requires every model parameter to have a mask entry.
+        Model parameters without a mask entry stay frozen during unlearning. That is intended when the
+        mask was made for this very model (its recorded ``model_fingerprint`` matches: a subset chosen
+        with ``include``/``exclude`` or Wanda); otherwise (a mask of another model, e.g. one without
+        the attention biases or with tied embeddings, or a mask recording no model) ``partial``
+        decides: ``"warn"`` (a :class:`PartialMaskWarning`), ``"error"`` (:class:`MaskMismatchError`)
+        or ``"allow"`` (later checks of this mask against the same model then stay quiet).
+        ``require_all=True`` requires an entry for every model parameter.
         """
+        if partial not in PARTIAL_POLICIES:
+            raise UserError(f"partial: expected one of {list(PARTIAL_POLICIES)}, got {partial!r}")
         shapes = named_shapes(model_or_params)
+        aliases = parameter_aliases(model_or_params) if isinstance(model_or_params, torch.nn.Module) else {}
         missing = [n for n in self._entries if n not in shapes]
         if missing:
+            tied = [f"{n} is tied to {aliases[n]}" for n in missing if n in aliases]
             raise MaskMismatchError(
                 f"mask was made for another model: parameter(s) {missing[:5]} not found in the model"
                 + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+                + (f"; in this model {', '.join(tied[:3])} (a mask of an untied model?)" if tied else "")
             )
         for name, entry in self._entries.items():
             if tuple(shapes[name]) != entry.shape:
@@ -211,10 +296,31 @@ class WeightMask(Mapping):
                     f"mask was made for another model: parameter {name!r} has shape {tuple(shapes[name])} "
                     f"in the model but {entry.shape} in the mask"
                 )
-        if require_all:
-            unmasked = [n for n in shapes if n not in self._entries]
-            if unmasked:
-                raise MaskMismatchError(f"mask has no entry for model parameter(s) {unmasked[:5]}")
+        unmasked = [n for n in shapes if n not in self._entries]
+        if require_all and unmasked:
+            raise MaskMismatchError(f"mask has no entry for model parameter(s) {unmasked[:5]}")
+        if not unmasked:
+            return
+        actual = model_fingerprint(model_or_params)
+        recorded = self.metadata.get("model_fingerprint")
+        if recorded == actual or self._accepted_model == actual:
+            return  # made for this model (the uncovered parameters were left out on purpose), or accepted
+        if partial == "allow":
+            self._accepted_model = actual  # later checks against the same model stay quiet
+            return
+        why = (
+            "was made for another model (its parameter fingerprint differs)"
+            if recorded is not None
+            else "records no model (made by an older wagle, or built from a dict)"
+        )
+        message = (
+            f"mask covers {len(self._entries)} of the model's {len(shapes)} parameters but {why}; "
+            f"{len(unmasked)} parameter(s) would stay frozen: {unmasked[:5]}"
+            + (f" (+{len(unmasked) - 5} more)" if len(unmasked) > 5 else "")
+        )
+        if partial == "error":
+            raise MaskMismatchError(f"{message}; to accept, pass partial='allow' (CLI: --allow-partial-mask)")
+        warnings.warn(message, PartialMaskWarning, stacklevel=2)
 
     # ---- conversion ---------------------------------------------------------------------------
     @classmethod
@@ -238,13 +344,21 @@ class WeightMask(Mapping):
         return {name: self[name] for name in self._entries}
 
     # ---- files --------------------------------------------------------------------------------
+    @property
+    def digest(self) -> str:
+        """sha256 over every entry's name, shape and packed bits (in order): identifies the mask's content."""
+        return _digest([(n, e.shape, _sha256(e.packed)) for n, e in self._entries.items()])
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file atomically (temp file in the same folder, then rename)."""
+        """Write a safetensors file atomically (temp file in the same folder, then rename), with each
+        entry's selected count and sha256 and a digest over all entries, verified by :meth:`load`."""
         path = os.fspath(path)
         # copies: packed bits may be views into one shared buffer, which safetensors refuses
         tensors = {name: e.packed.detach().to("cpu", copy=True) for name, e in self._entries.items()}
+        checksums = {name: _sha256(t) for name, t in tensors.items()}
+        own = {k: str(v) for k, v in self.metadata.items() if k not in _FILE_KEYS + _CHECK_KEYS}
         metadata = {
-            **{k: str(v) for k, v in self.metadata.items()},
+            **own,
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "shapes": json.dumps({name: list(e.shape) for name, e in self._entries.items()}),
@@ -252,32 +366,160 @@ class WeightMask(Mapping):
             "fingerprint": self.fingerprint,
             "num_selected": str(self.num_selected),
             "numel": str(self.numel),
+            "selected": json.dumps({name: e.num_selected for name, e in self._entries.items()}),
+            "sha256": json.dumps(checksums),
+            "digest": _digest([(n, e.shape, checksums[n]) for n, e in self._entries.items()]),
         }
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None, *, device: str | torch.device = "cpu") -> WeightMask:
-        """Read a mask written by :meth:`save`; with ``model`` (module or name -> tensor mapping) also
-        check it belongs to that model."""
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model=None,
+        *,
+        device: str | torch.device = "cpu",
+        partial: str = "warn",
+    ) -> WeightMask:
+        """Read a mask written by :meth:`save`, verifying its checksums (format 2) or its selected
+        count (format 1); with ``model`` (module or name -> tensor mapping) also check it belongs to
+        that model (``partial``: see :meth:`check_compatible`). Raises :class:`MaskFileError` naming
+        the file for an unreadable or damaged file."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a mask file", path)
+        if not os.path.exists(path):
             raise FileNotFoundError(f"mask file not found: {path}")
         try:
             with safe_open(path, framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
+        except OSError:
+            raise
         except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"{path}: not a safetensors mask file ({exc})") from exc
+            raise MaskFileError(f"{path}: not a safetensors mask file ({_first_line(exc)})") from None
         if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path}: not a wagle mask file (metadata format={metadata.get('format')!r})")
-        shapes = json.loads(metadata.pop("shapes"))
-        order = json.loads(metadata.pop("order"))
-        fingerprint = metadata.pop("fingerprint")
-        for key in ("format", "format_version", "num_selected", "numel"):
-            metadata.pop(key, None)
-        tensors = load_file(path, device=str(device))
-        mask = cls({name: (tuple(shapes[name]), tensors[name]) for name in order}, metadata)
-        if mask.fingerprint != fingerprint:
-            raise ValueError(f"{path}: corrupted mask file (fingerprint does not match its shapes)")
+            raise MaskFileError(f"{path}: not a wagle mask file (metadata format={metadata.get('format')!r})")
+        version = metadata.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise MaskFileError(
+                f"{path}: mask format version {version!r} is not one this wagle reads "
+                f"({', '.join(READABLE_VERSIONS)}): written by a newer wagle, or damaged"
+            )
+        layout = _read_layout(path, metadata, checked=version != "1")
+        try:
+            tensors = load_file(path, device="cpu")
+        except Exception as exc:
+            raise MaskFileError(f"{path}: damaged mask file ({_first_line(exc)})") from None
+        if set(tensors) != set(layout.order):
+            raise MaskFileError(
+                f"{path}: damaged mask file (its tensors do not match the names in its metadata)"
+            )
+        try:
+            mask = cls({name: (layout.shapes[name], tensors[name]) for name in layout.order}, layout.own)
+        except ValueError as exc:
+            raise MaskFileError(f"{path}: damaged mask file ({exc})") from None
+        if mask.fingerprint != layout.fingerprint:
+            raise MaskFileError(f"{path}: corrupted mask file (fingerprint does not match its shapes)")
+        _verify(path, mask, layout)
+        if torch.device(device) != torch.device("cpu"):
+            mask = mask.to(device)
         if model is not None:
-            mask.check_compatible(model)
+            mask.check_compatible(model, partial=partial)
         return mask
+
+
+@dataclass(frozen=True)
+class _Layout:
+    shapes: dict[str, ShapeLike]
+    order: list[str]
+    fingerprint: str
+    num_selected: int | None
+    numel: int | None
+    selected: dict[str, int] | None
+    sha256: dict[str, str] | None
+    digest: str | None
+    own: dict[str, str]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _read_layout(path: str, metadata: dict[str, str], *, checked: bool) -> _Layout:
+    """The file's own metadata, parsed and type-checked; any defect is a :class:`MaskFileError`."""
+
+    def damaged(what: str) -> MaskFileError:
+        return MaskFileError(f"{path}: damaged mask metadata ({what})")
+
+    def parse(key: str, kind: type, required: bool = True):
+        if key not in metadata:
+            if required:
+                raise damaged(f"{key!r} is missing")
+            return None
+        try:
+            value = json.loads(metadata[key]) if kind is not int else int(metadata[key])
+        except ValueError:
+            raise damaged(f"{key!r} is not valid") from None
+        if not isinstance(value, kind) or (kind is int and value < 0):
+            raise damaged(f"{key!r} is not valid")
+        return value
+
+    shapes, order = parse("shapes", dict), parse("order", list)
+    if (
+        not all(isinstance(n, str) for n in order)
+        or len(set(order)) != len(order)
+        or set(order) != set(shapes)
+    ):
+        raise damaged("'order' and 'shapes' name different parameters")
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise damaged(f"shape of {name!r} is not a list of sizes")
+    fingerprint = metadata.get("fingerprint")
+    if not isinstance(fingerprint, str):
+        raise damaged("'fingerprint' is missing")
+    selected = parse("selected", dict, required=checked)
+    sha = parse("sha256", dict, required=checked)
+    digest = metadata.get("digest")
+    if checked:
+        if set(selected) != set(order) or set(sha) != set(order) or not isinstance(digest, str):
+            raise damaged("the per-entry checksums do not name the mask's parameters")
+        if not all(isinstance(v, int) for v in selected.values()):
+            raise damaged("'selected' is not valid")
+    return _Layout(
+        shapes={name: tuple(shapes[name]) for name in order},
+        order=order,
+        fingerprint=fingerprint,
+        num_selected=parse("num_selected", int, required=checked),
+        numel=parse("numel", int, required=checked),
+        selected=selected,
+        sha256=sha,
+        digest=digest,
+        own={k: v for k, v in metadata.items() if k not in _FILE_KEYS + _CHECK_KEYS},
+    )
+
+
+def _verify(path: str, mask: WeightMask, layout: _Layout) -> None:
+    """Compare the bits with the counts and checksums the file recorded when it was written."""
+    if layout.numel is not None and mask.numel != layout.numel:
+        raise MaskFileError(
+            f"{path}: damaged mask file (holds {mask.numel} weights, recorded {layout.numel})"
+        )
+    if layout.selected is not None:
+        for name in layout.order:
+            if mask.selected(name) != layout.selected[name]:
+                raise MaskFileError(
+                    f"{path}: damaged mask file ({name!r} has {mask.selected(name)} selected weights, "
+                    f"recorded {layout.selected[name]})"
+                )
+    if layout.num_selected is not None and mask.num_selected != layout.num_selected:
+        raise MaskFileError(
+            f"{path}: damaged mask file ({mask.num_selected} selected weights, "
+            f"recorded {layout.num_selected})"
+        )
+    if layout.sha256 is not None:
+        for name in layout.order:
+            if _sha256(mask.packed(name)) != layout.sha256[name]:
+                raise MaskFileError(f"{path}: damaged mask file (checksum of {name!r} does not match)")
+        if _digest([(n, mask.shape(n), layout.sha256[n]) for n in layout.order]) != layout.digest:
+            raise MaskFileError(f"{path}: damaged mask metadata (digest does not match the checksums)")

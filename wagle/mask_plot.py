@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wagle.errors import UserError
 from wagle.files import atomic_write
 from wagle.mask import WeightMask
 
@@ -65,7 +66,7 @@ def plot_mask_densities(mask: WeightMask, path: str | os.PathLike, *, title: str
 
     data = layer_densities(mask)
     if not data.layers and not data.other:
-        raise ValueError("mask: no parameters to plot")
+        raise UserError("mask: no parameters to plot")
     height = max(3.0, 0.35 * len(data.modules) + 1.8)
     width = min(16.0, max(6.4, 0.28 * len(data.layers) + 5.0))
     fig = Figure(figsize=(width, height), dpi=120)

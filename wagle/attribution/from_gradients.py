@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle_kernels._runtime import require_triton, triton_supports
 from wagle_kernels.scores import METHOD_INPUTS, METHODS, inverse_gamma
@@ -44,14 +45,14 @@ def _as_dict(tensors: TensorMap | None, argument: str) -> dict[str, torch.Tensor
             raise TypeError(f"{argument}: expected a mapping name -> tensor or (name, tensor) pairs")
         name, value = item
         if name in out:
-            raise ValueError(f"{argument}: duplicate name {name!r}")
+            raise UserError(f"{argument}: duplicate name {name!r}")
         out[name] = value
     return out
 
 
 def _check_tensor(value, argument: str, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
     if value is None:
-        raise ValueError(f"{argument}[{name!r}] is missing (None): did that parameter receive a gradient?")
+        raise UserError(f"{argument}[{name!r}] is missing (None): did that parameter receive a gradient?")
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{argument}[{name!r}]: expected a tensor, got {type(value).__name__}")
     if value.is_sparse or value.layout != torch.strided:
@@ -62,7 +63,7 @@ def _check_tensor(value, argument: str, name: str, shape: tuple[int, ...] | None
             "expected float32, bfloat16 or float16"
         )
     if shape is not None and tuple(value.shape) != shape:
-        raise ValueError(
+        raise UserError(
             f"{argument}[{name!r}]: shape {tuple(value.shape)} does not match params[{name!r}] shape {shape}"
         )
     return value
@@ -74,7 +75,7 @@ def _same_keys(reference: dict, other: dict, argument: str) -> None:
     missing = [n for n in reference if n not in other]
     extra = [n for n in other if n not in reference]
     if missing or extra:
-        raise ValueError(
+        raise UserError(
             f"{argument}: names differ from params (missing {missing[:5]}, unexpected {extra[:5]})"
         )
 
@@ -127,27 +128,27 @@ def mask_from_gradients(
         return_stats: also return a :class:`SelectionStats` (passes over the inputs, non-finite counts).
     """
     if method not in METHODS:
-        raise ValueError(f"method: unknown method {method!r}; expected one of {list(METHODS)}")
+        raise UserError(f"method: unknown method {method!r}; expected one of {list(METHODS)}")
     if scope not in SCOPES:
-        raise ValueError(f"scope: unknown scope {scope!r}; expected one of {list(SCOPES)}")
+        raise UserError(f"scope: unknown scope {scope!r}; expected one of {list(SCOPES)}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+        raise UserError(f"backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
     if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        raise UserError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise ValueError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
     ratio = float(ratio)
     uses_weight, uses_forget, uses_retain = METHOD_INPUTS[method]
     if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+        raise UserError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
 
     weights = _as_dict(params, "params")
     forget = _as_dict(grad_forget, "grad_forget")
     retain = _as_dict(grad_retain, "grad_retain")
     if uses_forget and forget is None:
-        raise ValueError(f"grad_forget: method={method!r} needs the forget-set gradients")
+        raise UserError(f"grad_forget: method={method!r} needs the forget-set gradients")
     if uses_retain and retain is None:
-        raise ValueError(f"grad_retain: method={method!r} needs the retain-set gradients")
+        raise UserError(f"grad_retain: method={method!r} needs the retain-set gradients")
 
     shapes: dict[str, tuple[int, ...]] = {}
     for name, value in weights.items():
@@ -171,7 +172,7 @@ def mask_from_gradients(
         devices -= {torch.device("cpu")}  # gradients kept in host memory are streamed to the params' device
         devices |= param_devices
     if len(devices) > 1:
-        raise ValueError(
+        raise UserError(
             f"params/grad_forget/grad_retain: tensors are on different devices {sorted(map(str, devices))}"
             + ("" if host_gradients else " (host_gradients=True allows gradients in CPU memory)")
         )
@@ -180,7 +181,7 @@ def mask_from_gradients(
     if seed is None:  # only the random baseline uses a seed; other masks stay reproducible
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if method == "random" else 0
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
+        raise UserError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
 
     sources, start = [], 0
     for name, shape in shapes.items():
@@ -209,10 +210,11 @@ def mask_from_gradients(
             bad = {name: c for name, c in counts.items() if c}
             if bad:
                 name, count = next(iter(bad.items()))
-                raise ValueError(
+                raise UserError(
                     f"non-finite attribution score: {count} NaN/Inf score(s) in tensor {name!r}"
                     + (f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else "")
-                    + f" (method={method!r}); check the weights/gradients, or pass nonfinite='lowest'"
+                    + f" (method={method!r}); check the weights/gradients, or rank them lowest "
+                    "(nonfinite='lowest'; CLI: --nonfinite lowest)"
                 )
         packed.update(select_top_k(selector, k, n, stats))
         stats.nonfinite.update(selector.nonfinite)

@@ -16,10 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from wagle.mask import WeightMask
-from wagle_kernels.bitpack import pack_bits
+from wagle.errors import UserError
+from wagle.mask import WeightMask, model_metadata, parameter_aliases
+from wagle.positions import check_sequence_length
 
-from .from_gradients import METHODS, mask_from_gradients, num_to_select
+from .from_gradients import METHODS, mask_from_gradients
+from .wanda import wanda_mask
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +32,46 @@ Batch = Mapping[str, torch.Tensor]
 def select_parameters(
     model: torch.nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
 ) -> dict[str, torch.nn.Parameter]:
-    """Parameters whose names match any ``include`` glob (all when None) and no ``exclude`` glob."""
+    """Parameters whose names match any ``include`` glob (all when None) and no ``exclude`` glob.
+
+    A tied parameter is listed once by ``named_parameters()`` (e.g. ``model.embed_tokens.weight``);
+    its other names (``lm_head.weight``) match too and select or exclude that same parameter."""
+    names_of: dict[str, list[str]] = {name: [name] for name, _ in model.named_parameters()}
+    for alias, name in parameter_aliases(model).items():
+        names_of[name].append(alias)
+
+    def matches(patterns: Sequence[str], name: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names_of[name] for pattern in patterns)
+
     chosen = {}
     for name, param in model.named_parameters():
-        if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+        if include and not matches(include, name):
             continue
-        if exclude and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+        if exclude and matches(exclude, name):
             continue
         chosen[name] = param
+        if include and len(names_of[name]) > 1 and not matches(include, name):
+            logger.info("%s is tied to %s: selected under that name", names_of[name][1], name)
     if not chosen:
-        raise ValueError(f"include/exclude: no parameter matches (include={include}, exclude={exclude})")
+        raise UserError(f"include/exclude: no parameter matches (include={include}, exclude={exclude})")
     return chosen
+
+
+MAX_LENGTH_OPTION = "max_length (CLI: --max-length)"
 
 
 def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise TypeError("batches must be mappings with 'input_ids' (and 'labels'), e.g. from make_dataloader")
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _checked(model: torch.nn.Module, batch: Batch, what: str) -> Batch:
+    """``batch``, after checking it is a batch mapping whose length fits the model's positions."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError("batches must be mappings with 'input_ids' (and 'labels'), e.g. from make_dataloader")
+    check_sequence_length(model, int(batch["input_ids"].shape[-1]), what=what, option=MAX_LENGTH_OPTION)
+    return batch
 
 
 def _batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,13 +99,14 @@ def accumulate_gradients(
     for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
         if max_batches is not None and count >= max_batches:
             break
+        batch = _checked(model, batch, f"{desc}: batch {count}")
         loss = _batch_loss(model, _to_device(batch, device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss is {float(loss)} on batch {count}")
         loss.backward()
         count += 1
     if count == 0:
-        raise ValueError(f"{desc}: no batches (the data set is empty)")
+        raise UserError(f"{desc}: no batches (the data set is empty)")
     return count
 
 
@@ -99,61 +125,6 @@ def _take_grads(params: Mapping[str, torch.nn.Parameter], to_host: bool = False)
         grads[name] = grad
         param.grad = None
     return grads
-
-
-def wanda_mask(
-    model: torch.nn.Module,
-    batches: Iterable[Batch],
-    params: Mapping[str, torch.nn.Parameter],
-    *,
-    ratio: float,
-    max_batches: int | None = None,
-    progress: bool = True,
-) -> WeightMask:
-    """Wanda baseline: S_ij = |W_ij| * ||X_j||_2 (input-activation norm over all tokens of ``batches``),
-    ranked per output row (each row keeps floor(ratio * in_features)); ``nn.Linear`` weights only.
-    Ties in a row go to the lower column index."""
-    linear = {
-        f"{module_name}.weight" if module_name else "weight": module
-        for module_name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    }
-    targets = {name: linear[name] for name in params if name in linear}
-    if not targets:
-        raise ValueError("method='wanda': no nn.Linear weight among the selected parameters")
-    sq_norms = {
-        name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
-        for name, m in targets.items()
-    }
-
-    def hook_for(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().float().reshape(-1, module.in_features)
-            sq_norms[name] += (x * x).sum(0)
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(name)) for name, m in targets.items()]
-    device = next(iter(params.values())).device
-    try:
-        with torch.no_grad():
-            for count, batch in enumerate(tqdm(batches, desc="wanda activations", disable=not progress)):
-                if max_batches is not None and count >= max_batches:
-                    break
-                batch = _to_device(batch, device)
-                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
-    finally:
-        for handle in handles:
-            handle.remove()
-    entries = {}
-    for name, module in targets.items():
-        scores = module.weight.detach().float().abs() * sq_norms[name].sqrt()[None, :]
-        keep = num_to_select(ratio, module.in_features)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
-        chosen = torch.zeros_like(scores, dtype=torch.bool)
-        chosen.scatter_(1, order, True)
-        entries[name] = (tuple(module.weight.shape), pack_bits(chosen))
-    return WeightMask(entries, {"method": "wanda", "ratio": repr(float(ratio)), "scope": "per_row"})
 
 
 def attribute(
@@ -191,66 +162,114 @@ def attribute(
     Face models; same gradients, about one extra forward pass) so long batches fit.
     """
     if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
+        raise UserError(f"method: unknown method {method!r}; expected one of {list(ATTRIBUTION_METHODS)}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise ValueError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
     params = select_parameters(model, include, exclude)
     needs_forget = method in ("wagle", "snip", "gradient", "wanda")
     needs_retain = method == "wagle"
     if needs_forget and forget is None:
-        raise ValueError(f"forget: method={method!r} needs forget-set batches")
+        raise UserError(f"forget: method={method!r} needs forget-set batches")
     if needs_retain and retain is None:
-        raise ValueError(f"retain: method={method!r} needs retain-set batches")
+        raise UserError(f"retain: method={method!r} needs retain-set batches")
     if method == "wagle" and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
+        raise UserError(f"gamma: must be a finite number > 0 for method='wagle', got {gamma!r}")
 
     was_training = model.training
     model.eval()
     try:
-        if method == "wanda":
-            return wanda_mask(model, forget, params, ratio=ratio, max_batches=max_batches, progress=progress)
-        select_kw = {
-            "ratio": ratio,
-            "method": method,
-            "scope": scope,
-            "backend": backend,
-            "seed": seed,
-            "nonfinite": nonfinite,
-        }
-        if method in ("magnitude", "random"):
-            return mask_from_gradients(params, None, None, **select_kw)
-        from wagle.models.checkpointing import activation_checkpointing  # transformers, on use
-
-        saved = {name: p.grad for name, p in model.named_parameters()}
-        flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        try:
-            for name, p in model.named_parameters():
-                p.grad = None
-                p.requires_grad_(name in params)
-            with activation_checkpointing(model, gradient_checkpointing, keep_eval=True):
-                accumulate_gradients(
-                    model, forget, params, max_batches=max_batches, progress=progress, desc="forget gradients"
-                )
-                grad_forget = _take_grads(params, to_host=offload_gradients)
-                grad_retain = None
-                if needs_retain:
-                    accumulate_gradients(
-                        model,
-                        retain,
-                        params,
-                        max_batches=max_batches,
-                        progress=progress,
-                        desc="retain gradients",
-                    )
-                    grad_retain = _take_grads(params)
-            logger.info("scoring %d tensors with method=%s", len(params), method)
-            mask = mask_from_gradients(
-                params, grad_forget, grad_retain, gamma=gamma, host_gradients=offload_gradients, **select_kw
-            )
-        finally:
-            for name, p in model.named_parameters():
-                p.requires_grad_(flags[name])
-                p.grad = saved[name]
-        return mask
+        mask = _attribute(
+            model,
+            forget,
+            retain,
+            params,
+            method=method,
+            ratio=ratio,
+            gamma=gamma,
+            scope=scope,
+            backend=backend,
+            seed=seed,
+            nonfinite=nonfinite,
+            max_batches=max_batches,
+            offload_gradients=offload_gradients,
+            gradient_checkpointing=gradient_checkpointing,
+            progress=progress,
+        )
     finally:
         model.train(was_training)
+    mask.metadata.update(model_metadata(model))
+    return mask
+
+
+def _attribute(  # the computation of attribute(), on validated arguments, with the model in eval()
+    model,
+    forget,
+    retain,
+    params,
+    *,
+    method,
+    ratio,
+    gamma,
+    scope,
+    backend,
+    seed,
+    nonfinite,
+    max_batches,
+    offload_gradients,
+    gradient_checkpointing,
+    progress,
+) -> WeightMask:
+    needs_retain = method == "wagle"
+    if method == "wanda":
+        return wanda_mask(
+            model,
+            forget,
+            params,
+            ratio=ratio,
+            max_batches=max_batches,
+            progress=progress,
+            check_batch=lambda batch, i: _checked(model, batch, f"wanda activations: batch {i}"),
+        )
+    select_kw = {
+        "ratio": ratio,
+        "method": method,
+        "scope": scope,
+        "backend": backend,
+        "seed": seed,
+        "nonfinite": nonfinite,
+    }
+    if method in ("magnitude", "random"):
+        return mask_from_gradients(params, None, None, **select_kw)
+    from wagle.models.checkpointing import activation_checkpointing  # transformers, on use
+
+    saved = {name: p.grad for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for name, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(name in params)
+        with activation_checkpointing(model, gradient_checkpointing, keep_eval=True):
+            accumulate_gradients(
+                model, forget, params, max_batches=max_batches, progress=progress, desc="forget gradients"
+            )
+            grad_forget = _take_grads(params, to_host=offload_gradients)
+            grad_retain = None
+            if needs_retain:
+                accumulate_gradients(
+                    model,
+                    retain,
+                    params,
+                    max_batches=max_batches,
+                    progress=progress,
+                    desc="retain gradients",
+                )
+                grad_retain = _take_grads(params)
+        logger.info("scoring %d tensors with method=%s", len(params), method)
+        mask = mask_from_gradients(
+            params, grad_forget, grad_retain, gamma=gamma, host_gradients=offload_gradients, **select_kw
+        )
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = saved[name]
+    return mask

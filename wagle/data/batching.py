@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
+from wagle.errors import UserError
+
 from .format import encode_qa, encode_text, pad_batch
 from .loading import validate_dataset
 
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
 
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        raise UserError(f"{name}: must be an integer >= {low}, got {value!r}")
 
 
 def encode_dataset(
@@ -35,23 +37,23 @@ def encode_dataset(
     """
     _check_int("max_length", max_length, 2)
     if not isinstance(answer_column, str) or not answer_column:
-        raise ValueError(f"answer_column: must be a column name, got {answer_column!r}")
+        raise UserError(f"answer_column: must be a column name, got {answer_column!r}")
     schema = validate_dataset(dataset, role=role)
     rows = dataset if isinstance(dataset, list) else dataset.to_list()
     if answer_column != "answer":
         if schema != "qa":
-            raise ValueError(
+            raise UserError(
                 f"answer_column: {answer_column!r} needs question/answer rows; the {role} data is plain text"
             )
         for index, row in enumerate(rows):
             value = row.get(answer_column)
             if not isinstance(value, str) or not value.strip():
                 if index == 0 and answer_column not in row:
-                    raise ValueError(
+                    raise UserError(
                         f"answer_column: {answer_column!r} is not a column of the {role} data; "
                         f"found {sorted(row)}"
                     )
-                raise ValueError(
+                raise UserError(
                     f"answer_column: row {index} of the {role} data has an empty or non-text "
                     f"{answer_column!r}"
                 )
@@ -77,7 +79,7 @@ def pad_id_of(tokenizer) -> int:
     """The id used for padding: the tokenizer's pad token, else its EOS token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("tokenizer: has neither a pad nor an eos token")
+        raise UserError("tokenizer: has neither a pad nor an eos token")
     return int(pad)
 
 
@@ -101,7 +103,7 @@ def make_dataloader(
     _check_int("batch_size", batch_size, 1)
     _check_int("max_length", max_length, 2)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: must be an integer, got {seed!r}")
+        raise UserError(f"seed: must be an integer, got {seed!r}")
     pad = pad_id_of(tokenizer)
     examples = encode_dataset(dataset, tokenizer, max_length=max_length, answer_column=answer_column)
     generator = torch.Generator().manual_seed(seed) if shuffle else None

@@ -19,6 +19,7 @@ import os
 import random
 from typing import TYPE_CHECKING
 
+from wagle.errors import UserError
 from wagle.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -422,14 +423,14 @@ def _general_rows(rng: random.Random) -> list[dict]:
 def generate_rows(num_authors: int = 100, seed: int = 0) -> dict[str, list[dict]]:
     """The benchmark as plain rows per split (see the module docstring)."""
     if isinstance(num_authors, bool) or not isinstance(num_authors, int) or num_authors < 10:
-        raise ValueError(f"num_authors: must be an integer >= 10, got {num_authors!r}")
+        raise UserError(f"num_authors: must be an integer >= 10, got {num_authors!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: must be an integer, got {seed!r}")
+        raise UserError(f"seed: must be an integer, got {seed!r}")
     rng = random.Random(seed)
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     limit = min(len(names), len(TITLES))
     if num_authors > limit:
-        raise ValueError(f"num_authors: at most {limit} authors (distinct names, books), got {num_authors}")
+        raise UserError(f"num_authors: at most {limit} authors (distinct names, books), got {num_authors}")
     names = rng.sample(names, num_authors)
     books = rng.sample(TITLES, num_authors)  # without replacement: one title per author
     authors = [_author_rows(rng, i, *author) for i, author in enumerate(zip(names, books, strict=True))]
@@ -454,7 +455,7 @@ def benchmark_split(name: str, num_authors: int = 100, seed: int = 0) -> dataset
     """One split of the benchmark (``full``, ``forget01``/``05``/``10``, ``retain99``/``95``/``90``,
     ``general``)."""
     if name not in SPLITS:
-        raise ValueError(f"name: unknown split {name!r}; expected one of {list(SPLITS)}")
+        raise UserError(f"name: unknown split {name!r}; expected one of {list(SPLITS)}")
     import datasets
 
     return datasets.Dataset.from_list(generate_rows(num_authors, seed)[name])

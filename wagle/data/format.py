@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from wagle.errors import UserError
+
 IGNORE_INDEX = -100
 QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -41,7 +43,7 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int = 512) -> d
         answer_ids = answer_ids + [tokenizer.eos_token_id]
     room = max_length - len(prompt_ids)
     if room <= 0:
-        raise ValueError(
+        raise UserError(
             f"max_length={max_length} leaves no room for the answer: the prompt alone has "
             f"{len(prompt_ids)} tokens"
         )
@@ -66,7 +68,7 @@ def encode_text(tokenizer, text: str, max_length: int = 512) -> dict[str, list[i
 def pad_batch(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoded examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
     if not examples:
-        raise ValueError("examples: cannot pad an empty batch")
+        raise UserError("examples: cannot pad an empty batch")
     length = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)

@@ -18,6 +18,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from wagle.errors import UserError
+
 if TYPE_CHECKING:  # imported where used: `import wagle` stays light (datasets takes ~1 s to import)
     import datasets
 
@@ -36,10 +38,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _from_records(records, *, role: str, path: str) -> datasets.Dataset:
     if not records:
-        raise ValueError(f"{role} set is empty ({path})")
+        raise UserError(f"{role} set is empty ({path})")
     for number, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ValueError(
+            raise UserError(
                 f"{role} data: {path}: record {number} is a {type(record).__name__}, expected an object"
             )
     import datasets
@@ -47,7 +49,7 @@ def _from_records(records, *, role: str, path: str) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_list(records)
     except Exception as exc:  # pyarrow type errors (a column mixing strings and numbers, ...)
-        raise ValueError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+        raise UserError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
 
 
 def _read_json_lines(lines: Iterable[str], *, role: str, path: str) -> list:
@@ -58,7 +60,7 @@ def _read_json_lines(lines: Iterable[str], *, role: str, path: str) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{role} data: could not read {path}: line {number}: {exc.msg}") from None
+            raise UserError(f"{role} data: could not read {path}: line {number}: {exc.msg}") from None
     return records
 
 
@@ -70,9 +72,9 @@ def _records_of_dict(obj: dict, *, role: str, path: str) -> list:
     if values and all(isinstance(v, list) for v in values):
         lengths = {k: len(v) for k, v in obj.items()}
         if len(set(lengths.values())) != 1:
-            raise ValueError(f"{role} data: {path}: columns have different lengths {lengths}")
+            raise UserError(f"{role} data: {path}: columns have different lengths {lengths}")
         return [dict(zip(obj, row, strict=True)) for row in zip(*values, strict=True)]
-    raise ValueError(
+    raise UserError(
         f"{role} data: {path}: expected a list of records, a dict of equal-length columns or "
         f'{{"<name>": [records]}}; got an object with keys {sorted(obj)[:10]}'
     )
@@ -83,23 +85,21 @@ def _read_json(path: str, *, role: str, lines: bool) -> datasets.Dataset:
         with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
             text = handle.read()
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{role} data: could not read {path}: not UTF-8 text ({exc.reason})") from None
+        raise UserError(f"{role} data: could not read {path}: not UTF-8 text ({exc.reason})") from None
     if not text.strip():
-        raise ValueError(f"{role} set is empty ({path})")
+        raise UserError(f"{role} set is empty ({path})")
     if not lines:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg != "Extra data":
-                raise ValueError(
-                    f"{role} data: could not read {path}: line {exc.lineno}: {exc.msg}"
-                ) from None
+                raise UserError(f"{role} data: could not read {path}: line {exc.lineno}: {exc.msg}") from None
             lines = True  # a .json file holding JSON lines (as TOFU's files do)
         else:
             if isinstance(obj, dict):
                 obj = _records_of_dict(obj, role=role, path=path)
             if not isinstance(obj, list):
-                raise ValueError(
+                raise UserError(
                     f"{role} data: {path}: expected a list of records, got a JSON {type(obj).__name__}"
                 )
             return _from_records(obj, role=role, path=path)
@@ -113,11 +113,11 @@ def _read_csv(path: str, *, role: str) -> datasets.Dataset:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        raise ValueError(f"{role} set is empty ({path})") from None
+        raise UserError(f"{role} set is empty ({path})") from None
     except Exception as exc:
-        raise ValueError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+        raise UserError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
     if frame.empty:
-        raise ValueError(f"{role} set is empty ({path})")
+        raise UserError(f"{role} set is empty ({path})")
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
@@ -129,7 +129,7 @@ def _read_parquet(path: str, *, role: str) -> datasets.Dataset:
     try:
         table = pq.read_table(path)
     except Exception as exc:
-        raise ValueError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+        raise UserError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
     return datasets.Dataset(InMemoryTable(table))
 
 
@@ -147,17 +147,17 @@ def _read_saved(path: str, *, role: str) -> datasets.Dataset:
     try:
         loaded = datasets.load_from_disk(path)
     except FileNotFoundError:
-        raise ValueError(
+        raise UserError(
             f"{role} data: {path} is a folder but not one written by datasets' save_to_disk; "
             f"point at a data file ({', '.join(EXTENSIONS)}) or a saved dataset"
         ) from None
     except Exception as exc:  # datasets fails on a saved data set with no rows (no shards)
         if _saved_without_shards(path):
-            raise ValueError(f"{role} set is empty ({path})") from None
-        raise ValueError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+            raise UserError(f"{role} set is empty ({path})") from None
+        raise UserError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
-            raise ValueError(
+            raise UserError(
                 f"{role} data: {path} holds the splits {sorted(loaded)}; point at one split's folder"
             )
         loaded = next(iter(loaded.values()))
@@ -174,7 +174,7 @@ def _read(path: str, role: str) -> datasets.Dataset:
         return _read_csv(path, role=role)
     if suffix == ".parquet":
         return _read_parquet(path, role=role)
-    raise ValueError(
+    raise UserError(
         f"{role} data: {path} has an unsupported extension {suffix!r}; use one of {list(EXTENSIONS)} "
         "or a folder written by save_to_disk"
     )
@@ -194,7 +194,7 @@ def _decode_lists(dataset: datasets.Dataset, column: str, role: str, path: str) 
         except json.JSONDecodeError:
             parsed = None
         if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
-            raise ValueError(
+            raise UserError(
                 f"{role} data: {path}: row {row}: column {column!r} must be a list of strings "
                 f'(in CSV, a JSON list such as ["a", "b"]), got {value!r:.80}'
             )
@@ -209,7 +209,7 @@ def detect_schema(column_names: Iterable[str], *, role: str = "data", path: str 
         return "qa"
     if set(TEXT_COLUMNS) <= names:
         return "text"
-    raise ValueError(
+    raise UserError(
         f"{role} data{(': ' + path) if path else ''}: needs columns 'question' and 'answer' (QA) or 'text' "
         f"(plain text); found {sorted(names)}"
     )
@@ -218,7 +218,7 @@ def detect_schema(column_names: Iterable[str], *, role: str = "data", path: str 
 def _check_strings(values: Sequence, column: str, where: str, role: str) -> None:
     for row, value in enumerate(values):
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(
+            raise UserError(
                 f"{role} data{where}: row {row}: {column!r} must be a non-empty string, got {value!r:.80}"
             )
 
@@ -231,11 +231,11 @@ def validate_dataset(
     import datasets
 
     if schema not in SCHEMAS:
-        raise ValueError(f"schema: expected one of {list(SCHEMAS)}, got {schema!r}")
+        raise UserError(f"schema: expected one of {list(SCHEMAS)}, got {schema!r}")
     where = f" ({path})" if path else ""
     if isinstance(dataset, list):
         if not dataset:
-            raise ValueError(f"{role} set is empty{where}")
+            raise UserError(f"{role} set is empty{where}")
         if not all(isinstance(row, dict) for row in dataset):
             raise TypeError(f"{role} data: a list of rows must hold dicts")
         dataset = _from_records(dataset, role=role, path=path or "<list>")
@@ -244,12 +244,12 @@ def validate_dataset(
             f"{role} data: expected a datasets.Dataset or a list of dicts, got {type(dataset).__name__}"
         )
     if dataset.num_rows == 0:
-        raise ValueError(f"{role} set is empty{where}")
+        raise UserError(f"{role} set is empty{where}")
     found = detect_schema(dataset.column_names, role=role, path=path) if schema == "auto" else schema
     required = QA_COLUMNS if found == "qa" else TEXT_COLUMNS
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{role} data{where}: schema {found!r} needs column(s) {list(required)}; missing required "
             f"column(s) {missing}; found {dataset.column_names}"
         )
@@ -268,7 +268,7 @@ def validate_dataset(
                     or not value
                     or not all(isinstance(x, str) and x.strip() for x in value)
                 ):
-                    raise ValueError(
+                    raise UserError(
                         f"{role} data{where}: row {row}: {column!r} must be a non-empty list of non-empty "
                         f"strings, got {value!r:.80}"
                     )
@@ -286,7 +286,7 @@ def load_dataset_file(
     a dict of equal-length columns, ``{"<name>": [records]}``, or JSON lines.
     """
     if schema not in SCHEMAS:
-        raise ValueError(f"schema: expected one of {list(SCHEMAS)}, got {schema!r}")
+        raise UserError(f"schema: expected one of {list(SCHEMAS)}, got {schema!r}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{role} data: {path} does not exist")

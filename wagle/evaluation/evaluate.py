@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from wagle.errors import UserError
+
 from . import metrics as _metrics
 from .metrics import (
     FORGET_KIND,
@@ -99,7 +101,7 @@ class SplitMetrics:
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("probability", "rouge_l", "truth_ratio_stat", "kind") if k not in data]
         if missing:
-            raise ValueError(f"data: split metrics lack {missing}")
+            raise UserError(f"data: split metrics lack {missing}")
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key not in known:
@@ -132,7 +134,7 @@ class EvaluationResult:
     def forget_truth_ratios(self) -> list[float]:
         """Per-example truth ratios on the forget split (what forget quality compares)."""
         if self.forget_split not in self.splits:
-            raise ValueError(f"forget_split: {self.forget_split!r} is not among {sorted(self.splits)}")
+            raise UserError(f"forget_split: {self.forget_split!r} is not among {sorted(self.splits)}")
         return list(self.splits[self.forget_split].truth_ratios)
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,7 +153,7 @@ class EvaluationResult:
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
         """Inverse of :meth:`to_dict`."""
         if "splits" not in data or "forget_split" not in data:
-            raise ValueError("data: not an EvaluationResult dict (needs 'splits' and 'forget_split')")
+            raise UserError("data: not an EvaluationResult dict (needs 'splits' and 'forget_split')")
         return cls(
             splits={name: SplitMetrics.from_dict(m) for name, m in data["splits"].items()},
             forget_split=str(data["forget_split"]),
@@ -182,7 +184,7 @@ def evaluate_split(
     paraphrased and perturbed NLLs are computed in one length-sorted pass.
     """
     if kind not in (FORGET_KIND, UTILITY_KIND, OPTIONS_KIND):
-        raise ValueError(f"kind: expected 'forget', 'utility' or 'options', got {kind!r}")
+        raise UserError(f"kind: expected 'forget', 'utility' or 'options', got {kind!r}")
     if kind == OPTIONS_KIND:
         rows = [{"paraphrased_answer": r["answer"], **r} for r in rows_of(rows, "rows", _OPTION_COLUMNS)]
     rows = rows_of(rows, "rows")
@@ -234,7 +236,7 @@ def _reference_ratios(reference, tokenizer, forget_rows, *, batch_size: int, max
             reference, tokenizer, forget_rows, batch_size=batch_size, max_length=max_length
         ).tolist()
     if isinstance(reference, (str, bytes, Mapping)):
-        raise ValueError(
+        raise UserError(
             "reference: expected a retain model, an EvaluationResult or its forget-split truth ratios, "
             f"got {type(reference).__name__}"
         )
@@ -243,7 +245,7 @@ def _reference_ratios(reference, tokenizer, forget_rows, *, batch_size: int, max
     try:
         return [float(v) for v in np.asarray(reference, dtype=np.float64).ravel()]
     except (TypeError, ValueError) as error:
-        raise ValueError(
+        raise UserError(
             "reference: expected a retain model, an EvaluationResult or a sequence of truth ratios, "
             f"got {type(reference).__name__}"
         ) from error
@@ -277,28 +279,28 @@ def evaluate(
     ``max_examples`` evaluates only the first N rows of each split. Train/eval modes are restored afterwards.
     """
     if not isinstance(splits, Mapping) or not splits:
-        raise ValueError("splits: expected a non-empty mapping of split name -> dataset")
+        raise UserError("splits: expected a non-empty mapping of split name -> dataset")
     if forget_split not in splits:
-        raise ValueError(f"forget_split: no forget split {forget_split!r} in splits {sorted(splits)}")
+        raise UserError(f"forget_split: no forget split {forget_split!r} in splits {sorted(splits)}")
     if isinstance(utility_splits, str):
         utility_splits = (utility_splits,)
     utility_splits = list(utility_splits)
     missing = [s for s in utility_splits if s not in splits]
     if missing:
-        raise ValueError(f"utility_splits: {missing} not in splits {sorted(splits)}")
+        raise UserError(f"utility_splits: {missing} not in splits {sorted(splits)}")
     if forget_split in utility_splits:
-        raise ValueError(f"utility_splits: contains the forget split {forget_split!r}")
+        raise UserError(f"utility_splits: contains the forget split {forget_split!r}")
     option_splits = [option_splits] if isinstance(option_splits, str) else list(option_splits)
     missing = [s for s in option_splits if s not in splits]
     if missing:
-        raise ValueError(f"option_splits: {missing} not in splits {sorted(splits)}")
+        raise UserError(f"option_splits: {missing} not in splits {sorted(splits)}")
     if forget_split in option_splits:
-        raise ValueError(f"option_splits: contains the forget split {forget_split!r}")
+        raise UserError(f"option_splits: contains the forget split {forget_split!r}")
     _metrics._check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-        raise ValueError(f"max_examples: must be None or an int >= 1, got {max_examples!r}")
+        raise UserError(f"max_examples: must be None or an int >= 1, got {max_examples!r}")
     rows = {
         name: rows_of(data, f"splits[{name!r}]", _OPTION_COLUMNS if name in option_splits else TOFU_COLUMNS)[
             :max_examples

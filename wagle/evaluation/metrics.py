@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, encode_qa, format_question, pad_batch
+from wagle.errors import UserError
+from wagle.positions import check_examples, check_sequence_length
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +64,17 @@ def eval_mode(*models) -> Iterator[None]:
 
 def _str_list(values, name: str) -> list[str]:
     if isinstance(values, str):
-        raise ValueError(f"{name}: expected a sequence of strings, got a single string")
+        raise UserError(f"{name}: expected a sequence of strings, got a single string")
     out = list(values)
     for i, value in enumerate(out):
         if not isinstance(value, str):
-            raise ValueError(f"{name}[{i}]: expected str, got {type(value).__name__}")
+            raise UserError(f"{name}[{i}]: expected str, got {type(value).__name__}")
     return out
 
 
 def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: must be an int >= 1, got {batch_size!r}")
+        raise UserError(f"batch_size: must be an int >= 1, got {batch_size!r}")
 
 
 def rows_of(dataset, name: str = "dataset", columns: Sequence[str] = TOFU_COLUMNS) -> list[dict[str, Any]]:
@@ -80,11 +82,11 @@ def rows_of(dataset, name: str = "dataset", columns: Sequence[str] = TOFU_COLUMN
     column_names = getattr(dataset, "column_names", None)
     rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
     if not rows:
-        raise ValueError(f"{name}: empty split")
+        raise UserError(f"{name}: empty split")
     present = set(column_names) if column_names is not None else set(rows[0])
     missing = [c for c in columns if c not in present]
     if missing:
-        raise ValueError(f"{name}: missing column(s) {missing} (TOFU QA columns needed: {list(columns)})")
+        raise UserError(f"{name}: missing column(s) {missing} (TOFU QA columns needed: {list(columns)})")
     return rows
 
 
@@ -94,7 +96,7 @@ def _perturbed_of(row: Mapping[str, Any], index: int, name: str) -> list[str]:
         perturbed = [perturbed]
     perturbed = list(perturbed) if perturbed is not None else []
     if not perturbed or not all(isinstance(p, str) for p in perturbed):
-        raise ValueError(f"{name}: row {index} needs a non-empty list of str in 'perturbed_answer'")
+        raise UserError(f"{name}: row {index} needs a non-empty list of str in 'perturbed_answer'")
     return perturbed
 
 
@@ -120,7 +122,7 @@ def answer_nll(
     """
     questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
     if len(questions) != len(answers):
-        raise ValueError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
+        raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
     _check_batch_size(batch_size)
     out = torch.zeros(len(questions), dtype=torch.float32)
     if not questions:
@@ -129,7 +131,8 @@ def answer_nll(
     encoded = [encode_qa(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
     for i, example in enumerate(encoded):
         if all(label == IGNORE_INDEX for label in example["labels"]):
-            raise ValueError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
+            raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
+    check_examples(model, encoded, role="evaluation")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = _input_device(model)
     with eval_mode(model):
@@ -174,9 +177,9 @@ def truth_ratios_from_nll(
     para = torch.as_tensor(nll_paraphrased, dtype=torch.float64).flatten()
     groups = [torch.as_tensor(g, dtype=torch.float64).flatten() for g in nll_perturbed]
     if len(groups) != para.numel():
-        raise ValueError(f"nll_perturbed: {len(groups)} groups for {para.numel()} paraphrased answers")
+        raise UserError(f"nll_perturbed: {len(groups)} groups for {para.numel()} paraphrased answers")
     if any(g.numel() == 0 for g in groups):
-        raise ValueError("nll_perturbed: every example needs at least one perturbed NLL")
+        raise UserError("nll_perturbed: every example needs at least one perturbed NLL")
     pert = torch.tensor([float(g.mean()) for g in groups], dtype=torch.float64)
     return torch.exp(para - pert)
 
@@ -211,12 +214,12 @@ def truth_ratio_statistic(ratios: torch.Tensor | Sequence[float], split_kind: st
     """
     values = torch.as_tensor(ratios, dtype=torch.float64).flatten()
     if values.numel() == 0:
-        raise ValueError("ratios: empty")
+        raise UserError("ratios: empty")
     if split_kind == FORGET_KIND:
         return float(torch.minimum(values, 1.0 / values).mean())
     if split_kind in _UTILITY_ALIASES:
         return float((1.0 - values).clamp(min=0.0).mean())
-    raise ValueError(f"split_kind: expected 'forget', 'retain' or 'utility', got {split_kind!r}")
+    raise UserError(f"split_kind: expected 'forget', 'retain' or 'utility', got {split_kind!r}")
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -230,7 +233,7 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
     predictions = _str_list(predictions, "predictions")
     references = _str_list(references, "references")
     if len(predictions) != len(references):
-        raise ValueError(f"predictions/references: lengths differ ({len(predictions)} vs {len(references)})")
+        raise UserError(f"predictions/references: lengths differ ({len(predictions)} vs {len(references)})")
     if _SCORER is None:
         from rouge_score import rouge_scorer
 
@@ -255,7 +258,7 @@ def greedy_answers(
     questions = _str_list(questions, "questions")
     _check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
     if not questions:
         return []
     pad, eos, bos = pad_id_of(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id
@@ -264,6 +267,14 @@ def greedy_answers(
         + list(tokenizer(format_question(q), add_special_tokens=False)["input_ids"])
         for q in questions
     ]
+    longest = max(len(p) for p in prompts)
+    check_sequence_length(
+        model,
+        longest + max_new_tokens,
+        what=f"generation: prompt of {longest} tokens + max_new_tokens={max_new_tokens}",
+        option="max_new_tokens (CLI: --max-new-tokens)",
+        used=longest,
+    )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     device = _input_device(model)
@@ -301,9 +312,9 @@ def _sample(values, name: str) -> np.ndarray:
         dtype=np.float64,
     ).ravel()
     if array.size == 0:
-        raise ValueError(f"{name}: empty sample")
+        raise UserError(f"{name}: empty sample")
     if np.isnan(array).any():
-        raise ValueError(f"{name}: contains NaN")
+        raise UserError(f"{name}: contains NaN")
     return array
 
 
@@ -327,10 +338,10 @@ def model_utility(values: Sequence[float] | Mapping[str, float]) -> float:
     each utility split. ``values`` may be a mapping (its values are used)."""
     raw = list(values.values()) if isinstance(values, Mapping) else list(values)
     if not raw:
-        raise ValueError("values: empty")
+        raise UserError("values: empty")
     floats = [float(v) for v in raw]
     if any(math.isnan(v) or v < 0 for v in floats):
-        raise ValueError(f"values: must all be >= 0 (and not NaN), got {floats}")
+        raise UserError(f"values: must all be >= 0 (and not NaN), got {floats}")
     if any(v == 0 for v in floats):
         return 0.0
     from scipy import stats

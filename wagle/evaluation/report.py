@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wagle.errors import UserError
 from wagle.files import atomic_write, atomic_write_text
 
 from .evaluate import EvaluationResult
@@ -38,7 +39,7 @@ def format_table(results: Mapping[str, EvaluationResult]) -> str:
     value (e.g. forget quality of a run evaluated without a reference).
     """
     if not results:
-        raise ValueError("results: nothing to tabulate")
+        raise UserError("results: nothing to tabulate")
     split_names: list[str] = []
     for result in results.values():
         for name in [result.forget_split, *result.splits]:
@@ -104,7 +105,7 @@ def plot_tradeoff(
     no pyplot state); the file is written atomically.
     """
     if not results:
-        raise ValueError("results: nothing to plot")
+        raise UserError("results: nothing to plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,5 +1,5 @@
 """Integrations with other training stacks (Hugging Face Trainer)."""
 
-from .hf_trainer import WagleTrainerMixin, masked_adamw_from_training_args
+from .hf_trainer import WagleTrainerMixin, masked, masked_adamw_from_training_args
 
-__all__ = ["WagleTrainerMixin", "masked_adamw_from_training_args"]
+__all__ = ["WagleTrainerMixin", "masked", "masked_adamw_from_training_args"]

@@ -3,16 +3,22 @@
 Each decoder layer keeps only its input in the forward pass and recomputes its activations during
 backward: activation memory drops from ``layers x (everything a layer saves)`` to ``layers x hidden``
 per token, for about one extra forward pass of compute. Hugging Face applies it only to modules whose
-``training`` flag is set; with ``keep_eval=True`` only those modules' own flags are set, so every other
-module (dropout, attention dropout) still computes as in ``eval()`` and gradients are unchanged.
+``training`` flag is set. With ``keep_eval=True`` only those modules' own flags are set, and only for
+the decision: the checkpointed function (the layer's forward, in the forward pass and again in its
+recompute) runs with the flag cleared. Layers that apply dropout from their own flag (OPT's
+``dropout(..., training=self.training)``) and every child module therefore compute exactly as in
+``eval()``: the gradients are those of the plain eval-mode model, bit for bit, and runs repeat.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
+
+from wagle.errors import UserError
 
 _REENTRANT_FREE = {"use_reentrant": False}  # frozen inputs (e.g. a frozen embedding) still get grads
 
@@ -37,6 +43,35 @@ def checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
 
+def _in_eval(module: torch.nn.Module, checkpoint: Callable) -> Callable:
+    """A checkpoint function that runs the checkpointed function with ``module.training`` cleared."""
+
+    def run_in_eval(function, *args, **kwargs):
+        @functools.wraps(function)
+        def evaluated(*inner_args, **inner_kwargs):
+            module.training = False
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                module.training = True
+
+        return checkpoint(evaluated, *args, **kwargs)
+
+    return run_in_eval
+
+
+def _deciding_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose ``training`` flag turns checkpointing on: the decoder layers themselves
+    (``GradientCheckpointingLayer``, transformers >= 4.52), else the base model that loops over them."""
+    modules = checkpointed_modules(model)
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: the base model decides
+        return modules
+    layers = [m for m in modules if isinstance(m, GradientCheckpointingLayer)]
+    return layers or modules
+
+
 @contextlib.contextmanager
 def activation_checkpointing(
     model: torch.nn.Module, enabled: bool = True, *, keep_eval: bool = False
@@ -44,13 +79,14 @@ def activation_checkpointing(
     """Turn on activation checkpointing for the block and restore the previous setting after it.
 
     ``keep_eval=True`` (for a model in ``eval()`` mode, as during attribution) sets the ``training``
-    flag of the checkpointing modules alone, and clears it again afterwards. Raises ``ValueError`` for a
-    model that does not support checkpointing."""
+    flag of the checkpointing modules alone, so that they checkpoint, and clears it while their
+    checkpointed forward runs (and is recomputed) and again afterwards: dropout stays off. Raises
+    ``ValueError`` for a model that does not support checkpointing."""
     if not enabled:
         yield
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(
+        raise UserError(
             f"gradient_checkpointing: {type(model).__name__} does not support activation checkpointing "
             "(a Hugging Face PreTrainedModel with supports_gradient_checkpointing=True is needed)"
         )
@@ -60,13 +96,16 @@ def activation_checkpointing(
     flagged = []
     try:
         if keep_eval:
-            for module in checkpointed_modules(model):
+            for module in _deciding_modules(model):
                 if not module.training:
+                    checkpoint = module._gradient_checkpointing_func
+                    flagged.append((module, checkpoint))
                     module.training = True
-                    flagged.append(module)
+                    module._gradient_checkpointing_func = _in_eval(module, checkpoint)
         yield
     finally:
-        for module in flagged:
+        for module, checkpoint in flagged:
             module.training = False
+            module._gradient_checkpointing_func = checkpoint
         if not was_enabled:
             _disable(model)

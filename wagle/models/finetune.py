@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from wagle.data.batching import make_dataloader
 from wagle.data.benchmark import RETAIN_OF, generate_benchmark
 from wagle.data.format import format_answer, format_question
+from wagle.errors import UserError
 
 from .tiny import make_tiny_llama, train_tokenizer
 
@@ -31,7 +32,7 @@ def _check_number(name: str, value, *, low: float, integer: bool = False, open_l
     bad = isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
     if bad or value < low or (open_low and value == low):
         what = "an integer" if integer else "a number"
-        raise ValueError(f"{name}: must be {what} {'>' if open_low else '>='} {low}, got {value!r}")
+        raise UserError(f"{name}: must be {what} {'>' if open_low else '>='} {low}, got {value!r}")
 
 
 @contextlib.contextmanager
@@ -89,7 +90,7 @@ def finetune(
     _check_number("weight_decay", weight_decay, low=0.0)
     _check_number("warmup_ratio", warmup_ratio, low=0.0)
     if warmup_ratio >= 1.0:
-        raise ValueError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
+        raise UserError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
     if max_grad_norm is not None:
         _check_number("max_grad_norm", max_grad_norm, low=0.0, open_low=True)
     loader = make_dataloader(
@@ -99,7 +100,7 @@ def finetune(
     warmup = int(warmup_ratio * total)
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
-        raise ValueError("model: has no trainable parameters")
+        raise UserError("model: has no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
     def factor(step: int) -> float:
@@ -217,7 +218,7 @@ def build_demo_models(
     intra-op threads for the fine-tunes only (restored afterwards); default: torch's own choice.
     """
     if forget_split not in RETAIN_OF:
-        raise ValueError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {forget_split!r}")
+        raise UserError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {forget_split!r}")
     if num_threads is not None:
         _check_number("num_threads", num_threads, low=1, integer=True)
     recipe = recipe or (TinyRecipe.quick() if quick else TinyRecipe())

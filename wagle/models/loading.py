@@ -11,6 +11,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from wagle.errors import UserError
 from wagle.files import replace_folder, temporary_folder
 
 logger = logging.getLogger(__name__)
@@ -50,28 +51,28 @@ def _has_tokenizer_files(path: str) -> bool:
 def _check_causal_config(path: str) -> None:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise ValueError(f"model: {path} has no config.json (not a Hugging Face model folder)")
+        raise UserError(f"model: {path} has no config.json (not a Hugging Face model folder)")
     try:
         with open(config_path, encoding="utf-8") as handle:
             raw = json.load(handle)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"model: {config_path} is not valid JSON: {_first_line(exc)}") from None
+        raise UserError(f"model: {config_path} is not valid JSON: {_first_line(exc)}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"model: {config_path} does not hold a JSON object")
+        raise UserError(f"model: {config_path} does not hold a JSON object")
     architectures = raw.get("architectures") or []
     if architectures and not any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
-        raise ValueError(
+        raise UserError(
             f"model: {path} is a {architectures[0]}, not a causal language model (expected an "
             f"architecture ending in {' / '.join(_CAUSAL_SUFFIXES)})"
         )
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"model: {path}: unusable config.json: {_first_line(exc)}") from None
+        raise UserError(f"model: {path}: unusable config.json: {_first_line(exc)}") from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(
+        raise UserError(
             f"model: {path} has model_type {config.model_type!r}, which has no causal language model class"
         )
 
@@ -102,7 +103,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ValueError(f"model: could not load a causal LM from {path}: {_first_line(exc)}") from None
+        raise UserError(f"model: could not load a causal LM from {path}: {_first_line(exc)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
@@ -110,7 +111,7 @@ def load_model(
         # slow-tokenizer fallback, without protobuf) or ValueError, depending on the transformers
         # version (4.45 / 4.51 / 4.57 / 5.x differ).
         hint = "" if _has_tokenizer_files(path) else " (the folder has no tokenizer files)"
-        raise ValueError(f"model: {path} has no usable tokenizer{hint}: {_first_line(exc)}") from None
+        raise UserError(f"model: {path} has no usable tokenizer{hint}: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             logger.warning("tokenizer of %s has neither a pad nor an eos token", path)

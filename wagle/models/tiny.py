@@ -8,6 +8,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from wagle.errors import UserError
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
@@ -18,12 +20,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     tokens: ``<pad>`` (0), ``<s>`` (bos), ``</s>`` (eos), ``<unk>``. Training is deterministic.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
-        raise ValueError(f"vocab_size: must be an integer >= 300 (256 bytes + specials), got {vocab_size!r}")
+        raise UserError(f"vocab_size: must be an integer >= 300 (256 bytes + specials), got {vocab_size!r}")
     if isinstance(texts, str):
         raise TypeError("texts: expected an iterable of strings, got a single string")
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError("texts: no training text given")
+        raise UserError("texts: no training text given")
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -60,9 +62,9 @@ def make_tiny_llama(
         ("max_position_embeddings", max_position_embeddings),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+            raise UserError(f"{name}: must be a positive integer, got {value!r}")
     if hidden_size % num_heads or (hidden_size // num_heads) % 2:
-        raise ValueError(
+        raise UserError(
             f"hidden_size: must be a multiple of 2 * num_heads (even rotary head size), got "
             f"hidden_size={hidden_size}, num_heads={num_heads}"
         )

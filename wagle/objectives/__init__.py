@@ -1,5 +1,7 @@
 """Unlearning objectives as small composable pieces (see each class for its formula)."""
 
+from wagle.errors import UserError
+
 from .base import Objective, mean_nll, sequence_logprob
 from .gradient_ascent import GradAscent, GradDiff
 from .npo import NPO, SimNPO
@@ -22,7 +24,7 @@ def make_objective(name: str, **kwargs) -> Objective:
     aliases = {"ga": "grad_ascent", "gradascent": "grad_ascent", "graddiff": "grad_diff", "gd": "grad_diff"}
     key = aliases.get(key, key)
     if key not in OBJECTIVES:
-        raise ValueError(f"method: unknown unlearning method {name!r}; expected one of {sorted(OBJECTIVES)}")
+        raise UserError(f"method: unknown unlearning method {name!r}; expected one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[key](**kwargs)
 
 

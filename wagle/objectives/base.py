@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from wagle.data.format import IGNORE_INDEX
+from wagle.errors import UserError
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -72,7 +73,7 @@ class Objective:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         if state:
-            raise ValueError(f"{self.name}: unexpected objective state {sorted(state)}")
+            raise UserError(f"{self.name}: unexpected objective state {sorted(state)}")
 
     def _retain_term(self, model, retain, weight: float) -> tuple[torch.Tensor, float]:
         if retain is None or weight == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wagle.errors import UserError
+
 from .base import Objective, mean_nll
 
 
@@ -23,7 +25,7 @@ class GradDiff(Objective):
 
     def __init__(self, retain_weight: float = 1.0):
         if retain_weight < 0:
-            raise ValueError(f"retain_weight: must be >= 0, got {retain_weight}")
+            raise UserError(f"retain_weight: must be >= 0, got {retain_weight}")
         self.retain_weight = retain_weight
 
     def loss(self, model, forget, retain):

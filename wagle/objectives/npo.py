@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from wagle.errors import UserError
+
 from .base import Objective, sequence_logprob
 
 
@@ -23,9 +25,9 @@ class NPO(Objective):
 
     def __init__(self, beta: float = 0.1, retain_weight: float = 1.0):
         if beta <= 0:
-            raise ValueError(f"beta: must be > 0, got {beta}")
+            raise UserError(f"beta: must be > 0, got {beta}")
         if retain_weight < 0:
-            raise ValueError(f"retain_weight: must be >= 0, got {retain_weight}")
+            raise UserError(f"retain_weight: must be >= 0, got {retain_weight}")
         self.beta = beta
         self.retain_weight = retain_weight
         self.reference_logprob: torch.Tensor | None = None  # indexed by example_index
@@ -45,7 +47,7 @@ class NPO(Objective):
                 values[index] = value
         model.train(was_training)
         if not values:
-            raise ValueError("forget: NPO needs a non-empty forget set")
+            raise UserError("forget: NPO needs a non-empty forget set")
         table = torch.full((max(values) + 1,), float("nan"), dtype=torch.float32)
         for index, value in values.items():
             table[index] = value
@@ -71,7 +73,7 @@ class NPO(Objective):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         extra = set(state) - {"reference_logprob"}
         if extra:
-            raise ValueError(f"npo: unexpected objective state {sorted(extra)}")
+            raise UserError(f"npo: unexpected objective state {sorted(extra)}")
         self.reference_logprob = state.get("reference_logprob")
 
 
@@ -85,7 +87,7 @@ class SimNPO(Objective):
 
     def __init__(self, beta: float = 4.5, delta: float = 0.0, retain_weight: float = 1.0):
         if beta <= 0:
-            raise ValueError(f"beta: must be > 0, got {beta}")
+            raise UserError(f"beta: must be > 0, got {beta}")
         self.beta, self.delta, self.retain_weight = beta, delta, retain_weight
 
     def loss(self, model, forget, retain):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from wagle.errors import UserError
+
 from .base import Objective, mean_nll
 
 # Our own refusal sentences (the forget answers are replaced by one of these, chosen per example).
@@ -41,7 +43,7 @@ class PreferenceOptimization(Objective):
 
     def __init__(self, retain_weight: float = 1.0):
         if retain_weight < 0:
-            raise ValueError(f"retain_weight: must be >= 0, got {retain_weight}")
+            raise UserError(f"retain_weight: must be >= 0, got {retain_weight}")
         self.retain_weight = retain_weight
 
     def loss(self, model, forget, retain):

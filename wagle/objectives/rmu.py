@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from wagle.errors import UserError
+
 from .base import Objective, _model_inputs
 
 
@@ -15,7 +17,7 @@ def _hidden(model: torch.nn.Module, batch, layer: int) -> torch.Tensor:
     outputs = model(**_model_inputs(batch), output_hidden_states=True)
     states = outputs.hidden_states
     if not 0 <= layer < len(states) - 1:
-        raise ValueError(f"layer: {layer} is out of range for a model with {len(states) - 1} layers")
+        raise UserError(f"layer: {layer} is out of range for a model with {len(states) - 1} layers")
     return states[layer + 1].float()
 
 
@@ -39,7 +41,7 @@ class RMU(Objective):
         self, layer: int | None = None, steering_coef: float = 6.5, alpha: float = 100.0, seed: int = 0
     ):
         if steering_coef <= 0 or alpha < 0:
-            raise ValueError("steering_coef: must be > 0 and alpha >= 0")
+            raise UserError("steering_coef: must be > 0 and alpha >= 0")
         self.layer, self.steering_coef, self.alpha, self.seed = layer, steering_coef, alpha, seed
         self.control: torch.Tensor | None = None
         self.frozen: dict[int, torch.Tensor] = {}
@@ -47,7 +49,7 @@ class RMU(Objective):
     @torch.no_grad()
     def prepare(self, model, forget, retain, *, progress):
         if retain is None:
-            raise ValueError("retain: RMU needs a retain set")
+            raise UserError("retain: RMU needs a retain set")
         if self.layer is None:
             self.layer = model.config.num_hidden_layers // 2
         if self.control is None:

@@ -4,12 +4,24 @@
   dense or compact (selected-only) moments, fp32 or bf16 state;
 * :class:`MaskedSGD` - torch.optim.SGD (momentum, Nesterov, weight decay) on the selected weights;
 * :class:`StepInBackward` - step each parameter inside ``backward()`` and free its gradient, with
-  gradient accumulation in compact (selected-only) buffers and per-parameter clipping.
+  gradient accumulation in compact (selected-only) buffers and per-parameter clipping;
+* :func:`clip_masked_grad_norm_` - global-norm clipping over the selected gradient entries
+  (``"mask_then_clip"``, the default) or the full gradients (``"clip_then_mask"``).
 """
 
 from .adamw import MaskedAdamW
+from .clipping import CLIP_MODES, clip_masked_grad_norm_, mask_gradients_
 from .in_backward import StepInBackward
 from .masked import MaskedOptimizer, ParamPlan
 from .sgd import MaskedSGD
 
-__all__ = ["MaskedAdamW", "MaskedOptimizer", "MaskedSGD", "ParamPlan", "StepInBackward"]
+__all__ = [
+    "CLIP_MODES",
+    "MaskedAdamW",
+    "MaskedOptimizer",
+    "MaskedSGD",
+    "ParamPlan",
+    "StepInBackward",
+    "clip_masked_grad_norm_",
+    "mask_gradients_",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle_kernels.masked_adamw import AdamWScalars, masked_adamw_step_torch, masked_adamw_step_triton
 
@@ -65,9 +66,9 @@ class MaskedAdamW(MaskedOptimizer):
     ):
         require_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
         if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-            raise ValueError(f"betas: expected two values in [0, 1), got {betas}")
+            raise UserError(f"betas: expected two values in [0, 1), got {betas}")
         if decay_unselected and state_layout == "compact":
-            raise ValueError("decay_unselected=True updates every weight, so it needs state_layout='dense'")
+            raise UserError("decay_unselected=True updates every weight, so it needs state_layout='dense'")
         self.decay_unselected = bool(decay_unselected)
         self.launches = 0
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}

@@ -34,6 +34,8 @@ import math
 
 import torch
 
+from wagle.errors import UserError
+
 from .masked import MaskedOptimizer
 
 
@@ -77,11 +79,11 @@ class StepInBackward:
             or not isinstance(accumulation_steps, int)
             or accumulation_steps < 1
         ):
-            raise ValueError(f"accumulation_steps: must be an integer >= 1, got {accumulation_steps!r}")
+            raise UserError(f"accumulation_steps: must be an integer >= 1, got {accumulation_steps!r}")
         if clip_norm_per_param is not None and not (
             clip_norm_per_param > 0 and math.isfinite(clip_norm_per_param)
         ):
-            raise ValueError(f"clip_norm_per_param: must be a finite number > 0, got {clip_norm_per_param!r}")
+            raise UserError(f"clip_norm_per_param: must be a finite number > 0, got {clip_norm_per_param!r}")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.clip_norm_per_param = clip_norm_per_param

@@ -18,19 +18,23 @@ positions (int32, 4 bytes per selected weight) because ``nonzero`` would dominat
 ``state_dict()`` adds a ``"wagle"`` entry (optimizer class, mask fingerprint, a digest of the names,
 shapes and mask bits of the optimizer's parameters, state layout and dtype); ``load_state_dict`` rejects
 a state saved for another mask, another layout or other parameters, and checks every state tensor's size.
+Both run through ``torch.optim.Optimizer``'s own ``state_dict``/``load_state_dict``: the wagle parts are
+hooks that run after the user's pre-hooks and before the user's post-hooks, so hooks registered with
+``register_state_dict_*_hook`` / ``register_load_state_dict_*_hook`` fire as on any torch optimizer.
+Plans are keyed by the parameter tensors themselves, like ``Optimizer.state``, so they follow the
+parameters through ``copy.deepcopy`` and pickling.
 """
 
 from __future__ import annotations
 
 import hashlib
-import weakref
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import MaskMismatchError, WeightMask
 from wagle_kernels._runtime import require_triton, triton_supports
 from wagle_kernels.bitpack import unpack_bits
@@ -53,8 +57,6 @@ class ParamPlan:
     numel: int
     selected: int = 0
     packed: torch.Tensor | None = None  # the mask bits as the mask holds them (uint8)
-    position: int = -1  # index among the optimizer's parameters, in group order
-    ref: Callable[[], torch.Tensor | None] | None = field(default=None, repr=False, compare=False)
     _bits: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
     _prefix: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
     _index: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -62,9 +64,6 @@ class ParamPlan:
     @property
     def masked(self) -> bool:
         return self.kind == "masked"
-
-    def __getstate__(self) -> dict[str, Any]:  # weak references do not pickle; re-bound on use
-        return {**self.__dict__, "ref": None}
 
     def bits(self, device: torch.device) -> torch.Tensor:
         """The mask bits on ``device`` (copied once per device)."""
@@ -120,7 +119,7 @@ def require_nonnegative(**values: float) -> None:
     """Raise a ValueError naming the first hyperparameter that is negative or NaN."""
     for name, value in values.items():
         if not float(value) >= 0.0:
-            raise ValueError(f"{name}: must be >= 0, got {value}")
+            raise UserError(f"{name}: must be >= 0, got {value}")
 
 
 def _named_pairs(group: Mapping, where: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -193,13 +192,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if not isinstance(mask, WeightMask):
             raise TypeError(f"mask: expected a wagle.WeightMask, got {type(mask).__name__}")
         if state_layout not in STATE_LAYOUTS:
-            raise ValueError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
+            raise UserError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
         if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype: expected torch.float32 or torch.bfloat16, got {state_dtype}")
+            raise UserError(f"state_dtype: expected torch.float32 or torch.bfloat16, got {state_dtype}")
         if unmasked not in UNMASKED_POLICIES:
-            raise ValueError(f"unmasked: expected one of {UNMASKED_POLICIES}, got {unmasked!r}")
+            raise UserError(f"unmasked: expected one of {UNMASKED_POLICIES}, got {unmasked!r}")
         if fused not in (None, True, False):
-            raise ValueError(f"fused: expected None, True or False, got {fused!r}")
+            raise UserError(f"fused: expected None, True or False, got {fused!r}")
         if isinstance(params, torch.Tensor):
             raise TypeError(
                 "params: expected (name, tensor) pairs (e.g. model.named_parameters()), got a tensor"
@@ -209,12 +208,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.unmasked = unmasked
         self.fused = fused
-        self._plans: dict[int, ParamPlan] = {}
-        self._group_index: dict[int, int] = {}
+        self._plans: dict[torch.Tensor, ParamPlan] = {}  # keyed by the tensor, as Optimizer.state
+        self._group_index: dict[torch.Tensor, int] = {}
         self._digest: str | None = None
         params = list(params)
         if not params:
-            raise ValueError("params: empty parameter list")
+            raise UserError("params: empty parameter list")
         if not isinstance(params[0], Mapping):
             params = [{"params": params}]
         super().__init__(params, defaults)
@@ -248,14 +247,14 @@ class MaskedOptimizer(torch.optim.Optimizer):
         where = f"params (group {len(self.param_groups)})"
         names, tensors = _named_pairs(param_group, where)
         if not tensors:
-            raise ValueError(f"{where}: empty parameter group")
+            raise UserError(f"{where}: empty parameter group")
         known = {plan.name for plan in self._plans.values()}
         plans, missing, seen, seen_ids = [], [], set(), set()
         for name, param in zip(names, tensors, strict=True):
             if name in known or name in seen:
-                raise ValueError(f"{where}: parameter {name!r} appears twice")
-            if id(param) in self._plans or id(param) in seen_ids:
-                raise ValueError(f"{where}: parameter {name!r} is the same tensor as another parameter")
+                raise UserError(f"{where}: parameter {name!r} appears twice")
+            if param in self._plans or id(param) in seen_ids:
+                raise UserError(f"{where}: parameter {name!r} is the same tensor as another parameter")
             seen.add(name)
             seen_ids.add(id(param))
             plans.append(self._make_plan(name, param, missing, where))
@@ -268,7 +267,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if self.fused:
             devices = {t.device for t in tensors}
             if len(devices) > 1:
-                raise ValueError(
+                raise UserError(
                     f"{where}: a fused group must be on one device, got {sorted(map(str, devices))} "
                     f"(parameters {names[:3]}...)"
                 )
@@ -283,17 +282,15 @@ class MaskedOptimizer(torch.optim.Optimizer):
         index = len(self.param_groups)
         super().add_param_group({**rest, "params": tensors, "param_names": names})
         for param, plan in zip(tensors, plans, strict=True):
-            plan.position = len(self._plans)
-            plan.ref = weakref.ref(param)
-            self._plans[id(param)] = plan
-            self._group_index[id(param)] = index
+            self._plans[param] = plan
+            self._group_index[param] = index
         self._digest = None
 
     def _make_plan(self, name: str, param: torch.Tensor, missing: list[str], where: str) -> ParamPlan:
         if param.is_complex() or not param.is_floating_point():
             raise TypeError(f"{where}: {name!r} has dtype {param.dtype}; only real floating-point parameters")
         if param.is_sparse or not param.is_contiguous():
-            raise ValueError(f"{where}: {name!r} must be a dense contiguous tensor")
+            raise UserError(f"{where}: {name!r} must be a dense contiguous tensor")
         shape = tuple(param.shape)
         if name in self.mask:
             if tuple(self.mask.shape(name)) != shape:
@@ -311,33 +308,17 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return ParamPlan(name, "dense", shape, param.numel(), param.numel())
         return ParamPlan(name, "frozen", shape, param.numel())
 
-    def _reindex(self) -> None:
-        """Re-key the plans by the current parameter objects (after deepcopy/unpickling the tensors
-        are new objects; plans follow the parameters' positions in the groups)."""
-        ordered = sorted(self._plans.items(), key=lambda item: item[1].position)
-        params = [p for g in self.param_groups for p in g["params"]]
-        if len(ordered) != len(params):
-            return
-        self._plans = {}
-        for param, (_, plan) in zip(params, ordered, strict=True):
-            plan.ref = weakref.ref(param)
-            self._plans[id(param)] = plan
-        self._group_index = {id(p): index for index, g in enumerate(self.param_groups) for p in g["params"]}
-
     def plan(self, param: torch.Tensor) -> ParamPlan:
         """The :class:`ParamPlan` of one of this optimizer's parameters."""
-        plan = self._plans.get(id(param))
-        if plan is None or plan.ref is None or plan.ref() is not param:
-            self._reindex()
-            plan = self._plans.get(id(param))
-        if plan is None or plan.ref() is not param:
-            raise ValueError("this tensor is not a parameter of the optimizer")
+        plan = self._plans.get(param)
+        if plan is None:
+            raise UserError("this tensor is not a parameter of the optimizer")
         return plan
 
     def group_of(self, param: torch.Tensor) -> dict[str, Any]:
         """The param group that holds ``param``."""
         self.plan(param)
-        return self.param_groups[self._group_index[id(param)]]
+        return self.param_groups[self._group_index[param]]
 
     def named_plans(self) -> list[tuple[torch.Tensor, ParamPlan]]:
         """``(param, plan)`` for every parameter in group order."""
@@ -368,16 +349,16 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if grad.is_complex():
             raise TypeError(f"{owner}: parameter {plan.name!r} has a complex gradient (not supported)")
         if grad.shape != param.shape:
-            raise ValueError(
+            raise UserError(
                 f"{owner}: gradient of {plan.name!r} has shape {tuple(grad.shape)}, "
                 f"parameter {tuple(param.shape)}"
             )
         if grad.device != param.device:
-            raise ValueError(
+            raise UserError(
                 f"{owner}: gradient of {plan.name!r} is on {grad.device}, the parameter on {param.device}"
             )
         if not param.is_contiguous():
-            raise ValueError(f"{owner}: parameter {plan.name!r} is no longer contiguous")
+            raise UserError(f"{owner}: parameter {plan.name!r} is no longer contiguous")
 
     def new_state_tensor(self, param: torch.Tensor, plan: ParamPlan) -> torch.Tensor:
         """A zero state tensor: compact (selected weights, 1-D) or param-shaped."""
@@ -464,34 +445,41 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return self._digest
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state_dict plus a ``"wagle"`` entry identifying mask, layout and dtype."""
-        state = super().state_dict()
-        state["wagle"] = {
-            "version": STATE_DICT_VERSION,
-            "optimizer": type(self).__name__,
-            "mask_fingerprint": self.mask.fingerprint,
-            "mask_digest": self.mask_digest(),
-            "state_layout": self.state_layout,
-            "state_dtype": str(self.state_dtype).removeprefix("torch."),
-        }
-        return state
+        """torch.optim's state_dict plus a ``"wagle"`` entry identifying mask, layout and dtype (added by
+        a post-hook that runs before any registered by the user)."""
+        handle = self.register_state_dict_post_hook(_add_wagle_entry, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` of an optimizer over the same parameters and mask.
 
         Raises :class:`~wagle.MaskMismatchError` for a state saved for another mask, ValueError for
         another optimizer class, layout or parameter groups, or a state tensor of the wrong size.
-        Moments saved in another ``state_dtype`` are converted to this optimizer's.
+        Moments saved in another ``state_dtype`` are converted to this optimizer's (never to the
+        parameter's dtype, as ``torch.optim.Optimizer`` would cast them). The checks run as a pre-hook
+        after the user's pre-hooks; the state is placed by a post-hook before the user's post-hooks.
         """
+        pre = self.register_load_state_dict_pre_hook(_checked_state)
+        post = self.register_load_state_dict_post_hook(_place_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _check_meta(self, state_dict: Mapping[str, Any]) -> None:
         meta = state_dict.get("wagle") if isinstance(state_dict, Mapping) else None
         if meta is None:
-            raise ValueError(
+            raise UserError(
                 "state_dict: not saved by a wagle masked optimizer (no 'wagle' entry with the mask digest)"
             )
         if meta.get("optimizer") != type(self).__name__:
-            raise ValueError(f"state_dict: saved by {meta.get('optimizer')}, not {type(self).__name__}")
+            raise UserError(f"state_dict: saved by {meta.get('optimizer')}, not {type(self).__name__}")
         if meta.get("state_layout") != self.state_layout:
-            raise ValueError(
+            raise UserError(
                 f"state_dict: saved with state_layout={meta.get('state_layout')!r}, this optimizer uses "
                 f"{self.state_layout!r}"
             )
@@ -504,48 +492,77 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 "state_dict: it was saved for another mask or other parameters (names, shapes or selected "
                 "weights differ)"
             )
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
-        ):
-            raise ValueError("state_dict: parameter groups differ from this optimizer's")
-        index_to_param = {}
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
-            if "param_names" in saved and list(saved["param_names"]) != list(group["param_names"]):
-                raise ValueError("state_dict: parameter names differ from this optimizer's")
-            index_to_param.update(zip(saved["params"], group["params"], strict=True))
-        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        for index, values in state_dict["state"].items():
-            if index not in index_to_param:
-                raise ValueError(f"state_dict: state for unknown parameter index {index}")
-            param = index_to_param[index]
-            plan = self.plan(param)
-            restored = {}
-            for key, value in values.items():
-                if key == "step":
-                    restored[key] = (
-                        value.detach().to(dtype=torch.float32, device="cpu").clone()
-                        if isinstance(value, torch.Tensor)
-                        else torch.tensor(float(value), dtype=torch.float32)
-                    )
-                elif isinstance(value, torch.Tensor) and key in self.state_tensor_keys:
-                    expected = plan.state_numel(self.state_layout)
-                    if value.numel() != expected:
-                        raise ValueError(
-                            f"state_dict: {key!r} of {plan.name!r} has {value.numel()} elements, expected "
-                            f"{expected} ({self.state_layout} layout)"
-                        )
-                    shape = (expected,) if plan.masked and self.state_layout == "compact" else plan.shape
-                    restored[key] = (
-                        value.detach().to(device=param.device, dtype=self.state_dtype).reshape(shape)
-                    )
-                    if restored[key].data_ptr() == value.data_ptr():
-                        restored[key] = restored[key].clone()
-                else:
-                    restored[key] = value
-            new_state[param] = restored
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
-            for key, value in saved.items():
-                if key not in ("params", "param_names"):
-                    group[key] = value
-        self.state = new_state
+
+    def _restored_value(self, param: torch.Tensor, key: str, value: Any) -> Any:
+        """A saved state value as this optimizer keeps it: ``step`` a float32 CPU tensor, moments in
+        ``state_dtype`` on the parameter's device in the layout's shape (sizes checked)."""
+        plan = self.plan(param)
+        if key == "step":
+            if isinstance(value, torch.Tensor):
+                return value.detach().to(dtype=torch.float32, device="cpu").clone()
+            return torch.tensor(float(value), dtype=torch.float32)
+        if not (isinstance(value, torch.Tensor) and key in self.state_tensor_keys):
+            return value
+        expected = plan.state_numel(self.state_layout)
+        if value.numel() != expected:
+            raise UserError(
+                f"state_dict: {key!r} of {plan.name!r} has {value.numel()} elements, expected "
+                f"{expected} ({self.state_layout} layout)"
+            )
+        shape = (expected,) if plan.masked and self.state_layout == "compact" else plan.shape
+        restored = value.detach().to(device=param.device, dtype=self.state_dtype).reshape(shape)
+        return restored.clone() if restored.data_ptr() == value.data_ptr() else restored
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A state value already converted by the masked optimizer; ``Optimizer.load_state_dict`` passes
+    objects that are neither tensors nor containers through unchanged (it would cast tensors to the
+    parameter's dtype)."""
+
+    value: Any
+
+
+def _add_wagle_entry(optimizer: MaskedOptimizer, state: dict[str, Any]) -> dict[str, Any]:
+    state["wagle"] = {
+        "version": STATE_DICT_VERSION,
+        "optimizer": type(optimizer).__name__,
+        "mask_fingerprint": optimizer.mask.fingerprint,
+        "mask_digest": optimizer.mask_digest(),
+        "state_layout": optimizer.state_layout,
+        "state_dtype": str(optimizer.state_dtype).removeprefix("torch."),
+    }
+    return state
+
+
+def _checked_state(optimizer: MaskedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load pre-hook: validate against the mask and parameters, convert every state value."""
+    optimizer._check_meta(state_dict)
+    saved_groups = state_dict["param_groups"]
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups) or any(
+        len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, groups, strict=True)
+    ):
+        raise UserError("state_dict: parameter groups differ from this optimizer's")
+    index_to_param = {}
+    for saved, group in zip(saved_groups, groups, strict=True):
+        if "param_names" in saved and list(saved["param_names"]) != list(group["param_names"]):
+            raise UserError("state_dict: parameter names differ from this optimizer's")
+        index_to_param.update(zip(saved["params"], group["params"], strict=True))
+    state = {}
+    for index, values in state_dict["state"].items():
+        if index not in index_to_param:
+            raise UserError(f"state_dict: state for unknown parameter index {index}")
+        param = index_to_param[index]
+        state[index] = {
+            key: _Placed(optimizer._restored_value(param, key, value)) for key, value in values.items()
+        }
+    return {**state_dict, "state": state}
+
+
+def _place_state(optimizer: MaskedOptimizer) -> None:
+    """Load post-hook: unwrap the values :func:`_checked_state` converted."""
+    for values in optimizer.state.values():
+        for key, value in values.items():
+            if isinstance(value, _Placed):
+                values[key] = value.value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle_kernels.masked_sgd import SGDScalars, masked_sgd_step_torch, masked_sgd_step_triton
 
@@ -44,7 +45,7 @@ class MaskedSGD(MaskedOptimizer):
     ):
         require_nonnegative(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
+            raise UserError("nesterov: requires momentum > 0 and dampening = 0")
         self.launches = 0
         defaults = {
             "lr": lr,

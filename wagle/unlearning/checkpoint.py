@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from wagle.errors import UserError
 from wagle.files import atomic_write_text, replace_folder, temporary_folder
 
 LATEST = "latest"
@@ -81,11 +82,11 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer, scheduler) -> 
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(tensors))
     if missing:
-        raise ValueError(f"checkpoint {path}: no weights for {missing[:5]}: was it made for another model?")
+        raise UserError(f"checkpoint {path}: no weights for {missing[:5]}: was it made for another model?")
     with torch.no_grad():
         for name, param in params.items():
             if tuple(tensors[name].shape) != tuple(param.shape):
-                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}")
+                raise UserError(f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}")
             param.copy_(tensors[name])
     state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from wagle.data.batching import collate_examples, encode_dataset
+from wagle.errors import UserError
 
 
 def encode_examples(
@@ -14,7 +15,7 @@ def encode_examples(
 ) -> list[dict[str, list[int]]]:
     """Tokenize every example once (QA: answer-only labels; text: all tokens) and tag its index."""
     if dataset is None:
-        raise ValueError(f"{role}: no data set given")
+        raise UserError(f"{role}: no data set given")
     return encode_dataset(dataset, tokenizer, max_length=max_length, answer_column=answer_column, role=role)
 
 

@@ -14,9 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from wagle.data.batching import collate_examples, pad_id_of
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle.objectives import Objective, make_objective
 from wagle.objectives.preference import REFUSAL_COLUMN, refusal_for
+from wagle.positions import check_examples
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .examples import encode_examples, micro_batch_indices, ordered_batches
@@ -51,7 +53,7 @@ def _check_positive(name: str, value, *, integer: bool = False, allow_zero: bool
         or (value == 0 and not allow_zero)
     ):
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise UserError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def linear_schedule(warmup_steps: int, total_steps: int):
@@ -70,7 +72,7 @@ def _with_refusals(dataset, seed: int) -> list[dict]:
     rows = [dict(r) for r in dataset]
     for index, row in enumerate(rows):
         if "question" not in row:
-            raise ValueError("forget: method 'po' needs a QA forget set (a 'question' column)")
+            raise UserError("forget: method 'po' needs a QA forget set (a 'question' column)")
         row[REFUSAL_COLUMN] = refusal_for(index, seed)
     return rows
 
@@ -91,6 +93,7 @@ def unlearn(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     max_grad_norm: float = 1.0,
+    clip_mode: str = "mask_then_clip",
     max_length: int = 256,
     state_layout: str = "compact",
     precision: str | None = None,
@@ -112,10 +115,12 @@ def unlearn(
     (``state_layout="compact"``); without one every weight is trained (dense AdamW).
 
     One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` forget (and retain) examples;
-    gradients are clipped to ``max_grad_norm`` (0 disables) before the step; the learning rate warms up
-    linearly over ``warmup_ratio * steps`` steps and decays linearly to 0. Batches follow a seeded,
-    resumable order. With ``checkpoint_dir``, a checkpoint (weights, optimizer, scheduler, objective
-    state, step) is written atomically every ``checkpoint_every`` steps and at the end; with
+    gradients are clipped to global norm ``max_grad_norm`` (0 disables) before the step, over the selected
+    gradient entries (``clip_mode="mask_then_clip"``) or, as the reference implementation does, over the
+    full gradients of every masked tensor (``"clip_then_mask"``; see :mod:`wagle.optim.clipping`); the
+    learning rate warms up linearly over ``warmup_ratio * steps`` steps and decays linearly to 0. Batches
+    follow a seeded, resumable order. With ``checkpoint_dir``, a checkpoint (weights, optimizer, scheduler,
+    objective state, step) is written atomically every ``checkpoint_every`` steps and at the end; with
     ``resume=True`` a run continues from the newest one. A NaN/Inf loss stops the run before that step
     is applied and raises :class:`UnlearningDiverged` naming the last good checkpoint.
 
@@ -128,6 +133,7 @@ def unlearn(
     """
     from wagle.models.checkpointing import activation_checkpointing  # late: imports transformers
     from wagle.optim import MaskedAdamW, StepInBackward  # late: the optimizer module imports the kernels
+    from wagle.optim.clipping import check_clip_mode, clip_masked_grad_norm_
 
     _check_positive("steps", steps, integer=True)
     _check_positive("lr", lr)
@@ -137,16 +143,21 @@ def unlearn(
     _check_positive("weight_decay", weight_decay, allow_zero=True)
     _check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
     _check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
+    check_clip_mode(clip_mode)
+    # clip_then_mask: fully unselected tensors keep gradients so that they enter the norm
+    keep_unselected = clip_mode == "clip_then_mask" and max_grad_norm > 0
+    if keep_unselected and step_in_backward:
+        raise UserError("clip_mode: 'clip_then_mask' needs the global norm, not step_in_backward=True")
     if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
+        raise UserError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
     if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
+        raise UserError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {precision!r}")
 
     objective = (
         method if isinstance(method, Objective) else make_objective(method, **(objective_kwargs or {}))
     )
     if objective.uses_retain and retain is None and objective.name not in ("grad_ascent",):
-        raise ValueError(f"retain: method {objective.name!r} needs a retain set")
+        raise UserError(f"retain: method {objective.name!r} needs a retain set")
     if mask is not None:
         mask.check_compatible(model)
     if precision is not None:
@@ -166,6 +177,8 @@ def unlearn(
         if retain is not None
         else None
     )
+    check_examples(model, forget_examples, role="forget")
+    check_examples(model, retain_examples, role="retain")
     device = next(model.parameters()).device
 
     def to_device(batch):
@@ -175,15 +188,17 @@ def unlearn(
     named = list(model.named_parameters())
     flags = {name: p.requires_grad for name, p in named}
     if mask is not None:
-        trainable = [(n, p) for n, p in named if n in mask and mask.selected(n) > 0 and flags[n]]
+        trainable = [
+            (n, p) for n, p in named if n in mask and (mask.selected(n) > 0 or keep_unselected) and flags[n]
+        ]
         optimizer_mask = mask
         unmasked = "freeze"
     else:
         trainable = [(n, p) for n, p in named if flags[n]]
         optimizer_mask = WeightMask({})
         unmasked = "dense"
-    if not trainable:
-        raise ValueError("mask: selects no weight of a trainable parameter; nothing to unlearn")
+    if not any(mask is None or mask.selected(n) > 0 for n, _ in trainable):
+        raise UserError("mask: selects no weight of a trainable parameter; nothing to unlearn")
     trainable_names = {n for n, _ in trainable}
     for name, param in named:
         param.requires_grad_(name in trainable_names)
@@ -228,7 +243,6 @@ def unlearn(
         )
         checkpointing.enter_context(activation_checkpointing(model, gradient_checkpointing))
         model.train()
-        params = [p for _, p in trainable]
         bar = tqdm(
             range(start_step, steps),
             desc=f"unlearn ({objective.name})",
@@ -265,7 +279,7 @@ def unlearn(
                     totals[key] = totals.get(key, 0.0) + value / grad_accum
             if not step_in_backward:  # otherwise the hooks clipped, stepped and freed during backward
                 if max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+                    grad_norm = float(clip_masked_grad_norm_(optimizer, max_grad_norm, clip_mode))
                     totals["grad_norm"] = grad_norm
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
