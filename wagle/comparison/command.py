@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from wagle.errors import UserError
+
 from .grid import METHODS
 
 DEFAULT_METHODS = ",".join(METHODS)
@@ -131,14 +133,14 @@ def run(args: argparse.Namespace) -> int:
     from .runner import DEFAULT_FQ_LEVELS, DEFAULT_GAP_LEVELS, CompareSettings, compare
 
     if args.budget is not None and args.budget <= 0:
-        raise ValueError(f"--budget: must be > 0, got {args.budget}")
+        raise UserError(f"--budget: must be > 0, got {args.budget}")
     if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads: must be >= 1, got {args.threads}")
+        raise UserError(f"--threads: must be >= 1, got {args.threads}")
     if args.preset is not None:
         return _run_preset(args)
     for option in ("model", "gold_model", "forget", "retain"):
         if getattr(args, option) is None:
-            raise ValueError(f"--{option.replace('_', '-')}: required (or --preset study)")
+            raise UserError(f"--{option.replace('_', '-')}: required (or --preset study)")
     for option, default in GRID_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, list(default))
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"--tokenizer: cannot load a tokenizer from {args.tokenizer}: {exc}") from None
+            raise UserError(f"--tokenizer: cannot load a tokenizer from {args.tokenizer}: {exc}") from None
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     objective_kwargs = {}
@@ -227,7 +229,7 @@ def _run_preset(args: argparse.Namespace) -> int:
     ]
     given = [f"--{o.replace('_', '-')}" for o in own if getattr(args, o) is not None]
     if given:
-        raise ValueError(
+        raise UserError(
             f"--preset: {args.preset} defines its own models, data and grid; drop {', '.join(given)}"
         )
     report = run_study(

@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
+from wagle.errors import UserError
+
 MASK_METHODS = ("wagle", "random", "magnitude", "gradient", "snip", "wanda")
 BASELINES = ("dense", "lora")
 METHODS = (*MASK_METHODS, *BASELINES)
@@ -43,17 +45,17 @@ def _numbers(name: str, values, *, low: float, high: float | None = None, intege
         values = (values,)
     values = tuple(values)
     if not values:
-        raise ValueError(f"{name}: needs at least one value")
+        raise UserError(f"{name}: needs at least one value")
     for v in values:
         kind = int if integer else (int, float)
         if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v) or v < low:
-            raise ValueError(
+            raise UserError(
                 f"{name}: every value must be {'an integer' if integer else 'a number'} >= {low}, got {v!r}"
             )
         if high is not None and v > high:
-            raise ValueError(f"{name}: every value must be <= {high}, got {v!r}")
+            raise UserError(f"{name}: every value must be <= {high}, got {v!r}")
     if len(set(values)) != len(values):
-        raise ValueError(f"{name}: duplicate values in {list(values)}")
+        raise UserError(f"{name}: duplicate values in {list(values)}")
     return tuple(int(v) for v in values) if integer else tuple(float(v) for v in values)
 
 
@@ -62,13 +64,13 @@ def _names(name: str, values, allowed: Sequence[str] | None) -> tuple[str, ...]:
         values = (values,)
     values = tuple(values)
     if not values:
-        raise ValueError(f"{name}: needs at least one value")
+        raise UserError(f"{name}: needs at least one value")
     if allowed is not None:
         unknown = [v for v in values if v not in allowed]
         if unknown:
-            raise ValueError(f"{name}: unknown {unknown}; expected some of {list(allowed)}")
+            raise UserError(f"{name}: unknown {unknown}; expected some of {list(allowed)}")
     if len(set(values)) != len(values):
-        raise ValueError(f"{name}: duplicate values in {list(values)}")
+        raise UserError(f"{name}: duplicate values in {list(values)}")
     return values
 
 
@@ -114,11 +116,11 @@ class Grid:
 
     def __post_init__(self):
         if any(r <= 0 for r in self.ratios):
-            raise ValueError(
+            raise UserError(
                 f"ratios: must be > 0 (a mask selecting nothing cannot unlearn), got {self.ratios}"
             )
         if any(lr <= 0 for lr in (*self.lrs, *(self.lora_lrs or ()))):
-            raise ValueError("lrs: learning rates must be > 0")
+            raise UserError("lrs: learning rates must be > 0")
 
     def lrs_of(self, method: str) -> tuple[float, ...]:
         return self.lora_lrs if method == "lora" and self.lora_lrs is not None else self.lrs

@@ -13,17 +13,19 @@ from collections.abc import Sequence
 
 import torch
 
+from wagle.errors import UserError
+
 LORA_R = 8
 LORA_ALPHA = 32
 LORA_TARGETS = ("q_proj", "v_proj")
 
 
 def require_peft() -> None:
-    """Raise a one-line ValueError when peft is not installed."""
+    """Raise a one-line UserError when peft is not installed."""
     try:
         import peft  # noqa: F401
     except ImportError:
-        raise ValueError("methods: the 'lora' baseline needs the peft package (pip install peft)") from None
+        raise UserError("methods: the 'lora' baseline needs the peft package (pip install peft)") from None
 
 
 def add_lora(
@@ -54,7 +56,7 @@ def add_lora(
         try:
             wrapped = get_peft_model(model, config)
         except ValueError as exc:
-            raise ValueError(f"lora_targets: {exc}") from None
+            raise UserError(f"lora_targets: {exc}") from None
     return wrapped
 
 

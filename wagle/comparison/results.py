@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from wagle.errors import UserError
 from wagle.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -104,19 +105,19 @@ class ResultsFile:
             data = data[:complete_end]
         lines = data.decode("utf-8").splitlines()
         if not lines:
-            raise ValueError(f"results: {self.path} is empty (no header); remove it or choose another --out")
+            raise UserError(f"results: {self.path} is empty (no header); remove it or choose another --out")
         try:
             header = json.loads(lines[0])
         except json.JSONDecodeError:
-            raise ValueError(f"results: {self.path} is not a wagle comparison results file") from None
+            raise UserError(f"results: {self.path} is not a wagle comparison results file") from None
         if not isinstance(header, dict) or header.get("kind") != "header" or "fingerprint" not in header:
-            raise ValueError(f"results: {self.path} is not a wagle comparison results file")
+            raise UserError(f"results: {self.path} is not a wagle comparison results file")
         if header.get("format") != FORMAT:
-            raise ValueError(f"results: {self.path} has format {header.get('format')!r}, expected {FORMAT}")
+            raise UserError(f"results: {self.path} has format {header.get('format')!r}, expected {FORMAT}")
         if header["fingerprint"] != self.fingerprint:
             theirs = header.get("study", {})
             differ = sorted(k for k in set(theirs) | set(self.study) if theirs.get(k) != self.study.get(k))
-            raise ValueError(
+            raise UserError(
                 f"results: {self.path} belongs to another study (fingerprint {header['fingerprint'][:12]}, "
                 f"this study {self.fingerprint[:12]}; differing: {', '.join(differ) or 'unknown'}); "
                 "choose another output folder or remove the file"
@@ -125,7 +126,7 @@ class ResultsFile:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(
+                raise UserError(
                     f"results: {self.path} line {number} is not valid JSON (corrupted file)"
                 ) from None
             self.records.append(record)

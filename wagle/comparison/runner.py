@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from wagle.errors import UserError
 from wagle.mask import WeightMask
 
 from .grid import MASK_METHODS, Grid, RunSpec, trim_grid
@@ -68,13 +69,13 @@ class CompareSettings:
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens", "lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+                raise UserError(f"{name}: must be an integer >= 1, got {value!r}")
         for name in ("utility_examples", "num_threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: must be None or an integer >= 1, got {value!r}")
+                raise UserError(f"{name}: must be None or an integer >= 1, got {value!r}")
         if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
-            raise ValueError(f"gamma: must be a finite number > 0, got {self.gamma!r}")
+            raise UserError(f"gamma: must be a finite number > 0, got {self.gamma!r}")
 
 
 def _rows(data, role: str, columns: Sequence[str] | None = None) -> list[dict]:
@@ -82,7 +83,7 @@ def _rows(data, role: str, columns: Sequence[str] | None = None) -> list[dict]:
     from wagle.evaluation.metrics import TOFU_COLUMNS, rows_of
 
     if data is None:
-        raise ValueError(f"{role}: no data set given")
+        raise UserError(f"{role}: no data set given")
     return rows_of(data, role, TOFU_COLUMNS if columns is None else columns)
 
 
@@ -245,7 +246,7 @@ def compare(
     ``methods`` x ``ratios`` (mask methods only) x ``lrs`` (``lora_lrs`` for LoRA) x ``steps`` x ``seeds``.
 
     Resuming: runs already in ``out_dir/results.jsonl`` are not redone; a results file of another study
-    (another model, data, grid or settings) raises ``ValueError``. ``budget_seconds`` bounds this call:
+    (another model, data, grid or settings) raises ``UserError``. ``budget_seconds`` bounds this call:
     after ``probe_runs`` runs (or from the timings already in the file) the seconds per run are
     estimated and the grid is trimmed by :func:`wagle.comparison.grid.trim_grid` to fit; what was
     dropped is in the report (``budget``). Runs that diverge are recorded and left out of the statistics.
@@ -272,9 +273,9 @@ def compare(
     if "lora" in grid.methods:
         require_peft()
     if budget_seconds is not None and not (isinstance(budget_seconds, (int, float)) and budget_seconds > 0):
-        raise ValueError(f"budget_seconds: must be a number > 0, got {budget_seconds!r}")
+        raise UserError(f"budget_seconds: must be a number > 0, got {budget_seconds!r}")
     if isinstance(probe_runs, bool) or not isinstance(probe_runs, int) or probe_runs < 1:
-        raise ValueError(f"probe_runs: must be an integer >= 1, got {probe_runs!r}")
+        raise UserError(f"probe_runs: must be an integer >= 1, got {probe_runs!r}")
     from wagle.objectives import make_objective
 
     for objective in grid.objectives:  # unknown objective options fail now, not after hours
@@ -331,7 +332,7 @@ def compare(
             references = results.references()
         gold_ref = references["gold"]
         if any(v is None for v in gold_ref["forget_truth_ratios"]):
-            raise ValueError("gold: the gold model's forget truth ratios are not finite")
+            raise UserError("gold: the gold model's forget truth ratios are not finite")
         gold_ratios = gold_ref["forget_truth_ratios"]
         if "target" not in references:
             t = time.perf_counter()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
+from wagle.errors import UserError
+
 from .benchmark import AWARDS, CITIES, FIRST_NAMES, GENRES, LAST_NAMES, PROFESSIONS, TITLES, _general_rows
 
 if TYPE_CHECKING:
@@ -190,13 +192,13 @@ def generate_study_rows(
     """The study benchmark as plain rows per split (see the module docstring)."""
     for label, value, low in (("num_authors", num_authors, 4), ("forget_authors", forget_authors, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{label}: must be an integer >= {low}, got {value!r}")
+            raise UserError(f"{label}: must be an integer >= {low}, got {value!r}")
     if forget_authors >= num_authors:
-        raise ValueError(f"forget_authors: must be < num_authors ({num_authors}), got {forget_authors}")
+        raise UserError(f"forget_authors: must be < num_authors ({num_authors}), got {forget_authors}")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: must be an integer, got {seed!r}")
+        raise UserError(f"seed: must be an integer, got {seed!r}")
     if 3 * num_authors > len(TITLES) or num_authors > len(FIRST_NAMES) * len(LAST_NAMES):
-        raise ValueError(f"num_authors: at most {len(TITLES) // 3} authors, got {num_authors}")
+        raise UserError(f"num_authors: at most {len(TITLES) // 3} authors, got {num_authors}")
     rng = random.Random(f"study-{seed}")
     names = rng.sample([f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES], num_authors)
     titles = rng.sample(TITLES, 3 * num_authors)  # three own titles per author, never shared
