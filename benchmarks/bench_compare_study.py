@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from wagle.comparison.study import run_study
 
     torch.set_num_threads(args.threads)
+    commit = _commit()  # before the run: the code that runs is the code at this commit
     load_before = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     report = run_study(args.out, args.cache_dir, num_threads=args.threads, progress=False)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "wagle compare --preset study",
         "environment": info,
         "wagle": wagle.__version__,
-        "commit": _commit(),
+        "commit": commit,
         "torch_threads": args.threads,
         "wall_seconds": wall,
         "process_cpu_seconds": cpu,
