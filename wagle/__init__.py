@@ -3,9 +3,11 @@
 mask = wagle.attribute(model, forget_batches, retain_batches, ratio=0.5)        # WAGLE mask
 wagle.unlearn(model, forget, retain, tokenizer=tok, method="npo", mask=mask)    # masked NPO
 result = wagle.evaluate(model, tok, splits, reference=retain_model)             # TOFU metrics
+report = wagle.compare(model, retain_model, tok, forget=f, retain=r, out_dir="study")  # mask study
 """
 
 from .attribution import attribute, mask_from_gradients
+from .comparison import compare
 from .errors import UserError
 from .evaluation import EvaluationResult, evaluate
 from .mask import MaskFileError, MaskMismatchError, PartialMaskWarning, WeightMask
@@ -29,6 +31,7 @@ __all__ = [
     "WeightMask",
     "__version__",
     "attribute",
+    "compare",
     "evaluate",
     "layer_densities",
     "mask_from_gradients",

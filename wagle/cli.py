@@ -1,4 +1,4 @@
-"""The ``wagle`` command line: ``demo``, ``mask``, ``unlearn``, ``eval``.
+"""The ``wagle`` command line: ``demo``, ``mask``, ``unlearn``, ``eval``, ``compare``.
 
 A mistake the user can fix (a :class:`~wagle.errors.UserError`, or an ``OSError`` on one of the
 user's paths) ends with one ``wagle: error: ...`` line on stderr and exit status 2; a run that failed
@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", default=None, help="also write a PNG of the MIA ROC curves and AUCs (needs --holdout)"
     )
     ev.add_argument("--out", required=True, help="output report (.json)")
+
+    from wagle.comparison.command import add_parser as add_compare_parser
+
+    add_compare_parser(sub, common)
     return parser
 
 
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "mask": commands.run_mask,
         "unlearn": commands.run_unlearn,
         "eval": commands.run_eval,
+        "compare": commands.run_compare,
     }
     try:
         return handlers[args.command](args)

@@ -379,4 +379,10 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RUN_FAILURES", "USER_ERRORS", "run_demo", "run_eval", "run_mask", "run_unlearn"]
+def run_compare(args: argparse.Namespace) -> int:
+    from wagle.comparison.command import run
+
+    return run(args)
+
+
+__all__ = ["RUN_FAILURES", "USER_ERRORS", "run_compare", "run_demo", "run_eval", "run_mask", "run_unlearn"]

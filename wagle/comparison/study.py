@@ -1,0 +1,292 @@
+"""The ``study`` preset: a benchmark and model size where masks can be told apart, with cached models.
+
+* Data: :mod:`wagle.data.study_benchmark` (25 authors x 20 facts; the last 5 authors, 100 questions,
+  are the forget set, so forget quality is a KS test on 100 truth ratios).
+* Models (:class:`StudyRecipe`): a Llama with hidden size 256, 4 layers, 4 heads, MLP 688, untied
+  embeddings, a 1024-token byte-level BPE tokenizer trained on the benchmark (3.69M weights, of which
+  14% are embeddings and head), fine-tuned from one initialisation into the target (all authors +
+  general) and the gold model (retain authors + general).
+* Cache: both models, the tokenizer and a manifest (recipe, data digest, a sha256 of every weight) are
+  written into one folder under ``cache_dir`` and renamed into place at once; a cached folder is used
+  only when its manifest matches the recipe and data and the loaded weights hash to the recorded
+  digests, otherwise the models are trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from wagle.files import atomic_write_text, replace_folder, temporary_folder
+
+from .results import data_digest, model_digest, tokenizer_digest
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StudyRecipe:
+    """Model size, fine-tuning schedule and data of the study preset's target and gold models."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 688
+    vocab_size: int = 1024
+    epochs: int = 15
+    lr: float = 3e-3
+    batch_size: int = 16
+    warmup_ratio: float = 0.1
+    num_authors: int = 25
+    forget_authors: int = 5
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> StudyRecipe:
+        """Seconds, not memorisation: for tests of the preset's machinery."""
+        return cls(
+            hidden_size=32,
+            num_layers=1,
+            intermediate_size=64,
+            vocab_size=400,
+            epochs=1,
+            num_authors=6,
+            forget_authors=1,
+        )
+
+
+@dataclass
+class StudyModels:
+    """The tokenizer, target and gold models, the benchmark, and whether they came from the cache."""
+
+    tokenizer: object
+    target: torch.nn.Module
+    gold: torch.nn.Module
+    benchmark: object
+    manifest: dict
+    from_cache: bool
+    path: str
+
+
+def _corpus(benchmark) -> list[str]:
+    from wagle.data.format import format_answer, format_question
+
+    texts = []
+    for row in benchmark["full"].to_list() + benchmark["general"].to_list():
+        texts.append(format_question(row["question"]) + format_answer(row["answer"]))
+        texts.append(row["paraphrased_answer"])
+        texts.extend(row["perturbed_answer"])
+    return texts
+
+
+def cache_key(recipe: StudyRecipe, benchmark) -> str:
+    """sha256 of the recipe and the benchmark's rows: names the cache folder."""
+    rows = {name: data_digest(benchmark[name].to_list()) for name in benchmark}
+    text = json.dumps({"format": CACHE_FORMAT, "recipe": asdict(recipe), "data": rows}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _train(recipe: StudyRecipe, benchmark, *, progress: bool):
+    import datasets
+
+    from wagle.models import finetune, make_tiny_llama, train_tokenizer
+
+    tokenizer = train_tokenizer(_corpus(benchmark), vocab_size=recipe.vocab_size)
+    models, stats = {}, {}
+    for name, split in (("target", "full"), ("gold", "retain")):
+        model = make_tiny_llama(
+            tokenizer,
+            hidden_size=recipe.hidden_size,
+            num_layers=recipe.num_layers,
+            num_heads=recipe.num_heads,
+            intermediate_size=recipe.intermediate_size,
+            seed=recipe.seed,
+        )
+        data = datasets.concatenate_datasets([benchmark[split], benchmark["general"]])
+        stats[name] = finetune(
+            model,
+            tokenizer,
+            data,
+            epochs=recipe.epochs,
+            lr=recipe.lr,
+            batch_size=recipe.batch_size,
+            warmup_ratio=recipe.warmup_ratio,
+            seed=recipe.seed,
+            progress=progress,
+            desc=f"fine-tune {name}",
+        )
+        models[name] = model.eval()
+    return tokenizer, models, stats
+
+
+def _load_cached(path: str, key: str):
+    from wagle.models import load_model
+
+    manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        return None
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        if manifest.get("key") != key:
+            logger.warning("%s: cache manifest is for another recipe or data; training again", path)
+            return None
+        target, tokenizer = load_model(os.path.join(path, "target"))
+        gold, _ = load_model(os.path.join(path, "gold"))
+    except (OSError, ValueError) as exc:
+        logger.warning("%s: unreadable cache (%s); training again", path, exc)
+        return None
+    digests = {
+        "target": model_digest(target),
+        "gold": model_digest(gold),
+        "tokenizer": tokenizer_digest(tokenizer),
+    }
+    if digests != manifest.get("digests"):
+        logger.warning("%s: cached models do not match their manifest's digests; training again", path)
+        return None
+    return tokenizer, target, gold, manifest
+
+
+def build_study_models(
+    cache_dir: str | os.PathLike,
+    *,
+    recipe: StudyRecipe | None = None,
+    num_threads: int | None = 2,
+    progress: bool = True,
+) -> StudyModels:
+    """The study's tokenizer, target and gold models: from ``cache_dir`` when a verified copy is there,
+    else trained (torch pinned to ``num_threads`` intra-op threads) and cached atomically."""
+    from wagle.data.study_benchmark import generate_study_benchmark
+
+    recipe = recipe or StudyRecipe()
+    benchmark = generate_study_benchmark(recipe.num_authors, recipe.forget_authors, recipe.seed)
+    key = cache_key(recipe, benchmark)
+    cache_dir = os.path.abspath(os.fspath(cache_dir))
+    path = os.path.join(cache_dir, f"study-{key[:16]}")
+    cached = _load_cached(path, key) if os.path.isdir(path) else None
+    if cached is not None:
+        tokenizer, target, gold, manifest = cached
+        return StudyModels(tokenizer, target, gold, benchmark, manifest, True, path)
+
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        started = time.perf_counter()
+        tokenizer, models, stats = _train(recipe, benchmark, progress=progress)
+        seconds = time.perf_counter() - started
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    manifest = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "recipe": asdict(recipe),
+        "digests": {
+            "target": model_digest(models["target"]),
+            "gold": model_digest(models["gold"]),
+            "tokenizer": tokenizer_digest(tokenizer),
+        },
+        "train_stats": stats,
+        "train_seconds": seconds,
+        "torch": torch.__version__,
+        "num_threads": threads,
+    }
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = temporary_folder(cache_dir, f".tmp-study-{key[:16]}-")
+    try:
+        for name in ("target", "gold"):
+            models[name].save_pretrained(os.path.join(tmp, name), safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(tmp, name))
+        atomic_write_text(
+            os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        )
+        replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # the models the study uses are the cached ones, loaded back (so a later, cached run is identical)
+    cached = _load_cached(path, key)
+    if cached is None:
+        raise RuntimeError(f"{path}: the study models just written do not verify")
+    tokenizer, target, gold, manifest = cached
+    return StudyModels(tokenizer, target, gold, benchmark, manifest, False, path)
+
+
+# The preset grid: every mask method at two ratios, two learning rates (a short trade-off curve per
+# mask), two seeds (a spread), dense and LoRA; sized for about 10 minutes on 2 unloaded CPU cores.
+STUDY_GRID = {
+    "objectives": ("npo",),
+    "methods": ("wagle", "random", "magnitude", "gradient", "snip", "wanda", "dense", "lora"),
+    "ratios": (0.2, 0.5),
+    "lrs": (5e-4, 1e-3),
+    "lora_lrs": (5e-3, 1e-2),
+    "steps": (15,),
+    "seeds": (0, 1),
+}
+
+
+def study_settings(num_threads: int | None = 2):
+    """The preset's run and evaluation settings (NPO beta 0.1, batch 8, answers up to 24 tokens, the
+    first 100 retain questions and all 60 general questions for utility, the whole forget split)."""
+    from .runner import CompareSettings
+
+    return CompareSettings(
+        batch_size=8,
+        objective_kwargs={"npo": {"beta": 0.1}},
+        eval_batch_size=64,
+        max_new_tokens=24,
+        utility_examples=100,
+        num_threads=num_threads,
+    )
+
+
+def run_study(
+    out_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    *,
+    recipe: StudyRecipe | None = None,
+    grid: dict | None = None,
+    num_threads: int | None = 2,
+    budget_seconds: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build (or load) the study models and run the preset grid with :func:`wagle.compare`; the report
+    gains ``"study_models"`` (cache path, whether it was a cache hit, the recipe and training stats)."""
+    from .runner import compare
+
+    started = time.perf_counter()
+    models = build_study_models(cache_dir, recipe=recipe, num_threads=num_threads, progress=progress)
+    model_seconds = time.perf_counter() - started
+    bm = models.benchmark
+    report = compare(
+        models.target,
+        models.gold,
+        models.tokenizer,
+        forget=bm["forget"],
+        retain=bm["retain"],
+        general=bm["general"],
+        out_dir=out_dir,
+        settings=study_settings(num_threads),
+        budget_seconds=None if budget_seconds is None else max(1.0, budget_seconds - model_seconds),
+        progress=progress,
+        extra={
+            "study_models": {
+                "path": models.path,
+                "from_cache": models.from_cache,
+                "seconds": model_seconds,
+                "manifest": models.manifest,
+            }
+        },
+        **(grid or STUDY_GRID),
+    )
+    return report
