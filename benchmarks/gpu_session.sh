@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Everything issue 6 needs from a lent GPU, in stages that each fit one device call (10 minutes) and
-# return at most 8 files. Runs from the source tree (PYTHONPATH=.), installs nothing but the carried
+# The GPU benchmarks and the compiled-kernel suite, in stages of at most a few minutes each, each
+# writing a handful of files. Runs from the source tree (PYTHONPATH=.), installs nothing but the carried
 # wheels (.whl, made here by benchmarks/gpu_wheels.sh) into /tmp/site.
 #
 #   bash benchmarks/gpu_session.sh STAGE [STAGE ...]      stages: env tests mask optimizer memory kernels
 #
-# Results go to $OUT (the device tool's folder) or benchmarks/results/gpu-<date>/. Planned calls
-# (device tool `run`, carry [".whl"]), about 20 minutes of device time in all:
+# Results go to $OUT or benchmarks/results/gpu-<date>/. The usual order:
 #   1. bash benchmarks/gpu_session.sh env tests        compiled-kernel suite incl. the gpu-marked tests
 #   2. bash benchmarks/gpu_session.sh mask             7B mask generation, 50M side by side with the
 #                                                      reference procedure, block/warps sweep
@@ -19,7 +18,7 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 SMOKE="${SMOKE:-0}"
-BUDGET="${BUDGET:-570}"  # seconds for this whole invocation; one device call allows 600
+BUDGET="${BUDGET:-570}"  # seconds for this whole invocation (stages stop starting work after it)
 DEADLINE=$(( $(date +%s) + BUDGET ))
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1

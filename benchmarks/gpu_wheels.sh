@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels for the lent GPU machine (Python 3.12, no package registry): the project's dependencies that
+# Wheels for a GPU machine without a package registry (Python 3.12, no package registry): the project's dependencies that
 # its image lacks (datasets, rouge-score and what they need). Run here, before the lease; the device
 # tool then carries .whl (git-ignored) and benchmarks/gpu_session.sh installs it into /tmp/site.
 #   bash benchmarks/gpu_wheels.sh
