@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Wheels for a GPU machine without a package registry (Python 3.12, no package registry): the project's dependencies that
-# its image lacks (datasets, rouge-score and what they need). Run here, before the lease; the device
-# tool then carries .whl (git-ignored) and benchmarks/gpu_session.sh installs it into /tmp/site.
+# Wheels for a GPU machine without a package registry (Python 3.12): the project's dependencies that
+# its image lacks (datasets, rouge-score and what they need). Run on a machine with PyPI access, copy
+# .whl (git-ignored) along with the source tree; benchmarks/gpu_session.sh installs it into /tmp/site.
 #   bash benchmarks/gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
