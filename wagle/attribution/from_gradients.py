@@ -10,7 +10,7 @@ import torch
 from wagle.errors import UserError
 from wagle.mask import WeightMask
 from wagle_kernels._runtime import require_triton, triton_supports
-from wagle_kernels.scores import get_method, inverse_gamma, method_names
+from wagle_kernels.scores import ScoreMethod, get_method, inverse_gamma, method_names
 from wagle_kernels.select import (
     ScoreSource,
     ScoreSpec,
@@ -94,6 +94,26 @@ def _selected_counts(stats: SelectionStats, shapes: dict[str, tuple[int, ...]]) 
     return counts if set(counts) >= set(shapes) else None
 
 
+def check_selection_options(
+    method: str, scope: str, backend: str, nonfinite: str, ratio, gamma
+) -> tuple[ScoreMethod, float]:
+    """Validate the options every selection takes; returns the method's registry entry and the ratio."""
+    if method not in method_names():
+        raise UserError(f"method: unknown method {method!r}; expected one of {list(method_names())}")
+    entry = get_method(method)
+    if scope not in SCOPES:
+        raise UserError(f"scope: unknown scope {scope!r}; expected one of {list(SCOPES)}")
+    if backend not in BACKENDS:
+        raise UserError(f"backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise UserError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
+        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+    if entry.needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
+    return entry, float(ratio)
+
+
 def mask_from_gradients(
     params: TensorMap,
     grad_forget: TensorMap | None,
@@ -137,21 +157,8 @@ def mask_from_gradients(
             model-sized buffer; time: one host-to-device copy of the gradients per pass).
         return_stats: also return a :class:`SelectionStats` (passes over the inputs, non-finite counts).
     """
-    if method not in method_names():
-        raise UserError(f"method: unknown method {method!r}; expected one of {list(method_names())}")
-    entry = get_method(method)
-    if scope not in SCOPES:
-        raise UserError(f"scope: unknown scope {scope!r}; expected one of {list(SCOPES)}")
-    if backend not in BACKENDS:
-        raise UserError(f"backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise UserError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
-    ratio = float(ratio)
+    entry, ratio = check_selection_options(method, scope, backend, nonfinite, ratio, gamma)
     uses_weight, uses_forget, uses_retain = entry.reads
-    if entry.needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
 
     weights = _as_dict(params, "params")
     forget = _as_dict(grad_forget, "grad_forget")

@@ -34,15 +34,13 @@ from dataclasses import dataclass, field
 import torch
 
 from wagle.attribution.from_gradients import (
-    BACKENDS,
-    NONFINITE_POLICIES,
-    SCOPES,
     SUPPORTED_DTYPES,
+    check_selection_options,
     num_to_select,
 )
 from wagle.errors import UserError
 from wagle_kernels._runtime import require_triton, triton_supports
-from wagle_kernels.scores import get_method, inverse_gamma, method_names
+from wagle_kernels.scores import inverse_gamma
 from wagle_kernels.select import (
     RADIX_DIGITS,
     ScoreSource,
@@ -174,20 +172,7 @@ def select_segments(
     global position wins) are those of :func:`wagle.mask_from_gradients`; the returned
     :class:`ShardedMask` holds this rank's bits of that mask.
     """
-    if method not in method_names():
-        raise UserError(f"method: unknown method {method!r}; expected one of {list(method_names())}")
-    entry = get_method(method)
-    if scope not in SCOPES:
-        raise UserError(f"scope: unknown scope {scope!r}; expected one of {list(SCOPES)}")
-    if backend not in BACKENDS:
-        raise UserError(f"backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise UserError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
-    if entry.needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
-    ratio = float(ratio)
+    entry, ratio = check_selection_options(method, scope, backend, nonfinite, ratio, gamma)
     comm = collectives(comm)
     shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
     segments = _check_segments(shapes, segments, entry.reads)
