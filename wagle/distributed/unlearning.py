@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from typing import Any
@@ -97,16 +96,7 @@ class ShardedRun(_Run):
             step_loss += value / self.grad_accum
             for key, stat in stats.items():
                 totals[key] = totals.get(key, 0.0) + stat / self.grad_accum
-        grad_norm = self._grad_norm()
-        if not math.isfinite(grad_norm):
-            raise self.diverged(
-                f"the gradient norm became {grad_norm}",
-                step,
-                " with a finite loss; stopped before applying it",
-            )
-        totals["grad_norm"] = grad_norm
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply_gradients(step, totals)
         self.scheduler.step()
         return {"step": step + 1, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], **totals}
 

@@ -279,18 +279,23 @@ class _Run:
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / self.grad_accum
         if not self.step_in_backward:  # otherwise the hooks checked, clipped, stepped and freed in backward
-            grad_norm = self._grad_norm()
-            if not math.isfinite(grad_norm):
-                raise self.diverged(
-                    f"the gradient norm became {grad_norm}",
-                    step,
-                    " with a finite loss; stopped before applying it",
-                )
-            totals["grad_norm"] = grad_norm
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.apply_gradients(step, totals)
         self.scheduler.step()
         return {"step": step + 1, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], **totals}
+
+    def apply_gradients(self, step: int, totals: dict[str, float]) -> None:
+        """Check the gradient norm (clipping first, see :meth:`_grad_norm`), record it in ``totals``,
+        step the optimizer and clear the gradients; a non-finite norm stops the run before the step."""
+        grad_norm = self._grad_norm()
+        if not math.isfinite(grad_norm):
+            raise self.diverged(
+                f"the gradient norm became {grad_norm}",
+                step,
+                " with a finite loss; stopped before applying it",
+            )
+        totals["grad_norm"] = grad_norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _grad_norm(self) -> float:
         """The global L2 gradient norm under ``clip_mode`` (:mod:`wagle.optim.clipping`); gradients are
