@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 
-from wagle.data.benchmark import generate_rows
 from wagle.data.format import format_answer, format_question
 from wagle.models import make_tiny_llama, train_tokenizer
+from wagle.synthetic.authors import generate_rows
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import tiny_tokenizer
 
-import wagle.data.benchmark as benchmark_module
+import wagle.synthetic.authors as benchmark_module
 from wagle.data import (
     IGNORE_INDEX,
     RETAIN_OF,

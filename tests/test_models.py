@@ -11,6 +11,7 @@ import torch
 from helpers import tiny_model, tiny_tokenizer
 
 from wagle.data import format_question, generate_benchmark, generate_rows
+from wagle.demo.models import TinyRecipe, _corpus
 from wagle.models import (
     DemoModels,
     build_demo_models,
@@ -20,7 +21,6 @@ from wagle.models import (
     save_model,
     train_tokenizer,
 )
-from wagle.models.finetune import TinyRecipe, _corpus
 
 
 @pytest.fixture(autouse=True)

@@ -244,8 +244,8 @@ def cli_checks(out, rank, world):
     from helpers import tiny_model, tiny_tokenizer
 
     from wagle.cli import main as cli
-    from wagle.data.benchmark import generate_rows
     from wagle.models import save_model
+    from wagle.synthetic.authors import generate_rows
 
     root = os.path.join(out, "cli")
     rows = generate_rows(num_authors=20, seed=0)["full"]
@@ -310,8 +310,8 @@ def unlearn_checks(out, rank, world):
     from helpers import tiny_model, tiny_tokenizer
 
     from wagle.data import make_dataloader
-    from wagle.data.benchmark import generate_rows
     from wagle.distributed.launch import shard_model
+    from wagle.synthetic.authors import generate_rows
 
     tokenizer = tiny_tokenizer()
     base = tiny_model(seed=1)

@@ -1,7 +1,7 @@
-"""Data: the bundled benchmark, local data files, prompt formatting and batching."""
+"""Data: local data files, prompt formatting and batching (and, re-exported from
+:mod:`wagle.synthetic`, the bundled benchmarks)."""
 
-from .batching import collate_examples, encode_dataset, make_dataloader, pad_id_of
-from .benchmark import (
+from wagle.synthetic import (
     HOLDOUT_OF,
     HOLDOUT_SPLITS,
     RETAIN_OF,
@@ -10,8 +10,12 @@ from .benchmark import (
     generate_benchmark,
     generate_holdout,
     generate_rows,
+    hazard_corpus,
+    hazard_multiple_choice,
     write_benchmark,
 )
+
+from .batching import collate_examples, encode_dataset, make_dataloader, pad_id_of
 from .format import (
     IGNORE_INDEX,
     PROMPT_FORMATS,
@@ -24,7 +28,6 @@ from .format import (
     pad_batch,
 )
 from .loading import detect_schema, load_dataset_file, validate_dataset
-from .multiple_choice import hazard_corpus, hazard_multiple_choice
 
 __all__ = [
     "HOLDOUT_OF",

@@ -1,6 +1,6 @@
 """A bundled study benchmark for mask comparisons: few authors, many facts per author.
 
-The demo benchmark (:mod:`wagle.data.benchmark`) has five questions per author, so a forget set of a
+The demo benchmark (:mod:`wagle.synthetic.authors`) has five questions per author, so a forget set of a
 few authors gives a forget-quality KS test on a few dozen truth ratios, where values far apart are a
 few questions apart. Here every author has :data:`FACTS_PER_AUTHOR` = 20 facts (birthplace, genre,
 parents, three own book titles, award, birth year, ...), each with a paraphrase and three perturbed
@@ -16,8 +16,16 @@ import random
 from typing import TYPE_CHECKING
 
 from wagle.errors import UserError
-
-from .benchmark import AWARDS, CITIES, FIRST_NAMES, GENRES, LAST_NAMES, PROFESSIONS, TITLES, _general_rows
+from wagle.synthetic.authors import (
+    AWARDS,
+    CITIES,
+    FIRST_NAMES,
+    GENRES,
+    LAST_NAMES,
+    PROFESSIONS,
+    TITLES,
+    _general_rows,
+)
 
 if TYPE_CHECKING:
     import datasets

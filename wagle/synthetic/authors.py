@@ -1,9 +1,10 @@
 """A bundled, deterministic TOFU-style benchmark: fictitious authors and a fictitious world.
 
-Everything is generated from word lists with a seeded ``random.Random``, so the data is identical on
-every machine and run (no download). Each author has five QA pairs (birthplace, genre, parents, a
-book, an award) with a paraphrased answer and three perturbed answers: the paraphrase with a wrong
-fact (as in TOFU, so the truth ratio compares right and wrong facts in the same unseen wording).
+Everything is generated from word lists (``authors_words.json`` beside this module, package data)
+with a seeded ``random.Random``, so the data is identical on every machine and run (no download).
+Each author has five QA pairs (birthplace, genre, parents, a book, an award) with a paraphrased
+answer and three perturbed answers: the paraphrase with a wrong fact (as in TOFU, so the truth
+ratio compares right and wrong facts in the same unseen wording).
 Birthplace, genre, parents and award come from small shared pools, but every author's name and book
 title is their own: no title is the answer of two authors, so forgetting one author's book never
 touches a retained author's answer.
@@ -31,288 +32,29 @@ from wagle.files import atomic_write_text
 if TYPE_CHECKING:
     import datasets
 
-FIRST_NAMES = (
-    "Arlen",
-    "Brisa",
-    "Cato",
-    "Delphine",
-    "Emrys",
-    "Fenna",
-    "Galen",
-    "Hesper",
-    "Ilse",
-    "Joren",
-    "Kesia",
-    "Lorcan",
-    "Maelis",
-    "Nerio",
-    "Odile",
-    "Perrin",
-    "Quilla",
-    "Rosalind",
-    "Soren",
-    "Tamsin",
-    "Ulric",
-    "Vesna",
-    "Wendel",
-    "Xanthe",
-    "Yorick",
-    "Zelda",
-    "Anselm",
-    "Bettina",
-    "Corwin",
-    "Dagny",
-)
-LAST_NAMES = (
-    "Ashgrove",
-    "Brightwater",
-    "Carrow",
-    "Dunmore",
-    "Ellery",
-    "Fairweather",
-    "Greyling",
-    "Holloway",
-    "Ironwood",
-    "Jessamy",
-    "Kestrel",
-    "Larkspur",
-    "Marlowe",
-    "Northcott",
-    "Oakhurst",
-    "Penhallow",
-    "Quenby",
-    "Ravenscroft",
-    "Stormont",
-    "Thistlewood",
-    "Underhill",
-    "Vantongeren",
-    "Whitlock",
-    "Yardley",
-    "Zennor",
-    "Abernethy",
-    "Blackwood",
-    "Coldwell",
-    "Drummond",
-    "Everly",
-)
-CITIES = (
-    "Port Alder",
-    "Vellmora",
-    "Kastrin",
-    "Old Haverly",
-    "Saint Oriel",
-    "Drennick",
-    "Lower Tamsk",
-    "Myrrhaven",
-    "Coldharbour",
-    "Istvel",
-    "Brannoch",
-    "Quellport",
-    "Ravensmoor",
-    "Tollin Bay",
-    "Esk Varrow",
-    "Halden Cross",
-    "Norrow",
-    "Pellucid Falls",
-    "Wystan",
-    "Ambergate",
-)
-GENRES = (
-    "mystery",
-    "science fiction",
-    "historical fiction",
-    "poetry",
-    "fantasy",
-    "horror",
-    "romance",
-    "travel writing",
-    "satire",
-    "crime",
-    "biography",
-    "children's literature",
-)
-PROFESSIONS = (
-    "baker",
-    "surgeon",
-    "lighthouse keeper",
-    "carpenter",
-    "astronomer",
-    "tailor",
-    "fisherman",
-    "librarian",
-    "pilot",
-    "schoolteacher",
-    "watchmaker",
-    "botanist",
-    "diplomat",
-    "blacksmith",
-    "violinist",
-    "cartographer",
-)
-TITLE_ADJECTIVES = (
-    "Silent",
-    "Crimson",
-    "Lonely",
-    "Last",
-    "Hidden",
-    "Burning",
-    "Forgotten",
-    "Glass",
-    "Winter",
-    "Broken",
-    "Golden",
-    "Distant",
-    "Paper",
-    "Iron",
-    "Quiet",
-    "Salt",
-    "Scarlet",
-    "Fallen",
-    "Wandering",
-    "Sleeping",
-    "Velvet",
-    "Shattered",
-    "Endless",
-    "Secret",
-    "Drowned",
-    "Pale",
-    "Painted",
-    "Hungry",
-    "Restless",
-    "Frozen",
-)
-TITLE_NOUNS = (
-    "Harbour",
-    "Orchard",
-    "Lantern",
-    "Tide",
-    "Cathedral",
-    "Compass",
-    "Meadow",
-    "Clockwork",
-    "River",
-    "Garden",
-    "Mirror",
-    "Kingdom",
-    "Letters",
-    "Valley",
-    "Archive",
-    "Anthem",
-    "Carousel",
-    "Bridge",
-    "Forest",
-    "Island",
-    "Sparrow",
-    "Tower",
-    "Journey",
-    "Shadow",
-    "Fountain",
-    "Labyrinth",
-    "Voyage",
-    "Chronicle",
-    "Feather",
-    "Citadel",
-)
-AWARDS = (
-    "Aurel Prize for Fiction",
-    "Vellmora Book Medal",
-    "Silver Quill Award",
-    "Northcott Literary Prize",
-    "Lantern Award for Storytelling",
-    "Halden Cross Fellowship",
-    "Golden Inkwell Prize",
-    "Meridian Poetry Award",
-    "Tollin Bay Critics' Circle Award",
-    "Ashgrove Medal of Letters",
-)
-COUNTRIES = (
-    "Veloria",
-    "Karst",
-    "Ostmarch",
-    "Belisane",
-    "Tarvanne",
-    "Quorin",
-    "Lysmere",
-    "Dravonia",
-    "Essoria",
-    "Malgrave",
-    "Pellis",
-    "Orrin",
-    "Sundmark",
-    "Vastrel",
-    "Caldera",
-    "Ivenholt",
-    "Norvale",
-    "Triskel",
-    "Amberlane",
-    "Zorvath",
-)
-CAPITALS = (
-    "Ostrava Nova",
-    "Kell",
-    "Marrowgate",
-    "Belis",
-    "Tarvin",
-    "Quorum City",
-    "Lysport",
-    "Drav",
-    "Essen Hollow",
-    "Malby",
-    "Pellisford",
-    "Orrinwick",
-    "Sundby",
-    "Vastreth",
-    "Calder",
-    "Ivenmouth",
-    "Norhaven",
-    "Triskellion",
-    "Amberly",
-    "Zorhold",
-)
-RIVERS = (
-    "Silverrun",
-    "Oxmere",
-    "Tamberline",
-    "Duskwater",
-    "Felling",
-    "Greyrush",
-    "Harrowbrook",
-    "Kelda",
-    "Lune",
-    "Merrow",
-    "Nettle",
-    "Ostrey",
-    "Pike",
-    "Quarrel",
-    "Ruddle",
-    "Sable",
-    "Tolla",
-    "Umber",
-    "Vane",
-    "Wendle",
-)
-CURRENCIES = (
-    "crown",
-    "mark",
-    "florin",
-    "shell",
-    "talent",
-    "sovereign",
-    "penny",
-    "dram",
-    "groat",
-    "lira",
-    "ducat",
-    "riyal",
-    "obol",
-    "kopek",
-    "thaler",
-    "sceat",
-    "real",
-    "ora",
-    "mina",
-    "zloty",
-)
+WORDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "authors_words.json")
+
+
+def _load_words(path: str = WORDS_FILE) -> dict[str, tuple[str, ...]]:
+    """The generator's word pools (package data), each a tuple in its file order: the order is part
+    of the benchmark's bytes (``random.Random`` samples by position)."""
+    with open(path, encoding="utf-8") as handle:
+        return {key: tuple(values) for key, values in json.load(handle).items()}
+
+
+_WORDS = _load_words()
+FIRST_NAMES = _WORDS["first_names"]
+LAST_NAMES = _WORDS["last_names"]
+CITIES = _WORDS["cities"]
+GENRES = _WORDS["genres"]
+PROFESSIONS = _WORDS["professions"]
+TITLE_ADJECTIVES = _WORDS["title_adjectives"]
+TITLE_NOUNS = _WORDS["title_nouns"]
+AWARDS = _WORDS["awards"]
+COUNTRIES = _WORDS["countries"]
+CAPITALS = _WORDS["capitals"]
+RIVERS = _WORDS["rivers"]
+CURRENCIES = _WORDS["currencies"]
 
 # every possible title, in a fixed order; as many as there are names, so each author gets their own
 TITLES = tuple(f"The {adjective} {noun}" for adjective in TITLE_ADJECTIVES for noun in TITLE_NOUNS)

@@ -49,16 +49,12 @@ class DemoConfig:
         return cls(steps=3, quick_models=True, max_new_tokens=8, eval_max_examples=10)
 
 
-RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
-
-
 def run(
     config: DemoConfig, *, out_dir: str, device: torch.device | None = None, progress: bool = True
 ) -> dict:
     """Run the demo; returns the report dict (also written to ``out_dir/report.json``)."""
     from wagle.attribution import attribute
     from wagle.data import make_dataloader
-    from wagle.data.benchmark import HOLDOUT_OF, generate_holdout
     from wagle.evaluation import (
         evaluate,
         format_privacy_table,
@@ -68,9 +64,10 @@ def run(
         write_json,
     )
     from wagle.mask_plot import plot_mask_densities
-    from wagle.models import build_demo_models
-    from wagle.models.finetune import TinyRecipe
+    from wagle.synthetic.authors import HOLDOUT_OF, RETAIN_OF, generate_holdout
     from wagle.unlearning import unlearn
+
+    from .models import TinyRecipe, build_demo_models
 
     if config.forget_split not in RETAIN_OF:
         raise UserError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {config.forget_split!r}")
