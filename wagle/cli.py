@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="end-to-end demo on the bundled benchmark and a tiny model",
         description="Build tiny target/retain models on the bundled benchmark, compute a WAGLE "
-        "mask, unlearn with NPO (dense, WAGLE mask, random mask) and compare them.",
+        "mask, unlearn with NPO (dense, WAGLE mask, random mask) at several learning rates and seeds "
+        "and compare them (mean+-std over seeds, Pareto frontier). Every computation runs on one torch "
+        "thread, the independent ones in parallel processes: the report does not depend on the "
+        "machine's thread count.",
     )
     demo.add_argument("--out", default="wagle-demo", help="output directory (default ./wagle-demo)")
     demo.add_argument(
@@ -132,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--forget-split", choices=["forget01", "forget05", "forget10"], default="forget10")
     demo.add_argument("--quick", action="store_true", help="a much smaller configuration (for tests)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the benchmark and the models")
+    demo.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes for the independent runs (default: min(CPU count, runs); 1 = in this process)",
+    )
     demo.add_argument("--device", default=None)
 
     mask = sub.add_parser(

@@ -368,12 +368,17 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         _check_range("--steps", args.steps, 1)
         config.steps = args.steps
+    if args.workers is not None:
+        _check_range("--workers", args.workers, 1)
+        config.workers = args.workers
     report = run(config, out_dir=args.out, device=_device(args.device), progress=not args.no_progress)
     print(report["table"])
-    print("\n" + report["privacy_table"])
+    print("\nUtility at matched forgetting\n" + report["matched_table"])
+    print(f"\nHeadline runs (seed {config.seeds[0]}, lr {config.lr:g}): privacy\n" + report["privacy_table"])
     print(f"\nreport: {os.path.join(args.out, 'report.json')}")
     plots = ", ".join(
-        os.path.join(args.out, name) for name in ("tradeoff.png", "mask_densities.png", "privacy.png")
+        os.path.join(args.out, name)
+        for name in ("frontier.png", "tradeoff.png", "mask_densities.png", "privacy.png")
     )
     print(f"plots:  {plots}")
     return 0

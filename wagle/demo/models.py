@@ -17,6 +17,8 @@ from wagle.models.finetune import _check_number, _torch_threads, finetune
 from wagle.models.tiny import make_tiny_llama, train_tokenizer
 from wagle.synthetic.authors import RETAIN_OF, generate_benchmark
 
+from .pool import PinnedPool
+
 if TYPE_CHECKING:
     import datasets
 
@@ -78,6 +80,45 @@ def _corpus(benchmark: datasets.DatasetDict) -> list[str]:
     return texts
 
 
+def _tiny_llama(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
+    return make_tiny_llama(
+        tokenizer,
+        hidden_size=recipe.hidden_size,
+        num_layers=recipe.num_layers,
+        num_heads=recipe.num_heads,
+        intermediate_size=recipe.intermediate_size,
+        seed=seed,
+    )
+
+
+def _train(
+    name: str,
+    data: datasets.Dataset,
+    recipe: TinyRecipe,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    device: torch.device | str | None,
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Fine-tune one demo model from its seeded initialisation: (CPU state dict, statistics)."""
+    model = _tiny_llama(recipe, tokenizer, seed)
+    if device is not None:
+        model.to(device)
+    stats = finetune(
+        model,
+        tokenizer,
+        data,
+        epochs=recipe.epochs,
+        lr=recipe.lr,
+        batch_size=recipe.batch_size,
+        warmup_ratio=recipe.warmup_ratio,
+        seed=seed,
+        progress=progress,
+        desc=f"fine-tune {name}",
+    )
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, stats
+
+
 def build_demo_models(
     *,
     forget_split: str = "forget10",
@@ -87,6 +128,7 @@ def build_demo_models(
     recipe: TinyRecipe | None = None,
     device: torch.device | str | None = None,
     num_threads: int | None = None,
+    pool: PinnedPool | None = None,
 ) -> DemoModels:
     """Train the tokenizer on the bundled benchmark, then the target model (``full`` + ``general``)
     and the retain model (the retain split matching ``forget_split`` + ``general``) from the same
@@ -94,50 +136,50 @@ def build_demo_models(
 
     ``quick`` uses :meth:`TinyRecipe.quick`; ``recipe`` overrides both. ``num_threads`` sets torch's
     intra-op threads for the fine-tunes only (restored afterwards); default: torch's own choice.
+    ``pool`` (a :class:`~wagle.demo.pool.PinnedPool`) trains the two models as two of its tasks
+    instead, on its pinned thread count (``num_threads`` is then not allowed).
     """
+    import datasets
+
     if forget_split not in RETAIN_OF:
         raise UserError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {forget_split!r}")
     if num_threads is not None:
         _check_number("num_threads", num_threads, low=1, integer=True)
+        if pool is not None:
+            raise UserError("num_threads: not with a pool (the pool pins its own thread count)")
     recipe = recipe or (TinyRecipe.quick() if quick else TinyRecipe())
     benchmark = generate_benchmark(num_authors=recipe.num_authors, seed=seed)
     tokenizer = train_tokenizer(_corpus(benchmark), vocab_size=recipe.vocab_size)
-    stats = {}
-    models = {}
-    with _torch_threads(num_threads):
-        for name, split in (("target", "full"), ("retain", RETAIN_OF[forget_split])):
-            model = make_tiny_llama(
-                tokenizer,
-                hidden_size=recipe.hidden_size,
-                num_layers=recipe.num_layers,
-                num_heads=recipe.num_heads,
-                intermediate_size=recipe.intermediate_size,
-                seed=seed,
-            )
-            if device is not None:
-                model.to(device)
-            import datasets
-
-            data = datasets.concatenate_datasets([benchmark[split], benchmark["general"]])
-            stats[name] = finetune(
-                model,
-                tokenizer,
-                data,
-                epochs=recipe.epochs,
-                lr=recipe.lr,
-                batch_size=recipe.batch_size,
-                warmup_ratio=recipe.warmup_ratio,
-                seed=seed,
-                progress=progress,
-                desc=f"fine-tune {name}",
-            )
-            logger.info(
-                "%s model: %d steps in %.1fs, loss %.3f -> %.3f",
-                name,
-                stats[name]["steps"],
-                stats[name]["seconds"],
-                stats[name]["first_epoch_loss"],
-                stats[name]["final_loss"],
-            )
-            models[name] = model
+    names = (("target", "full"), ("retain", RETAIN_OF[forget_split]))
+    tasks = [
+        (
+            name,
+            datasets.concatenate_datasets([benchmark[split], benchmark["general"]]),
+            recipe,
+            tokenizer,
+            seed,
+            device,
+            progress and pool is None,
+        )
+        for name, split in names
+    ]
+    if pool is None:
+        with _torch_threads(num_threads):
+            trained = [_train(*task) for task in tasks]
+    else:
+        trained = pool.map(_train, tasks)
+    stats, models = {}, {}
+    for (name, _), (state, stats[name]) in zip(names, trained, strict=True):
+        model = _tiny_llama(recipe, tokenizer, seed)
+        model.load_state_dict(state)
+        model.eval()
+        models[name] = model.to(device) if device is not None else model
+        logger.info(
+            "%s model: %d steps in %.1fs, loss %.3f -> %.3f",
+            name,
+            stats[name]["steps"],
+            stats[name]["seconds"],
+            stats[name]["first_epoch_loss"],
+            stats[name]["final_loss"],
+        )
     return DemoModels(tokenizer, models["target"], models["retain"], benchmark, stats)
