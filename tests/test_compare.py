@@ -199,7 +199,7 @@ def _study(demo, out, **kw):
         retain=bm["retain90"],
         general=bm["general"],
         out_dir=out,
-        settings=CompareSettings(**SETTINGS),
+        settings=CompareSettings(**{**SETTINGS, **kw.pop("settings", {})}),
         progress=False,
         **{**GRID, **kw},
     )
@@ -266,6 +266,12 @@ def test_compare_end_to_end_and_resume(demo, tmp_path, monkeypatch):
     # another grid on the same folder is refused
     with pytest.raises(ValueError, match="another study"):
         _study(demo, out, lrs=[2e-3])
+    # so are other clipping semantics (clip_mode is part of the fingerprint)
+    assert lines[0]["study"]["settings"]["clip_mode"] == "mask_then_clip"
+    with pytest.raises(ValueError, match="another study.*settings"):
+        _study(demo, out, settings={"clip_mode": "clip_then_mask"})
+    with pytest.raises(ValueError, match="clip_mode"):
+        _study(demo, tmp_path / "other", settings={"clip_mode": "clip_first"})
 
 
 def test_budget_trims_the_grid(demo, tmp_path):
@@ -405,9 +411,11 @@ def test_study_models_are_cached_and_verified(tmp_path, caplog):
     from wagle.comparison.study import StudyRecipe, build_study_models
 
     recipe = StudyRecipe.quick()
-    first = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
-    assert not first.from_cache and first.manifest["num_threads"] == 1
-    again = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
+    # the two models in two worker processes, later again in this one: the same weights
+    first = build_study_models(tmp_path, recipe=recipe, workers=2, progress=False)
+    assert not first.from_cache and first.manifest["num_threads"] == 1 and first.manifest["workers"] == 2
+    assert first.manifest["train_cpu_seconds"] > 0
+    again = build_study_models(tmp_path, recipe=recipe, workers=1, progress=False)
     assert again.from_cache and model_digest(again.target) == model_digest(first.target)
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []
     # a cached weight file that no longer matches its manifest is not used
@@ -418,9 +426,11 @@ def test_study_models_are_cached_and_verified(tmp_path, caplog):
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 1
     save_file(tensors, weights, metadata={"format": "pt"})
-    rebuilt = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
+    rebuilt = build_study_models(tmp_path, recipe=recipe, workers=1, progress=False)
     assert not rebuilt.from_cache and "do not match" in caplog.text
-    assert model_digest(rebuilt.gold) == model_digest(first.gold)  # training is deterministic
+    assert rebuilt.manifest["digests"] == first.manifest["digests"]  # deterministic, in any process
+    with pytest.raises(ValueError, match="workers"):
+        build_study_models(tmp_path, recipe=recipe, workers=3, progress=False)
 
 
 def test_preset_refuses_its_own_options(capsys):
@@ -447,8 +457,8 @@ def test_cli_preset_end_to_end_with_a_small_recipe(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(study, "STUDY_GRID", tiny)
     preset_settings = study.study_settings
 
-    def quick_settings(num_threads):
-        settings = preset_settings(num_threads)
+    def quick_settings(num_threads, clip_mode):
+        settings = preset_settings(num_threads, clip_mode)
         settings.max_new_tokens, settings.utility_examples = 2, 8
         return settings
 
@@ -461,6 +471,7 @@ def test_cli_preset_end_to_end_with_a_small_recipe(tmp_path, monkeypatch, capsys
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["runs"]["finished"] == 4 and report["study"]["data_sizes"]["forget"] == 20
     assert report["study_models"]["manifest"]["recipe"]["hidden_size"] == 32
-    assert report["study"]["settings"]["num_threads"] == 1
+    assert report["study"]["settings"]["num_threads"] == 1 and report["torch_threads"] == 1
+    assert report["study"]["settings"]["clip_mode"] == "mask_then_clip"
     assert main([str(a) for a in args]) == 0  # again: cached models, every run already done
     assert "study models: cached" in capsys.readouterr().out
