@@ -141,6 +141,37 @@ def test_grid_runs_and_trimming_by_hand():
         Grid.make(objectives=["npo"], methods=["wagle"], ratios=[0.0], lrs=[1e-3], steps=[1])
 
 
+def test_method_learning_rates():
+    base = {"objectives": ["npo"], "ratios": [0.5], "steps": [5], "seeds": [0]}
+    plain = Grid.make(methods=["wagle", "lora"], lrs=[1e-3], lora_lrs=[1e-2], **base)
+    assert "method_lrs" not in plain.to_dict()  # a study without them keeps its fingerprint
+    grid = Grid.make(
+        methods=["wagle", "random", "lora"],
+        lrs=[1e-4, 2e-4, 4e-4],
+        lora_lrs=[1e-2],
+        method_lrs={"random": [3e-4, 6e-4, 1.2e-3], "lora": [5e-3, 2e-2], "dense": [1.0]},
+        **base,
+    )
+    assert grid.lrs_of("wagle") == (1e-4, 2e-4, 4e-4) and grid.lrs_of("random") == (3e-4, 6e-4, 1.2e-3)
+    assert grid.lrs_of("lora") == (5e-3, 2e-2)  # method_lrs before lora_lrs
+    assert grid.to_dict()["method_lrs"] == {"random": [3e-4, 6e-4, 1.2e-3], "lora": [5e-3, 2e-2]}
+    assert [(r.method, r.lr) for r in grid.runs() if r.method != "wagle"] == [
+        ("random", 3e-4),
+        ("random", 6e-4),
+        ("random", 1.2e-3),
+        ("lora", 5e-3),
+        ("lora", 2e-2),
+    ]
+    g, dropped = trim_grid(grid, lambda g: len(g.runs()) <= 6)
+    # the shared lrs lose their densest interior value, every longer method_lrs list one of its own
+    assert g.lrs == (1e-4, 4e-4) and g.lrs_of("random") == (3e-4, 1.2e-3) and g.lrs_of("lora") == (5e-3, 2e-2)
+    assert dropped == ["random lr 0.0006", "lr 0.0002"]
+    with pytest.raises(ValueError, match="method_lrs"):
+        Grid.make(methods=["wagle"], lrs=[1e-3], method_lrs={"bogus": [1e-3]}, **base)
+    with pytest.raises(ValueError, match=r"method_lrs\[wagle\]"):
+        Grid.make(methods=["wagle"], lrs=[1e-3], method_lrs={"wagle": []}, **base)
+
+
 # ------------------------------------------------------------------------------ the results file
 
 

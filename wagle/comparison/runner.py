@@ -232,6 +232,7 @@ def compare(
     steps: Sequence[int] = (100,),
     seeds: Sequence[int] = (0, 1, 2),
     lora_lrs: Sequence[float] | None = None,
+    method_lrs: Mapping[str, Sequence[float]] | None = None,
     settings: CompareSettings | None = None,
     budget_seconds: float | None = None,
     probe_runs: int = 2,
@@ -249,7 +250,8 @@ def compare(
     (question, answer, paraphrased_answer, perturbed_answer); unlearning uses ``forget`` and ``retain``,
     model utility is measured on ``retain_eval`` (default: ``retain``; e.g. TOFU's retain_perturbed,
     when the retain set itself has no perturbed answers) and ``general``. The grid: ``objectives`` x
-    ``methods`` x ``ratios`` (mask methods only) x ``lrs`` (``lora_lrs`` for LoRA) x ``steps`` x ``seeds``.
+    ``methods`` x ``ratios`` (mask methods only) x ``lrs`` (``lora_lrs`` for LoRA, ``method_lrs[m]`` for a
+    method given there) x ``steps`` x ``seeds``.
 
     Resuming: runs already in ``out_dir/results.jsonl`` are not redone; a results file of another study
     (another model, data, grid or settings) raises ``UserError``. ``budget_seconds`` bounds this call:
@@ -275,6 +277,7 @@ def compare(
         steps=steps,
         seeds=seeds,
         lora_lrs=lora_lrs,
+        method_lrs=method_lrs,
     )
     if "lora" in grid.methods:
         require_peft()
