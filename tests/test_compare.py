@@ -484,7 +484,7 @@ def test_cli_preset_end_to_end_with_a_small_recipe(tmp_path, monkeypatch, capsys
         "lrs": (1e-3,),
         "steps": (1,),
     }
-    tiny.pop("lora_lrs")
+    tiny.pop("method_lrs")
     monkeypatch.setattr(study, "STUDY_GRID", tiny)
     preset_settings = study.study_settings
 
