@@ -3,16 +3,18 @@
     python benchmarks/bench_compare_study.py --out study-run --cache-dir ~/.cache/wagle [--threads 2]
 
 The record holds the environment (torch/triton versions, the pinned torch thread count), the wagle
-version and git commit, the wall and process CPU seconds of the model building and of the study, the
-1-minute load average before and after (a machine shared with other work makes wall time longer than
-CPU time / threads), and the study's tables (mean+-std over seeds, utility at matched forgetting).
-Run it again with the same ``--out`` to resume an interrupted study; the timings then cover that call.
+version and git commit, the wall and CPU seconds of the model building and of the study (this process
+plus the two model-training worker processes), the 1-minute load average before and after (a machine
+shared with other work makes wall time longer than CPU time / threads), and the study's tables
+(mean+-std over seeds, utility at matched forgetting). Run it again with the same ``--out`` to resume
+an interrupted study; the timings then cover that call.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -47,6 +49,11 @@ def _commit() -> str:
         return "unknown"
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="study output folder (results.jsonl, report.json, ...)")
@@ -63,23 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     commit = _commit()  # before the run: the code that runs is the code at this commit
     load_before = os.getloadavg()[0]
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
     report = run_study(args.out, args.cache_dir, num_threads=args.threads, progress=False)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu, children = time.perf_counter() - wall, time.process_time() - cpu, _children_cpu() - children
     info = environment()
     record = {
         "benchmark": "wagle compare --preset study",
         "environment": info,
         "wagle": wagle.__version__,
         "commit": commit,
-        "torch_threads": args.threads,
+        "torch_threads": report["torch_threads"],
         "wall_seconds": wall,
         "process_cpu_seconds": cpu,
+        "worker_cpu_seconds": children,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()},
         "study_models": {
             "from_cache": report["study_models"]["from_cache"],
             "seconds": report["study_models"]["seconds"],
             "train_seconds": report["study_models"]["manifest"].get("train_seconds"),
+            "train_cpu_seconds": report["study_models"]["manifest"].get("train_cpu_seconds"),
+            "train_workers": report["study_models"]["manifest"].get("workers"),
+            "train_threads_per_model": report["study_models"]["manifest"].get("num_threads"),
             "recipe": report["study_models"]["manifest"]["recipe"],
         },
         "timings_seconds": report["timings_seconds"],
@@ -97,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     write_json(path, record)
     print(report["table"])
     print(report["matched_table"])
-    print(f"wall {wall:.0f}s, process CPU {cpu:.0f}s, {args.threads} threads; record: {path}")
+    print(
+        f"wall {wall:.0f}s, CPU {cpu:.0f}s + {children:.0f}s in workers, {args.threads} threads; "
+        f"record: {path}"
+    )
     return 0
 
 

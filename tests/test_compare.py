@@ -141,6 +141,37 @@ def test_grid_runs_and_trimming_by_hand():
         Grid.make(objectives=["npo"], methods=["wagle"], ratios=[0.0], lrs=[1e-3], steps=[1])
 
 
+def test_method_learning_rates():
+    base = {"objectives": ["npo"], "ratios": [0.5], "steps": [5], "seeds": [0]}
+    plain = Grid.make(methods=["wagle", "lora"], lrs=[1e-3], lora_lrs=[1e-2], **base)
+    assert "method_lrs" not in plain.to_dict()  # a study without them keeps its fingerprint
+    grid = Grid.make(
+        methods=["wagle", "random", "lora"],
+        lrs=[1e-4, 2e-4, 4e-4],
+        lora_lrs=[1e-2],
+        method_lrs={"random": [3e-4, 6e-4, 1.2e-3], "lora": [5e-3, 2e-2], "dense": [1.0]},
+        **base,
+    )
+    assert grid.lrs_of("wagle") == (1e-4, 2e-4, 4e-4) and grid.lrs_of("random") == (3e-4, 6e-4, 1.2e-3)
+    assert grid.lrs_of("lora") == (5e-3, 2e-2)  # method_lrs before lora_lrs
+    assert grid.to_dict()["method_lrs"] == {"random": [3e-4, 6e-4, 1.2e-3], "lora": [5e-3, 2e-2]}
+    assert [(r.method, r.lr) for r in grid.runs() if r.method != "wagle"] == [
+        ("random", 3e-4),
+        ("random", 6e-4),
+        ("random", 1.2e-3),
+        ("lora", 5e-3),
+        ("lora", 2e-2),
+    ]
+    g, dropped = trim_grid(grid, lambda g: len(g.runs()) <= 6)
+    # the shared lrs lose their densest interior value, every longer method_lrs list one of its own
+    assert g.lrs == (1e-4, 4e-4) and g.lrs_of("random") == (3e-4, 1.2e-3) and g.lrs_of("lora") == (5e-3, 2e-2)
+    assert dropped == ["random lr 0.0006", "lr 0.0002"]
+    with pytest.raises(ValueError, match="method_lrs"):
+        Grid.make(methods=["wagle"], lrs=[1e-3], method_lrs={"bogus": [1e-3]}, **base)
+    with pytest.raises(ValueError, match=r"method_lrs\[wagle\]"):
+        Grid.make(methods=["wagle"], lrs=[1e-3], method_lrs={"wagle": []}, **base)
+
+
 # ------------------------------------------------------------------------------ the results file
 
 
@@ -199,7 +230,7 @@ def _study(demo, out, **kw):
         retain=bm["retain90"],
         general=bm["general"],
         out_dir=out,
-        settings=CompareSettings(**SETTINGS),
+        settings=CompareSettings(**{**SETTINGS, **kw.pop("settings", {})}),
         progress=False,
         **{**GRID, **kw},
     )
@@ -266,6 +297,12 @@ def test_compare_end_to_end_and_resume(demo, tmp_path, monkeypatch):
     # another grid on the same folder is refused
     with pytest.raises(ValueError, match="another study"):
         _study(demo, out, lrs=[2e-3])
+    # so are other clipping semantics (clip_mode is part of the fingerprint)
+    assert lines[0]["study"]["settings"]["clip_mode"] == "mask_then_clip"
+    with pytest.raises(ValueError, match="another study.*settings"):
+        _study(demo, out, settings={"clip_mode": "clip_then_mask"})
+    with pytest.raises(ValueError, match="clip_mode"):
+        _study(demo, tmp_path / "other", settings={"clip_mode": "clip_first"})
 
 
 def test_budget_trims_the_grid(demo, tmp_path):
@@ -405,9 +442,11 @@ def test_study_models_are_cached_and_verified(tmp_path, caplog):
     from wagle.comparison.study import StudyRecipe, build_study_models
 
     recipe = StudyRecipe.quick()
-    first = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
-    assert not first.from_cache and first.manifest["num_threads"] == 1
-    again = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
+    # the two models in two worker processes, later again in this one: the same weights
+    first = build_study_models(tmp_path, recipe=recipe, workers=2, progress=False)
+    assert not first.from_cache and first.manifest["num_threads"] == 1 and first.manifest["workers"] == 2
+    assert first.manifest["train_cpu_seconds"] > 0
+    again = build_study_models(tmp_path, recipe=recipe, workers=1, progress=False)
     assert again.from_cache and model_digest(again.target) == model_digest(first.target)
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []
     # a cached weight file that no longer matches its manifest is not used
@@ -418,9 +457,11 @@ def test_study_models_are_cached_and_verified(tmp_path, caplog):
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 1
     save_file(tensors, weights, metadata={"format": "pt"})
-    rebuilt = build_study_models(tmp_path, recipe=recipe, num_threads=1, progress=False)
+    rebuilt = build_study_models(tmp_path, recipe=recipe, workers=1, progress=False)
     assert not rebuilt.from_cache and "do not match" in caplog.text
-    assert model_digest(rebuilt.gold) == model_digest(first.gold)  # training is deterministic
+    assert rebuilt.manifest["digests"] == first.manifest["digests"]  # deterministic, in any process
+    with pytest.raises(ValueError, match="workers"):
+        build_study_models(tmp_path, recipe=recipe, workers=3, progress=False)
 
 
 def test_preset_refuses_its_own_options(capsys):
@@ -443,12 +484,12 @@ def test_cli_preset_end_to_end_with_a_small_recipe(tmp_path, monkeypatch, capsys
         "lrs": (1e-3,),
         "steps": (1,),
     }
-    tiny.pop("lora_lrs")
+    tiny.pop("method_lrs")
     monkeypatch.setattr(study, "STUDY_GRID", tiny)
     preset_settings = study.study_settings
 
-    def quick_settings(num_threads):
-        settings = preset_settings(num_threads)
+    def quick_settings(num_threads, clip_mode):
+        settings = preset_settings(num_threads, clip_mode)
         settings.max_new_tokens, settings.utility_examples = 2, 8
         return settings
 
@@ -461,6 +502,7 @@ def test_cli_preset_end_to_end_with_a_small_recipe(tmp_path, monkeypatch, capsys
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["runs"]["finished"] == 4 and report["study"]["data_sizes"]["forget"] == 20
     assert report["study_models"]["manifest"]["recipe"]["hidden_size"] == 32
-    assert report["study"]["settings"]["num_threads"] == 1
+    assert report["study"]["settings"]["num_threads"] == 1 and report["torch_threads"] == 1
+    assert report["study"]["settings"]["clip_mode"] == "mask_then_clip"
     assert main([str(a) for a in args]) == 0  # again: cached models, every run already done
     assert "study models: cached" in capsys.readouterr().out

@@ -95,6 +95,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument(
+        "--clip-mode",
+        choices=["mask_then_clip", "clip_then_mask"],
+        default="mask_then_clip",
+        help="gradient norm over the selected entries (default) or the full gradients (reference order)",
+    )
     p.add_argument("--gamma", type=float, default=1e-6, help="WAGLE's gamma (default 1e-6)")
     p.add_argument("--beta", type=float, default=None, help="beta of NPO/SimNPO")
     p.add_argument("--eval-batch-size", type=int, default=16)
@@ -173,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
+        clip_mode=args.clip_mode,
         gamma=args.gamma,
         objective_kwargs=objective_kwargs,
         eval_batch_size=args.eval_batch_size,
@@ -236,6 +243,7 @@ def _run_preset(args: argparse.Namespace) -> int:
         args.out,
         args.cache_dir or default_cache_dir(),
         num_threads=args.threads or 2,
+        clip_mode=args.clip_mode,
         budget_seconds=args.budget,
         progress=not args.no_progress,
     )

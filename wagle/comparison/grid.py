@@ -9,7 +9,7 @@ complete single-seed picture before it adds spread.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 from wagle.errors import UserError
@@ -77,7 +77,9 @@ def _names(name: str, values, allowed: Sequence[str] | None) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Grid:
     """The axes of a study. ``lora_lrs`` (default: ``lrs``) are the learning rates of the LoRA baseline,
-    which usually needs larger steps than full or masked fine-tuning."""
+    which usually needs larger steps than full or masked fine-tuning; ``method_lrs`` (method, lrs)
+    pairs give other methods their own learning rates (e.g. a random mask, which forgets less per
+    step than a gradient-based one at the same lr), taking precedence over ``lrs`` and ``lora_lrs``."""
 
     objectives: tuple[str, ...]
     methods: tuple[str, ...]
@@ -86,6 +88,7 @@ class Grid:
     steps: tuple[int, ...]
     seeds: tuple[int, ...]
     lora_lrs: tuple[float, ...] | None = None
+    method_lrs: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     @classmethod
     def make(
@@ -98,11 +101,16 @@ class Grid:
         steps: Sequence[int],
         seeds: Sequence[int] = (0,),
         lora_lrs: Sequence[float] | None = None,
+        method_lrs: Mapping[str, Sequence[float]] | None = None,
     ) -> Grid:
-        """Validated grid (objective names are checked when runs are built)."""
+        """Validated grid (objective names are checked when runs are built; ``method_lrs`` entries of
+        methods not in ``methods`` are dropped)."""
         from wagle.objectives import OBJECTIVES
 
         methods = _names("methods", methods, METHODS)
+        own = dict(method_lrs or {})
+        if own:
+            _names("method_lrs", tuple(own), METHODS)
         has_masks = any(m in MASK_METHODS for m in methods)
         return cls(
             objectives=_names("objectives", objectives, tuple(OBJECTIVES)),
@@ -112,6 +120,7 @@ class Grid:
             steps=_numbers("steps", steps, low=1, integer=True),
             seeds=_numbers("seeds", seeds, low=0, integer=True),
             lora_lrs=None if lora_lrs is None else _numbers("lora_lrs", lora_lrs, low=0.0),
+            method_lrs=tuple((m, _numbers(f"method_lrs[{m}]", own[m], low=0.0)) for m in methods if m in own),
         )
 
     def __post_init__(self):
@@ -119,10 +128,15 @@ class Grid:
             raise UserError(
                 f"ratios: must be > 0 (a mask selecting nothing cannot unlearn), got {self.ratios}"
             )
-        if any(lr <= 0 for lr in (*self.lrs, *(self.lora_lrs or ()))):
+        own = [lr for _, lrs in self.method_lrs for lr in lrs]
+        if any(lr <= 0 for lr in (*self.lrs, *(self.lora_lrs or ()), *own)):
             raise UserError("lrs: learning rates must be > 0")
 
     def lrs_of(self, method: str) -> tuple[float, ...]:
+        """The learning rates of ``method``'s runs."""
+        own = dict(self.method_lrs)
+        if method in own:
+            return own[method]
         return self.lora_lrs if method == "lora" and self.lora_lrs is not None else self.lrs
 
     def runs(self) -> list[RunSpec]:
@@ -139,7 +153,10 @@ class Grid:
         return out
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
+        out = {k: (list(v) if v is not None else None) for k, v in asdict(self).items() if k != "method_lrs"}
+        if self.method_lrs:  # only when given: the fingerprint of a study without them is unchanged
+            out["method_lrs"] = {m: list(lrs) for m, lrs in self.method_lrs}
+        return out
 
 
 def _thin(values: tuple, *, log: bool) -> tuple[tuple, object]:
@@ -186,6 +203,14 @@ def trim_grid(grid: Grid, fits) -> tuple[Grid, list[str]]:
                 lora_kept, lora_gone = _thin(g.lora_lrs, log=True)
                 changes["lora_lrs"] = lora_kept
                 dropped.append(f"lora lr {lora_gone:g}")
+            if axis == "lrs" and any(len(lrs) > len(kept) for _, lrs in g.method_lrs):
+                own = []
+                for method, lrs in g.method_lrs:
+                    if len(lrs) > len(kept):
+                        lrs, gone_own = _thin(lrs, log=True)
+                        dropped.append(f"{method} lr {gone_own:g}")
+                    own.append((method, lrs))
+                changes["method_lrs"] = tuple(own)
             g = replace(g, **changes)
             dropped.append(f"{_AXIS_NAMES[axis]} {gone if isinstance(gone, str) else format(gone, 'g')}")
         return g

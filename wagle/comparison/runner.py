@@ -43,11 +43,13 @@ class CompareSettings:
 
     Unlearning: ``batch_size`` forget (and retain) examples per micro-batch, ``grad_accum`` micro-batches
     per step, AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay, gradients
-    clipped to ``max_grad_norm``. Masks: WAGLE's ``gamma``; gradients summed over batches of
-    ``batch_size``. Evaluation: the whole forget split (forget quality needs every truth ratio), the
-    first ``utility_examples`` rows of the retain and general splits (all when None). LoRA: ``lora_r``,
-    ``lora_alpha`` on ``lora_targets``. ``num_threads`` pins torch's intra-op threads for the study
-    (None: torch's current setting, which is recorded)."""
+    clipped to ``max_grad_norm`` under ``clip_mode`` (:mod:`wagle.optim.clipping`: the norm over the
+    selected entries, ``mask_then_clip``, or over the full gradients, ``clip_then_mask``). Masks:
+    WAGLE's ``gamma``; gradients summed over batches of ``batch_size``. Evaluation: the whole forget
+    split (forget quality needs every truth ratio), the first ``utility_examples`` rows of the retain
+    and general splits (all when None). LoRA: ``lora_r``, ``lora_alpha`` on ``lora_targets``.
+    ``num_threads`` pins torch's intra-op threads for the study (None: torch's current setting, which
+    is recorded)."""
 
     batch_size: int = 4
     grad_accum: int = 1
@@ -55,6 +57,7 @@ class CompareSettings:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    clip_mode: str = "mask_then_clip"
     gamma: float = 1e-6
     objective_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_batch_size: int = 16
@@ -74,6 +77,9 @@ class CompareSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UserError(f"{name}: must be None or an integer >= 1, got {value!r}")
+        from wagle.optim.clipping import check_clip_mode
+
+        check_clip_mode(self.clip_mode)
         if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
             raise UserError(f"gamma: must be a finite number > 0, got {self.gamma!r}")
 
@@ -226,6 +232,7 @@ def compare(
     steps: Sequence[int] = (100,),
     seeds: Sequence[int] = (0, 1, 2),
     lora_lrs: Sequence[float] | None = None,
+    method_lrs: Mapping[str, Sequence[float]] | None = None,
     settings: CompareSettings | None = None,
     budget_seconds: float | None = None,
     probe_runs: int = 2,
@@ -243,7 +250,8 @@ def compare(
     (question, answer, paraphrased_answer, perturbed_answer); unlearning uses ``forget`` and ``retain``,
     model utility is measured on ``retain_eval`` (default: ``retain``; e.g. TOFU's retain_perturbed,
     when the retain set itself has no perturbed answers) and ``general``. The grid: ``objectives`` x
-    ``methods`` x ``ratios`` (mask methods only) x ``lrs`` (``lora_lrs`` for LoRA) x ``steps`` x ``seeds``.
+    ``methods`` x ``ratios`` (mask methods only) x ``lrs`` (``lora_lrs`` for LoRA, ``method_lrs[m]`` for a
+    method given there) x ``steps`` x ``seeds``.
 
     Resuming: runs already in ``out_dir/results.jsonl`` are not redone; a results file of another study
     (another model, data, grid or settings) raises ``UserError``. ``budget_seconds`` bounds this call:
@@ -269,6 +277,7 @@ def compare(
         steps=steps,
         seeds=seeds,
         lora_lrs=lora_lrs,
+        method_lrs=method_lrs,
     )
     if "lora" in grid.methods:
         require_peft()
@@ -384,6 +393,7 @@ def compare(
                     warmup_ratio=settings.warmup_ratio,
                     weight_decay=settings.weight_decay,
                     max_grad_norm=settings.max_grad_norm,
+                    clip_mode=settings.clip_mode,
                     max_length=settings.max_length,
                     objective_kwargs=settings.objective_kwargs.get(spec.objective),
                     seed=spec.seed,
@@ -471,6 +481,7 @@ def compare(
             timings=timings,
             results_path=results.path,
         )
+        report["torch_threads"] = threads
         report.update(extra or {})
         write_outputs(report, out_dir, plot=plot)
         return report

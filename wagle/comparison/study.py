@@ -24,13 +24,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from wagle.errors import UserError
 from wagle.files import atomic_write_text, replace_folder, temporary_folder
 
 from .results import data_digest, model_digest, tokenizer_digest
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,25 @@ def cache_key(recipe: StudyRecipe, benchmark) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _train(recipe: StudyRecipe, benchmark, *, progress: bool):
+TRAIN_THREADS = 1  # torch intra-op threads per model: the cached weights do not depend on the machine
+
+
+def _train_one(recipe: StudyRecipe, name: str, tokenizer_dir: str, out_dir: str, progress: bool) -> dict:
+    """Fine-tune one study model (``target``: all authors + general, ``gold``: retain authors + general)
+    on :data:`TRAIN_THREADS` threads and save it to ``out_dir``; returns the fine-tuning statistics
+    and the process CPU seconds. Runs in the caller's process or in a worker process: the same weights."""
     import datasets
+    from transformers import PreTrainedTokenizerFast
 
-    from wagle.models import finetune, make_tiny_llama, train_tokenizer
+    from wagle.data.study_benchmark import generate_study_benchmark
+    from wagle.models import finetune, make_tiny_llama
 
-    tokenizer = train_tokenizer(_corpus(benchmark), vocab_size=recipe.vocab_size)
-    models, stats = {}, {}
-    for name, split in (("target", "full"), ("gold", "retain")):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        cpu = time.process_time()
+        benchmark = generate_study_benchmark(recipe.num_authors, recipe.forget_authors, recipe.seed)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         model = make_tiny_llama(
             tokenizer,
             hidden_size=recipe.hidden_size,
@@ -111,8 +123,9 @@ def _train(recipe: StudyRecipe, benchmark, *, progress: bool):
             intermediate_size=recipe.intermediate_size,
             seed=recipe.seed,
         )
+        split = {"target": "full", "gold": "retain"}[name]
         data = datasets.concatenate_datasets([benchmark[split], benchmark["general"]])
-        stats[name] = finetune(
+        stats = finetune(
             model,
             tokenizer,
             data,
@@ -124,8 +137,65 @@ def _train(recipe: StudyRecipe, benchmark, *, progress: bool):
             progress=progress,
             desc=f"fine-tune {name}",
         )
-        models[name] = model.eval()
-    return tokenizer, models, stats
+        model.eval().save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        stats["cpu_seconds"] = time.process_time() - cpu
+        stats["threads"] = torch.get_num_threads()
+        return stats
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _train(recipe: StudyRecipe, benchmark, folder: str, *, workers: int, progress: bool) -> dict:
+    """Train the tokenizer, then the target and gold models into ``folder/target`` and ``folder/gold``;
+    with ``workers=2`` the two models train at once in two ``python -m wagle.comparison.study``
+    processes (one thread each, so the weights are those of ``workers=1``)."""
+    from wagle.models import train_tokenizer
+
+    tokenizer = train_tokenizer(_corpus(benchmark), vocab_size=recipe.vocab_size)
+    tokenizer_dir = os.path.join(folder, "tokenizer")
+    tokenizer.save_pretrained(tokenizer_dir)
+    jobs = {name: (name, tokenizer_dir, os.path.join(folder, name)) for name in ("target", "gold")}
+    try:
+        if workers == 1:
+            return {name: _train_one(recipe, *job, progress) for name, job in jobs.items()}
+        return _train_in_workers(recipe, jobs)
+    finally:
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+
+
+def _train_in_workers(recipe: StudyRecipe, jobs: dict[str, tuple]) -> dict:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    try:
+        for name, job in jobs.items():
+            command = [sys.executable, "-m", __name__, json.dumps(asdict(recipe)), *job]
+            procs[name] = subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        stats = {}
+        for name, proc in procs.items():
+            out, err = proc.communicate()
+            if proc.returncode != 0:
+                tail = err.strip().splitlines()[-1] if err.strip() else f"exit status {proc.returncode}"
+                raise RuntimeError(f"training the study's {name} model failed: {tail}")
+            stats[name] = json.loads(out.strip().splitlines()[-1])
+        return stats
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _load_cached(path: str, key: str):
@@ -160,13 +230,19 @@ def build_study_models(
     cache_dir: str | os.PathLike,
     *,
     recipe: StudyRecipe | None = None,
-    num_threads: int | None = 2,
+    workers: int | None = None,
     progress: bool = True,
 ) -> StudyModels:
     """The study's tokenizer, target and gold models: from ``cache_dir`` when a verified copy is there,
-    else trained (torch pinned to ``num_threads`` intra-op threads) and cached atomically."""
+    else trained (each model on :data:`TRAIN_THREADS` torch thread; ``workers`` processes at once,
+    default 2 when the machine has 2 or more CPUs, 1 otherwise; the weights do not depend on it) and
+    cached atomically."""
     from wagle.data.study_benchmark import generate_study_benchmark
 
+    if workers is None:
+        workers = 2 if (os.cpu_count() or 1) >= 2 else 1
+    if workers not in (1, 2):
+        raise UserError(f"workers: must be 1 or 2 (one process per model), got {workers!r}")
     recipe = recipe or StudyRecipe()
     benchmark = generate_study_benchmark(recipe.num_authors, recipe.forget_authors, recipe.seed)
     key = cache_key(recipe, benchmark)
@@ -177,36 +253,33 @@ def build_study_models(
         tokenizer, target, gold, manifest = cached
         return StudyModels(tokenizer, target, gold, benchmark, manifest, True, path)
 
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        started = time.perf_counter()
-        tokenizer, models, stats = _train(recipe, benchmark, progress=progress)
-        seconds = time.perf_counter() - started
-        threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
-    manifest = {
-        "format": CACHE_FORMAT,
-        "key": key,
-        "recipe": asdict(recipe),
-        "digests": {
-            "target": model_digest(models["target"]),
-            "gold": model_digest(models["gold"]),
-            "tokenizer": tokenizer_digest(tokenizer),
-        },
-        "train_stats": stats,
-        "train_seconds": seconds,
-        "torch": torch.__version__,
-        "num_threads": threads,
-    }
     os.makedirs(cache_dir, exist_ok=True)
     tmp = temporary_folder(cache_dir, f".tmp-study-{key[:16]}-")
     try:
-        for name in ("target", "gold"):
-            models[name].save_pretrained(os.path.join(tmp, name), safe_serialization=True)
-            tokenizer.save_pretrained(os.path.join(tmp, name))
+        started, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
+        stats = _train(recipe, benchmark, tmp, workers=workers, progress=progress)
+        seconds = time.perf_counter() - started
+        from wagle.models import load_model
+
+        target, tokenizer = load_model(os.path.join(tmp, "target"))
+        gold, _ = load_model(os.path.join(tmp, "gold"))
+        manifest = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "recipe": asdict(recipe),
+            "digests": {
+                "target": model_digest(target),
+                "gold": model_digest(gold),
+                "tokenizer": tokenizer_digest(tokenizer),
+            },
+            "train_stats": stats,
+            "train_seconds": seconds,
+            # CPU seconds of this process and of the worker processes (imports included)
+            "train_cpu_seconds": time.process_time() - cpu + _children_cpu() - children,
+            "workers": workers,
+            "torch": torch.__version__,
+            "num_threads": TRAIN_THREADS,
+        }
         atomic_write_text(
             os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         )
@@ -222,22 +295,33 @@ def build_study_models(
     return StudyModels(tokenizer, target, gold, benchmark, manifest, False, path)
 
 
-# The preset grid: every mask method at two ratios, two learning rates (a short trade-off curve per
-# mask), two seeds (a spread), dense and LoRA; sized for about 10 minutes on 2 unloaded CPU cores.
+# The preset grid: every mask method at two ratios, two learning rates per method (a short trade-off
+# curve per mask), two seeds (a spread), dense and LoRA; 56 runs of 15 NPO steps. The learning rates
+# were placed from single-seed sweeps (15 steps, ratio 0.5) so that the lower one forgets mildly
+# (forget ROUGE-L about 0.65-0.8) and the higher one reaches about the gold model's 0.59 without
+# collapsing: gradient-based masks move faster per lr than random / magnitude / Wanda masks, dense
+# faster still, LoRA needs an order of magnitude more.
 STUDY_GRID = {
     "objectives": ("npo",),
     "methods": ("wagle", "random", "magnitude", "gradient", "snip", "wanda", "dense", "lora"),
     "ratios": (0.2, 0.5),
-    "lrs": (5e-4, 1e-3),
-    "lora_lrs": (5e-3, 1e-2),
+    "lrs": (5e-4, 8e-4),
+    "method_lrs": {
+        "random": (1e-3, 1.6e-3),
+        "magnitude": (1e-3, 1.6e-3),
+        "wanda": (1e-3, 1.6e-3),
+        "dense": (3e-4, 5e-4),
+        "lora": (5e-3, 6e-3),
+    },
     "steps": (15,),
     "seeds": (0, 1),
 }
 
 
-def study_settings(num_threads: int | None = 2):
+def study_settings(num_threads: int | None = 2, clip_mode: str = "mask_then_clip"):
     """The preset's run and evaluation settings (NPO beta 0.1, batch 8, answers up to 24 tokens, the
-    first 100 retain questions and all 60 general questions for utility, the whole forget split)."""
+    first 100 retain questions and all 60 general questions for utility, the whole forget split;
+    gradients clipped under ``clip_mode``)."""
     from .runner import CompareSettings
 
     return CompareSettings(
@@ -247,6 +331,7 @@ def study_settings(num_threads: int | None = 2):
         max_new_tokens=24,
         utility_examples=100,
         num_threads=num_threads,
+        clip_mode=clip_mode,
     )
 
 
@@ -257,6 +342,8 @@ def run_study(
     recipe: StudyRecipe | None = None,
     grid: dict | None = None,
     num_threads: int | None = 2,
+    workers: int | None = None,
+    clip_mode: str = "mask_then_clip",
     budget_seconds: float | None = None,
     progress: bool = True,
 ) -> dict:
@@ -265,7 +352,7 @@ def run_study(
     from .runner import compare
 
     started = time.perf_counter()
-    models = build_study_models(cache_dir, recipe=recipe, num_threads=num_threads, progress=progress)
+    models = build_study_models(cache_dir, recipe=recipe, workers=workers, progress=progress)
     model_seconds = time.perf_counter() - started
     bm = models.benchmark
     report = compare(
@@ -276,7 +363,7 @@ def run_study(
         retain=bm["retain"],
         general=bm["general"],
         out_dir=out_dir,
-        settings=study_settings(num_threads),
+        settings=study_settings(num_threads, clip_mode),
         budget_seconds=None if budget_seconds is None else max(1.0, budget_seconds - model_seconds),
         progress=progress,
         extra={
@@ -290,3 +377,11 @@ def run_study(
         **(grid or STUDY_GRID),
     )
     return report
+
+
+if __name__ == "__main__":  # one model of _train_in_workers: RECIPE_JSON NAME TOKENIZER_DIR OUT_DIR
+    import sys
+
+    _recipe, _name, _tokenizer_dir, _out_dir = sys.argv[1:5]
+    _stats = _train_one(StudyRecipe(**json.loads(_recipe)), _name, _tokenizer_dir, _out_dir, False)
+    print(json.dumps(_stats))
