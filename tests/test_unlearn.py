@@ -12,7 +12,7 @@ from helpers import tiny_model, tiny_tokenizer
 from wagle import UnlearningDiverged, WeightMask, attribute, unlearn
 from wagle.data import generate_rows, make_dataloader
 from wagle.mask import MaskMismatchError
-from wagle.objectives import GradDiff
+from wagle.objectives import OBJECTIVES, GradDiff, Objective, mean_nll, objective_options
 from wagle.unlearning.examples import micro_batch_indices
 
 ROWS = generate_rows(num_authors=20)
@@ -24,13 +24,47 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("method", ["grad_ascent", "grad_diff", "npo", "simnpo", "po", "rmu"])
+@pytest.mark.parametrize("method", list(OBJECTIVES))
 def test_every_method_runs_and_changes_weights(method):
     model, tok = tiny_model(), tiny_tokenizer()
     before = snapshot(model)
     result = unlearn(model, FORGET, RETAIN, tokenizer=tok, method=method, **KW)
     assert len(result.history) == 3 and all(math.isfinite(h["loss"]) for h in result.history)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+class _ScaledAscent(Objective):
+    """A throwaway objective: L = -scale * NLL_f."""
+
+    name = "scaled_ascent"
+    uses_retain = False
+
+    def __init__(self, scale: float = 2.0, beta: float = 0.5):
+        self.scale, self.beta = scale, beta
+
+    def loss(self, model, forget, retain):
+        nll = mean_nll(model, forget)
+        return -self.scale * nll, {"nll_forget": float(nll.detach())}
+
+
+def test_a_registered_objective_is_one_class_and_one_entry(monkeypatch):
+    """Registering an Objective subclass is all it takes: unlearn runs it by name, its settings enter
+    the fingerprint, and shared options (beta) reach it through objective_options."""
+    monkeypatch.setitem(OBJECTIVES, "scaled_ascent", _ScaledAscent)
+    assert objective_options("scaled-ascent") == ("scale", "beta")
+    assert "beta" in objective_options("npo") and "beta" not in objective_options("grad_diff")
+    runs = {}
+    for scale in (1.0, 2.0):
+        model, tok = tiny_model(), tiny_tokenizer()
+        kw = {"objective_kwargs": {"scale": scale}, **KW}
+        result = unlearn(model, FORGET, RETAIN, tokenizer=tok, method="scaled_ascent", **kw)
+        runs[scale] = snapshot(model)
+        assert len(result.history) == 3 and all(h["loss"] < 0 for h in result.history)
+    reference, tok = tiny_model(), tiny_tokenizer()
+    unlearn(reference, FORGET, RETAIN, tokenizer=tok, method="grad_ascent", **KW)
+    for name, p in reference.named_parameters():  # scale 1 is gradient ascent
+        assert torch.equal(runs[1.0][name], p)
+    assert any(not torch.equal(runs[1.0][n], runs[2.0][n]) for n in runs[1.0])
 
 
 @pytest.mark.parametrize("layout", ["compact", "dense"])

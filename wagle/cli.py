@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept a mask that leaves model parameters uncovered (frozen) although it was not made "
         "for this model (e.g. one without its biases, or from a tied-embedding variant)",
     )
-    unl.add_argument(
-        "--method", default="npo", help="grad_ascent, grad_diff, npo, simnpo, po, rmu (default npo)"
-    )
+    from wagle.objectives import OBJECTIVES
+
+    unl.add_argument("--method", default="npo", help=f"{', '.join(OBJECTIVES)} (default npo)")
     unl.add_argument("--steps", type=int, default=100)
     unl.add_argument("--lr", type=finite_float, default=1e-5)
     unl.add_argument("--grad-accum", type=int, default=1)
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_checkpointing_option(unl)
     _add_template_options(unl)
-    unl.add_argument("--beta", type=finite_float, default=None, help="beta of NPO/SimNPO")
+    unl.add_argument("--beta", type=finite_float, default=None, help="beta of the objectives that take one (NPO, SimNPO)")
     unl.add_argument("--checkpoint-every", type=int, default=0)
     unl.add_argument(
         "--no-resume",

@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from wagle.commands import DTYPES, _device
     from wagle.data import load_dataset_file
     from wagle.models import load_model
+    from wagle.objectives import objective_options
 
     from .runner import DEFAULT_FQ_LEVELS, DEFAULT_GAP_LEVELS, CompareSettings, compare
 
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer.pad_token = tokenizer.eos_token
     objective_kwargs = {}
     if args.beta is not None:
-        objective_kwargs = {o: {"beta": args.beta} for o in args.objectives if o in ("npo", "simnpo")}
+        objective_kwargs = {o: {"beta": args.beta} for o in args.objectives if "beta" in objective_options(o)}
     settings = CompareSettings(
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,

@@ -133,6 +133,7 @@ def _unlearn_and_evaluate(
     EvaluationResult)."""
     from wagle.comparison.runner import run_metrics
     from wagle.evaluation import evaluate
+    from wagle.objectives import objective_options
     from wagle.unlearning import UnlearningDiverged, unlearn
 
     t = time.perf_counter()
@@ -151,7 +152,7 @@ def _unlearn_and_evaluate(
             batch_size=config.batch_size,
             grad_accum=config.grad_accum,
             seed=spec.seed,
-            objective_kwargs={"beta": config.beta} if spec.objective in ("npo", "simnpo") else None,
+            objective_kwargs={"beta": config.beta} if "beta" in objective_options(spec.objective) else None,
             progress=False,
         )
     except UnlearningDiverged as exc:

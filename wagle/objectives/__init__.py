@@ -1,4 +1,10 @@
-"""Unlearning objectives as small composable pieces (see each class for its formula)."""
+"""Unlearning objectives as small composable pieces (see each class for its formula).
+
+:data:`OBJECTIVES` is the registry: adding an objective is one module with an :class:`Objective`
+subclass and one entry here; the CLI, ``wagle.unlearn``, the demo and ``wagle compare`` read it.
+"""
+
+import inspect
 
 from wagle.errors import UserError
 
@@ -18,20 +24,36 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def make_objective(name: str, **kwargs) -> Objective:
-    """Build an objective by name (``grad_ascent``, ``grad_diff``, ``npo``, ``simnpo``, ``po``, ``rmu``)."""
+ALIASES = {"ga": "grad_ascent", "gradascent": "grad_ascent", "graddiff": "grad_diff", "gd": "grad_diff"}
+
+
+def objective_name(name: str) -> str:
+    """The registry key of ``name`` (case, ``-``/``_`` and the aliases ``ga``/``gd``/... accepted)."""
     key = name.lower().replace("-", "_")
-    aliases = {"ga": "grad_ascent", "gradascent": "grad_ascent", "graddiff": "grad_diff", "gd": "grad_diff"}
-    key = aliases.get(key, key)
+    key = ALIASES.get(key, key)
     if key not in OBJECTIVES:
         raise UserError(f"method: unknown unlearning method {name!r}; expected one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[key](**kwargs)
+    return key
+
+
+def objective_options(name: str) -> tuple[str, ...]:
+    """The keyword arguments objective ``name``'s constructor takes (e.g. ``("beta", "retain_weight")``
+    for NPO), so callers pass a shared option such as ``--beta`` only to objectives that have it."""
+    signature = inspect.signature(OBJECTIVES[objective_name(name)].__init__)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in signature.parameters.values() if p.name != "self" and p.kind in kinds)
+
+
+def make_objective(name: str, **kwargs) -> Objective:
+    """Build a registered objective by name (see :data:`OBJECTIVES`) with its keyword arguments."""
+    return OBJECTIVES[objective_name(name)](**kwargs)
 
 
 __all__ = [
     "GradAscent",
     "GradDiff",
     "NPO",
+    "ALIASES",
     "OBJECTIVES",
     "Objective",
     "PreferenceOptimization",
@@ -39,6 +61,8 @@ __all__ = [
     "RMU",
     "SimNPO",
     "make_objective",
+    "objective_name",
+    "objective_options",
     "mean_nll",
     "refusal_for",
     "sequence_logprob",
