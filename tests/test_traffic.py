@@ -52,7 +52,7 @@ def test_launches_per_selection_grow_with_tensor_groups():
         assert counts[case]["host_syncs"] <= 6, counts[case]
 
 
-@pytest.mark.parametrize("layout", ["dense", "compact"])
+@pytest.mark.parametrize("layout", ["dense", "compact", "auto"])
 def test_optimizer_traffic(layout):
     shapes = traffic.scaled_llama_shapes(hidden=64, intermediate=172, vocab=256)
     row = traffic.measure_optimizer(shapes, layout, 0.5)
@@ -60,6 +60,20 @@ def test_optimizer_traffic(layout):
     # the lanes ask for no more than the floor: each mask byte once, not once per element (+7/8 B/w)
     assert row["bytes"]["kernel_requested"] / row["numel"] <= 1.01 * row["floor_bytes_per_weight"], row
     assert row["kernel_launches"] == 1, row
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9999])
+def test_auto_layout_moves_no_more_bytes_than_either(ratio):
+    """``state_layout="auto"``: the counted step traffic and the state + metadata memory are at most
+    those of the better of dense and compact (compact up to 99.95% selected, dense above)."""
+    shapes = traffic.scaled_llama_shapes(hidden=64, intermediate=172, vocab=256)
+    rows = {
+        layout: traffic.measure_optimizer(shapes, layout, ratio) for layout in ("dense", "compact", "auto")
+    }
+    moved = {k: r["kernel_bytes_per_weight"] for k, r in rows.items()}
+    assert moved["auto"] <= min(moved["dense"], moved["compact"]) * 1.001, moved
+    memory = {k: r["state_bytes"] + r["metadata_bytes"] for k, r in rows.items()}
+    assert memory["auto"] <= min(memory["dense"], memory["compact"]), memory
 
 
 def test_counting_model_on_a_known_kernel():
