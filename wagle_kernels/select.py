@@ -1011,24 +1011,25 @@ class TritonSelector(_RadixSelect):
             placeholder = self._placeholder
         return tuple(t if t is not None else placeholder for t in moved)
 
-    def _group_args(self, group: LaunchGroup) -> dict:
-        """The tuple arguments of one launch (padded to a power of two with empty entries) and NUM."""
+    def _group_args(self, group: LaunchGroup, names: Sequence[str]) -> tuple[list[tuple], int]:
+        """The tuple arguments ``names`` of one launch (padded to a power of two with empty entries),
+        in that order, and the padded size (the kernels' NUM)."""
         size = padded_size(len(group.indices))
         inputs = [self._inputs(self.sources[i]) for i in group.indices]
         srcs = [self.sources[i] for i in group.indices]
         regions = [self._region_offsets[i] for i in group.indices]
-        return {
-            "W": pad([x[0] for x in inputs], size, inputs[0][0]),
-            "GF": pad([x[1] for x in inputs], size, inputs[0][1]),
-            "GR": pad([x[2] for x in inputs], size, inputs[0][2]),
-            "N": pad([src.numel for src in srcs], size, 0),
-            "START": pad([src.start for src in srcs], size, 0),
-            "BSTART": pad(group.first_items, size, 0),
-            "IDX": pad(group.indices, size, 0),
-            "BYTE_OFF": pad(regions, size, 0),
-            "BIT_BASE": pad([8 * r for r in regions], size, 0),
-            "NUM": size,
+        values = {
+            "W": ([x[0] for x in inputs], inputs[0][0]),
+            "GF": ([x[1] for x in inputs], inputs[0][1]),
+            "GR": ([x[2] for x in inputs], inputs[0][2]),
+            "N": ([src.numel for src in srcs], 0),
+            "START": ([src.start for src in srcs], 0),
+            "BSTART": (group.first_items, 0),
+            "IDX": (group.indices, 0),
+            "BYTE_OFF": (regions, 0),
+            "BIT_BASE": ([8 * r for r in regions], 0),
         }
+        return [pad(values[name][0], size, values[name][1]) for name in names], size
 
     def _blocks(self, src: ScoreSource) -> int:
         return triton.cdiv(src.numel, self.block)
@@ -1048,16 +1049,10 @@ class TritonSelector(_RadixSelect):
         zeros_flat = self._block_buffer() if first else counts
         self.stats.histogram_passes += 1
         for group in self.groups:
-            a = self._group_args(group)
+            tuples, num = self._group_args(group, ("W", "GF", "GR", "N", "START", "BSTART", "IDX"))
             programs = min(group.items, self.max_programs)
             _histogram_kernel[(programs,)](
-                a["W"],
-                a["GF"],
-                a["GR"],
-                a["N"],
-                a["START"],
-                a["BSTART"],
-                a["IDX"],
+                *tuples,
                 counts,
                 counts[bins:],
                 zeros_flat,
@@ -1072,7 +1067,7 @@ class TritonSelector(_RadixSelect):
                 DIGIT_BITS=digit_bits,
                 METHOD=self.method_id,
                 COUNT_NONFINITE=first,
-                NUM=a["NUM"],
+                NUM=num,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
@@ -1179,17 +1174,11 @@ class TritonSelector(_RadixSelect):
         # the candidate counter, the tie counter, then the selected bits per source
         counters = torch.zeros(2 + len(self.sources), dtype=torch.int64, device=self.device)
         for group in self.groups:
-            a = self._group_args(group)
+            tuples, num = self._group_args(
+                group, ("W", "GF", "GR", "N", "START", "BSTART", "IDX", "BYTE_OFF", "BIT_BASE")
+            )
             _mask_compact_kernel[(group.items,)](
-                a["W"],
-                a["GF"],
-                a["GR"],
-                a["N"],
-                a["START"],
-                a["BSTART"],
-                a["IDX"],
-                a["BYTE_OFF"],
-                a["BIT_BASE"],
+                *tuples,
                 buffer,
                 cand_keys,
                 cand_bits,
@@ -1201,7 +1190,7 @@ class TritonSelector(_RadixSelect):
                 high,
                 in_range,
                 METHOD=self.method_id,
-                NUM=a["NUM"],
+                NUM=num,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
@@ -1281,21 +1270,16 @@ class TritonSelector(_RadixSelect):
         self.stats.tie_passes += 1
         counts = self._block_buffer()
         for group in self.groups:
-            a = self._group_args(group)
+            tuples, num = self._group_args(group, ("W", "GF", "GR", "N", "START", "BSTART"))
             _tie_count_kernel[(group.items,)](
-                a["W"],
-                a["GF"],
-                a["GR"],
-                a["N"],
-                a["START"],
-                a["BSTART"],
+                *tuples,
                 counts,
                 group.block_base,
                 self.spec.inv_gamma,
                 self.spec.seed,
                 key,
                 METHOD=self.method_id,
-                NUM=a["NUM"],
+                NUM=num,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
@@ -1326,16 +1310,11 @@ class TritonSelector(_RadixSelect):
         buffer = self._packed_regions()
         has_ties = tie_offsets is not None and threshold.ties > 0
         for group in self.groups:
-            a = self._group_args(group)
+            tuples, num = self._group_args(
+                group, ("W", "GF", "GR", "N", "START", "BSTART", "IDX", "BYTE_OFF")
+            )
             _mask_kernel[(group.items,)](
-                a["W"],
-                a["GF"],
-                a["GR"],
-                a["N"],
-                a["START"],
-                a["BSTART"],
-                a["IDX"],
-                a["BYTE_OFF"],
+                *tuples,
                 buffer,
                 tie_offsets if has_ties else counts,
                 counts,
@@ -1346,7 +1325,7 @@ class TritonSelector(_RadixSelect):
                 threshold.ties,
                 METHOD=self.method_id,
                 HAS_TIES=has_ties,
-                NUM=a["NUM"],
+                NUM=num,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
