@@ -10,6 +10,9 @@
 #   2. bash benchmarks/gpu_session.sh mask             7B mask generation, 50M side by side with the
 #                                                      reference procedure, block/warps sweep
 #   3. bash benchmarks/gpu_session.sh optimizer memory masked AdamW at 7B; 7B attribution + NPO step
+# Kernel timings (mask, optimizer, kernels) come from the pytest-benchmark suite
+# (benchmarks/test_kernels_bench.py, pytest-benchmark JSON); the block/warps sweep and the memory
+# stage use bench_mask.py --sweep and bench_memory.py.
 # Set SMOKE=1 to run the same stages on tiny shapes (CPU: Triton interpreter); the test suite does.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,20 +90,23 @@ stage_tests() {
   run_stage tests "$PY" -m pytest -q -rfEs -n "$workers" -p no:cacheprovider tests
 }
 
+bench_suite() {  # bench_suite STAGE SHAPES RATIOS JSON -k EXPR: the pytest-benchmark suite
+  local name="$1" shapes="$2" ratios="$3" json="$4"; shift 4
+  WAGLE_BENCH_SHAPES="$shapes" WAGLE_BENCH_RATIOS="$ratios" run_stage "$name" "$PY" -m pytest -q \
+    -p no:cacheprovider benchmarks/test_kernels_bench.py --benchmark-only --benchmark-json "$json" "$@"
+}
+
 stage_mask() {
-  run_stage mask "$PY" benchmarks/bench_mask.py --shapes "$SHAPES" --methods triton,torch \
-    --ratios 0.1,0.5,0.95 "${DEVICE[@]}" "${INTERP[@]}" --out "$OUT_DIR/mask-$SHAPES.json"
-  run_stage mask "$PY" benchmarks/bench_mask.py --shapes "$SMALL" --methods triton,torch,reference \
-    "${DEVICE[@]}" "${INTERP[@]}" --out "$OUT_DIR/mask-$SMALL-vs-reference.json"
+  bench_suite mask "$SHAPES" 0.1,0.5,0.95 "$OUT_DIR/mask-$SHAPES.json" \
+    -k "test_mask and not adamw and bf16 and not reference"
+  bench_suite mask "$SMALL" 0.5 "$OUT_DIR/mask-$SMALL-vs-reference.json" -k "test_mask and not adamw and bf16"
   run_stage mask "$PY" benchmarks/bench_mask.py --shapes "$SHAPES" --methods triton "${DEVICE[@]}" \
     "${INTERP[@]}" "${SWEEP[@]}" --out "$OUT_DIR/mask-$SHAPES-sweep.json"
 }
 
 stage_optimizer() {
-  local warps=4,8,16
-  [ "$SMOKE" = 1 ] && warps=8
-  run_stage optimizer "$PY" benchmarks/bench_optimizer.py --shapes "$SHAPES" "${DEVICE[@]}" \
-    --num-warps "$warps" --out "$OUT_DIR/optimizer-$SHAPES.json"
+  bench_suite optimizer "$SHAPES" 0.1,0.5,0.95 "$OUT_DIR/optimizer-$SHAPES.json" \
+    -k "test_masked_adamw_step and bf16"
 }
 
 stage_kernels() {  # the pytest-benchmark suite: kernels vs torch path vs reference, bytes model attached

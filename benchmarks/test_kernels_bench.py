@@ -5,6 +5,8 @@ convention of every benchmark here; pytest-benchmark records min, median and the
 
 Shape sets: ``llama2-tiny`` on a CPU (the interpreter: a smoke run of the suite), a Llama-2-7B decoder
 layer (``llama2-7b-layer``) on a GPU, or ``WAGLE_BENCH_SHAPES`` (a name from ``common.SHAPE_SETS``).
+Densities: ``WAGLE_BENCH_RATIOS`` (comma-separated, default 0.5). ``benchmarks/gpu_session.sh`` runs
+this suite for its kernel timings.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ SHAPES = {
 SHAPE_NAME = os.environ.get("WAGLE_BENCH_SHAPES") or ("llama2-7b-layer" if CUDA else "llama2-tiny")
 ROUNDS = 5 if CUDA else 1
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+RATIOS = [float(r) for r in os.environ.get("WAGLE_BENCH_RATIOS", "0.5").split(",")]
 
 
 def _inputs(dtype):
@@ -52,10 +55,11 @@ def _run(benchmark, fn, bytes_moved: int, floor: int, numel: int):
     return result
 
 
+@pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
-def test_mask(benchmark, backend, dtype):
-    """Score + exact global top-k + packed mask at ratio 0.5. Bytes model: two passes over (w, g_f,
+def test_mask(benchmark, backend, dtype, ratio):
+    """Score + exact global top-k + packed mask at ``ratio``. Bytes model: two passes over (w, g_f,
     g_r) + the mask bits for the kernels; the torch path and the reference add their key/score and
     sort traffic, not modelled here (their figure is a lower bound)."""
     from bench_mask import reference_procedure
@@ -69,30 +73,37 @@ def test_mask(benchmark, backend, dtype):
     element = params[next(iter(params))].element_size()
     floor = 3 * element * numel + numel // 8
     if backend == "reference":
-        result = _run(benchmark, lambda: reference_procedure(params, gf, gr, 0.5, 1e-6), floor, floor, numel)
-        assert sum(int(m.sum()) for m in result.values()) >= int(0.5 * numel)
+        result = _run(
+            benchmark, lambda: reference_procedure(params, gf, gr, ratio, 1e-6), floor, floor, numel
+        )
+        assert sum(int(m.sum()) for m in result.values()) >= int(ratio * numel)
         return
     result = _run(
         benchmark,
-        lambda: mask_from_gradients(params, gf, gr, ratio=0.5, backend=backend),
+        lambda: mask_from_gradients(params, gf, gr, ratio=ratio, backend=backend, return_stats=True),
         2 * floor,
         floor,
         numel,
     )
-    assert result.num_selected == int(0.5 * numel)
+    mask, stats = result
+    benchmark.extra_info.update(
+        {"ratio": ratio, "selected": mask.num_selected, "input_passes": stats.input_passes}
+    )
+    assert mask.num_selected == int(ratio * numel)
 
 
+@pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("layout", ["dense", "compact"])
+@pytest.mark.parametrize("layout", ["dense", "compact", "auto"])
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
-def test_masked_adamw_step(benchmark, backend, layout, dtype):
-    """One masked AdamW step at density 0.5 (fp32 state). Bytes model: dense ``N (3e + 16)``, compact
-    ``N 3e + 16 k`` (+ N/8 mask bits); the reference (``grad *= mask`` then ``torch.optim.AdamW``,
-    foreach) ``N (2e + 1) + N (3e + 16)``."""
+def test_masked_adamw_step(benchmark, backend, layout, dtype, ratio):
+    """One masked AdamW step at density ``ratio`` (fp32 state). Bytes model: dense ``N (3e + 16)``,
+    compact ``N 3e + 16 k`` (+ N/8 mask bits), auto: each parameter's resolved layout; the reference
+    (``grad *= mask`` then ``torch.optim.AdamW``, foreach) ``N (2e + 1) + N (3e + 16)``."""
     from wagle.mask import WeightMask
     from wagle.optim import MaskedAdamW
 
-    if backend == "reference" and layout == "compact":
+    if backend == "reference" and layout != "dense":
         pytest.skip("the reference procedure keeps dense state")
     dtype_t = DTYPES[dtype]
     g = torch.Generator().manual_seed(1)
@@ -100,14 +111,13 @@ def test_masked_adamw_step(benchmark, backend, layout, dtype):
         n: torch.nn.Parameter(torch.randn(s, generator=g).to(dtype_t).to(DEVICE))
         for n, s in SHAPES[SHAPE_NAME]().items()
     }
-    selected = {n: (torch.rand(p.shape, generator=g) < 0.5).to(DEVICE) for n, p in params.items()}
+    selected = {n: (torch.rand(p.shape, generator=g) < ratio).to(DEVICE) for n, p in params.items()}
     for p in params.values():
         p.grad = torch.randn(p.shape, generator=g).to(dtype_t).to(DEVICE)
     numel = sum(p.numel() for p in params.values())
     k = sum(int(m.sum()) for m in selected.values())
     e = params[next(iter(params))].element_size()
     dense = numel * (3 * e + 16) + numel // 8
-    floor = numel * 3 * e + 16 * k + numel // 8 if layout == "compact" else dense
     if backend == "reference":
         opt = torch.optim.AdamW(list(params.values()), lr=1e-3, weight_decay=0.1, foreach=True)
         grads = {n: p.grad.clone() for n, p in params.items()}
@@ -117,10 +127,23 @@ def test_masked_adamw_step(benchmark, backend, layout, dtype):
                 p.grad = grads[n] * selected[n]
             opt.step()
 
-        _run(benchmark, step, numel * (2 * e + 1) + dense, floor, numel)
+        _run(benchmark, step, numel * (2 * e + 1) + dense, dense, numel)
         return
     mask = WeightMask.from_dict(selected)
     opt = MaskedAdamW(
         list(params.items()), mask, lr=1e-3, weight_decay=0.1, state_layout=layout, fused=backend == "triton"
     )
+    layouts = opt.layouts()
+    floor = sum(
+        p.numel() * 3 * e + 16 * (mask.selected(n) if layouts[n] == "compact" else p.numel()) + p.numel() // 8
+        for n, p in params.items()
+    )
     _run(benchmark, opt.step, floor, floor, numel)
+    benchmark.extra_info.update(
+        {
+            "ratio": ratio,
+            "selected": k,
+            "state_bytes": opt.state_nbytes(),
+            "layouts": sorted(set(layouts.values())),
+        }
+    )

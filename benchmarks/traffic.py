@@ -29,6 +29,7 @@ import contextlib
 import math
 import os
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 if __name__ == "__main__":
@@ -328,7 +329,8 @@ def measure_mask(shapes, case: str, ratio: float, method: str = "wagle") -> dict
 
 
 def measure_optimizer(shapes, layout: str, ratio: float, dtype=torch.bfloat16) -> dict:
-    """One masked AdamW step (after a first step that allocates the state) with ``layout`` state."""
+    """One masked AdamW step (after a first step that allocates the state) with ``layout`` state
+    (``"auto"``: each parameter's resolved layout, whose floor is summed per parameter)."""
     from wagle.mask import WeightMask
     from wagle.optim import MaskedAdamW
 
@@ -345,8 +347,12 @@ def measure_optimizer(shapes, layout: str, ratio: float, dtype=torch.bfloat16) -
     n = sum(p.numel() for p in params.values())
     k = mask.num_selected
     e, s = 2 if dtype == torch.bfloat16 else 4, 4
-    floor = {"dense": n * (3 * e + 4 * s), "compact": n * 3 * e + k * 4 * s}[layout] + sum(
-        (p.numel() + 7) // 8 for p in params.values()
+    layouts = opt.layouts()
+    floor = sum(
+        p.numel() * 3 * e
+        + (mask.selected(name) if layouts[name] == "compact" else p.numel()) * 4 * s
+        + (p.numel() + 7) // 8
+        for name, p in params.items()
     )
     return {
         "workload": "adamw",
@@ -355,6 +361,9 @@ def measure_optimizer(shapes, layout: str, ratio: float, dtype=torch.bfloat16) -
         "numel": n,
         "tensors": len(params),
         "selected": k,
+        "layouts": dict(Counter(layouts.values())),
+        "state_bytes": opt.state_nbytes(),
+        "metadata_bytes": opt.metadata_nbytes(),
         "floor_bytes_per_weight": floor / n,
         "kernel_bytes_per_weight": traffic.kernel_bytes / n,
         "total_bytes_per_weight": traffic.total_bytes / n,
@@ -399,7 +408,7 @@ def launches_per_selection(layers: int = 32) -> dict:
 def run_all(shapes=None) -> list[dict]:
     shapes = shapes or scaled_llama_shapes()
     rows = [measure_mask(shapes, case, r) for case in ("common", "tie_heavy") for r in RATIOS]
-    rows += [measure_optimizer(shapes, layout, r) for layout in ("dense", "compact") for r in RATIOS]
+    rows += [measure_optimizer(shapes, layout, r) for layout in ("dense", "compact", "auto") for r in RATIOS]
     return rows
 
 
@@ -434,25 +443,47 @@ def main(argv=None) -> int:
     shapes = scaled_llama_shapes(
         hidden=args.hidden, intermediate=round(args.hidden * 2.6875), vocab=4 * args.hidden
     )
+    info = environment()  # before the run: the commit and tree state that ran
+    info["device"] = "interpreter"
     rows = run_all(shapes)
     launches = launches_per_selection()
-    info = environment()
-    info["device"] = "interpreter"
     path = args.out or results_path("traffic-llama2-scaled", info)
     write_json(
         path,
         {
             "environment": info,
             "config": {
-                "shapes": "llama2 scaled (hidden 64)",
+                "shapes": (
+                    f"one Llama-2 decoder layer + embeddings + lm_head, hidden {args.hidden}, "
+                    f"intermediate {round(args.hidden * 2.6875)}, vocab {4 * args.hidden}"
+                ),
                 "numel": sum(math.prod(s) for s in shapes.values()),
+                "dtype": "bfloat16 weights and gradients; fp32 optimizer state",
+                "counting": "Triton interpreter, 32-byte sectors; torch ops via TorchDispatchMode",
             },
             "results": rows,
         },
     )
+    launches_path = os.path.join(
+        os.path.dirname(path),
+        os.path.basename(path).replace("traffic-llama2-scaled", "traffic-llama2-7b-launches"),
+    )
+    write_json(
+        launches_path,
+        {
+            "environment": info,
+            "config": {
+                "shapes": "Llama-2-7B tensor count (291), each tensor shrunk",
+                "note": "host_syncs counts .item()/.tolist()/.cpu() and data-dependent-size ops; on a "
+                "GPU the optimizer's per-tensor step-counter reads are CPU scalars and do not wait for the "
+                "device",
+            },
+            "results": launches,
+        },
+    )
     print(format_table(rows))
     print(f"Llama-2-7B tensor count ({launches['tensors']}): {launches}")
-    print(f"results: {path}")
+    print(f"results: {path}, {launches_path}")
     return 0
 
 

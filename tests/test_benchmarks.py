@@ -53,35 +53,46 @@ def test_every_stage_succeeds_and_returns_few_files(session):
     assert "MISSING" not in (out / "env.txt").read_text()
 
 
+def benchmarks(data):
+    """pytest-benchmark JSON rows as (params, extra_info, min seconds)."""
+    return [(b["params"], b["extra_info"], b["stats"]["min"]) for b in data["benchmarks"]]
+
+
 def test_mask_benchmark_rows_agree_across_methods(session):
     out, _ = session
-    data = load(out, "mask-llama2-tiny.json")
-    assert data["environment"]["device"] == "cpu" and data["copy_bandwidth_GBps"] > 0
-    rows = data["results"]
-    assert {(r["method"], r["ratio"]) for r in rows} == {
+    rows = benchmarks(load(out, "mask-llama2-tiny.json"))
+    assert {(p["backend"], p["ratio"]) for p, _, _ in rows} == {
         (m, r) for m in ("triton", "torch") for r in (0.1, 0.5, 0.95)
     }
-    numel = data["config"]["numel"]
-    for row in rows:
-        assert "error" not in row, row
-        assert row["selected"] == int(row["ratio"] * numel)
-        assert row["input_passes"] >= 2 and row["seconds"] > 0
-    reference = load(out, "mask-llama2-tiny-vs-reference.json")["results"]
-    assert {r["method"] for r in reference} == {"triton", "torch", "reference"}
+    for params, info, seconds in rows:
+        assert info["shapes"] == "llama2-tiny" and seconds > 0
+        assert info["selected"] == int(params["ratio"] * info["numel"])
+        assert info["input_passes"] >= 2 and info["GBps_min"] > 0
+    reference = benchmarks(load(out, "mask-llama2-tiny-vs-reference.json"))
+    assert {p["backend"] for p, _, _ in reference} == {"triton", "torch", "reference"}
     sweep = load(out, "mask-llama2-tiny-sweep.json")["results"]
     assert len(sweep) == 2 and all("config" in r for r in sweep)
 
 
 def test_optimizer_and_memory_rows(session):
     out, _ = session
-    rows = load(out, "optimizer-llama2-tiny.json")["results"]
-    methods = {(r["method"], r["ratio"]) for r in rows}
+    rows = benchmarks(load(out, "optimizer-llama2-tiny.json"))
+    cases = {(p["backend"], p["layout"], p["ratio"]) for p, _, _ in rows}
     for ratio in (0.1, 0.5, 0.95):
-        assert {("masked-dense", ratio), ("masked-compact", ratio), ("torch-foreach+mul", ratio)} <= methods
-    for row in rows:
-        assert "error" not in row and row["seconds"] > 0
-    compact = {r["ratio"]: r["state_bytes"] for r in rows if r["method"] == "masked-compact"}
+        for backend in ("triton", "torch"):
+            assert {(backend, layout, ratio) for layout in ("dense", "compact", "auto")} <= cases
+        assert ("reference", "dense", ratio) in cases
+    assert all(seconds > 0 for _, _, seconds in rows)
+    compact = {
+        p["ratio"]: i["state_bytes"]
+        for p, i, _ in rows
+        if p["layout"] == "compact" and p["backend"] == "triton"
+    }
     assert compact[0.1] < compact[0.5] < compact[0.95]
+    auto = {
+        p["ratio"]: i["state_bytes"] for p, i, _ in rows if p["layout"] == "auto" and p["backend"] == "triton"
+    }
+    assert all(auto[r] <= compact[r] for r in compact), (auto, compact)
     phases = [r["phase"] for r in load(out, "memory-tiny.json")["results"]]
     assert any(p.startswith("attribution r=0.5") for p in phases)
     assert any(p.startswith("npo+wagle step 1 r=0.1") for p in phases)

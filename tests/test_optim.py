@@ -291,7 +291,7 @@ def test_sgd_state_dict_round_trip_mid_training():
 
 def test_state_dict_for_another_mask_layout_or_optimizer_is_rejected():
     params = make_params()
-    opt = run_masked(MaskedAdamW, params, make_mask(0.5), 1)
+    opt = run_masked(MaskedAdamW, params, make_mask(0.5), 1, state_layout="dense")
     state = opt.state_dict()
     assert state["wagle"]["state_layout"] == "dense" and state["wagle"]["mask_fingerprint"]
     other = MaskedAdamW(list(make_params().items()), make_mask(0.5, seed=7))
@@ -306,14 +306,94 @@ def test_state_dict_for_another_mask_layout_or_optimizer_is_rejected():
         compact.load_state_dict(state)
     with pytest.raises(ValueError, match="wagle"):
         compact.load_state_dict(torch.optim.AdamW(list(make_params().values())).state_dict())
-    sgd = MaskedSGD(list(make_params().items()), make_mask(0.5))
+    sgd = MaskedSGD(list(make_params().items()), make_mask(0.5), state_layout="dense")
     with pytest.raises(ValueError, match="MaskedAdamW"):
         sgd.load_state_dict(state)
     corrupt = copy.deepcopy(state)
     first = next(iter(corrupt["state"]))
     corrupt["state"][first]["exp_avg"] = corrupt["state"][first]["exp_avg"].reshape(-1)[:-1]
     with pytest.raises(ValueError, match="exp_avg"):
-        MaskedAdamW(list(make_params().items()), make_mask(0.5)).load_state_dict(corrupt)
+        MaskedAdamW(list(make_params().items()), make_mask(0.5), state_layout="dense").load_state_dict(
+            corrupt
+        )
+
+
+def test_auto_layout_rule():
+    """compact iff the state bytes it saves cover its index metadata (per path)."""
+    from wagle.optim import auto_layout
+
+    n = 2048 * 10
+    # fused: 8 bytes per 2048 weights; AdamW fp32 moments save 8 bytes per unselected weight
+    assert auto_layout(n, n - 10, 2, 4, "fused") == "compact"
+    assert auto_layout(n, n - 9, 2, 4, "fused") == "dense"
+    # CPU torch path: 4 bytes of position per selected weight: compact up to 2/3 (fp32), 1/2 (bf16)
+    assert auto_layout(3000, 2000, 2, 4, "cpu") == "compact"
+    assert auto_layout(3000, 2001, 2, 4, "cpu") == "dense"
+    assert auto_layout(3000, 1500, 2, 2, "cpu") == "compact"
+    assert auto_layout(3000, 1501, 2, 2, "cpu") == "dense"
+    assert auto_layout(n, n, 2, 4, "torch") == "compact"  # no metadata: never more bytes
+    assert auto_layout(n, 0, 0, 4, "fused") == "dense"  # no state to save
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_auto_layout_resolves_per_parameter_and_resumes_exactly(fused):
+    """The default layout is "auto": resolved per parameter, recorded in the state_dict, and a restart
+    from it continues bit-identically (and like the explicitly chosen layouts)."""
+    from wagle.optim import auto_layout
+
+    opt = MaskedAdamW(list(make_params().items()), make_mask(0.5), fused=fused)
+    assert opt.state_layout == "auto"
+    path = "fused" if fused else ("cpu" if DEVICE == "cpu" else "torch")
+    for _, plan in opt.named_plans():
+        assert plan.layout == auto_layout(plan.numel, plan.selected, 2, 4, path), plan
+    assert set(opt.layouts()) == {"w", "b", "one", "big", "empty"} and opt.layouts()["big"] == "compact"
+    dense = MaskedAdamW(list(make_params().items()), make_mask(0.97), fused=fused)
+    assert dense.layouts()["big"] == ("dense" if path == "cpu" else "compact")
+    assert (
+        MaskedAdamW(list(make_params().items()), make_mask(0.5), decay_unselected=True).layouts()["big"]
+        == "dense"
+    )
+    a, b, opt_a, opt_b = _trajectory_with_restart(MaskedAdamW, "auto", fused, restart_at=2)
+    state = opt_a.state_dict()["wagle"]
+    assert state["state_layout"] == "auto" and state["layouts"] == opt_a.layouts()
+    assert opt_b.layouts() == opt_a.layouts()
+    c, _, _, _ = _trajectory_with_restart(MaskedAdamW, "compact", fused, restart_at=2)
+    for n in SHAPES:
+        assert torch.equal(a[n], b[n]) and torch.equal(a[n], c[n]), n
+
+
+def test_auto_state_loads_where_the_rule_resolves_otherwise():
+    """An "auto" optimizer adopts the saved per-parameter layouts (a state resolved on the fused path
+    loads on the CPU torch path, which would resolve dense); an explicit layout must match them; a
+    state saved before layouts were recorded loads as its one layout."""
+    if DEVICE != "cpu":
+        pytest.skip("the CPU torch path's rule")
+    mask = make_mask(0.97)
+    params = make_params()
+    fused = run_masked(MaskedAdamW, clone_params(params), mask, 2, fused=True)
+    assert fused.layouts()["big"] == "compact"
+    state = fused.state_dict()
+    torch_path = MaskedAdamW(list(clone_params(params).items()), mask, fused=False)
+    assert torch_path.layouts()["big"] == "dense"
+    torch_path.load_state_dict(state)
+    assert torch_path.layouts() == fused.layouts()
+    big = next(p for p, plan in torch_path.named_plans() if plan.name == "big")
+    assert torch_path.state[big]["exp_avg"].shape == (mask.selected("big"),)
+    assert set(fused.layouts().values()) == {"dense", "compact"}  # "b" is fully selected: dense
+    for explicit in ("dense", "compact"):  # an explicit layout must match every saved one
+        with pytest.raises(ValueError, match="state_layout"):
+            MaskedAdamW(list(clone_params(params).items()), mask, state_layout=explicit).load_state_dict(
+                state
+            )
+    old = copy.deepcopy(state)
+    old["wagle"]["state_layout"] = "compact"
+    del old["wagle"]["layouts"]
+    restored = MaskedAdamW(list(clone_params(params).items()), mask, fused=False)
+    restored.load_state_dict(old)
+    assert set(restored.layouts().values()) == {"compact"}
+    MaskedAdamW(list(clone_params(params).items()), mask, state_layout="compact").load_state_dict(old)
+    with pytest.raises(ValueError, match="compact state"):
+        MaskedAdamW(list(clone_params(params).items()), mask, decay_unselected=True).load_state_dict(state)
 
 
 def test_state_dict_converts_state_dtype():

@@ -340,3 +340,58 @@ def test_selected_counts_match_the_bits(backend):
         for name in params:
             assert mask.selected(name) == popcount(mask.packed(name)), (ratio, name)
         assert mask.num_selected == math.floor(ratio * sum(w.numel() for w in params.values()))
+
+
+MANY_SHAPES = {f"t{i}": ((0,), (1,), (37, 13), (300,), (4099,), (7, 3, 5))[i % 6] for i in range(40)}
+
+
+@pytest.mark.parametrize("tie_heavy", [False, True])
+@pytest.mark.parametrize("ratio", [0.05, 0.6, 0.97])
+def test_launch_groups_give_the_torch_masks(tie_heavy, ratio):
+    """Tensors grouped per launch (every group size, padded tuples, mixed dtypes across a group, empty
+    tensors, several blocks per tensor) give the torch masks and per-tensor counts on every path:
+    candidates, the full radix passes with tie pass, and the zero-score tie."""
+    from wagle_kernels.select import (
+        ScoreSource,
+        ScoreSpec,
+        SelectionStats,
+        TorchSelector,
+        TritonSelector,
+        plan_launch_groups,
+        select_top_k,
+    )
+
+    params, gf, gr = make_inputs(
+        MANY_SHAPES, dtypes=(torch.bfloat16, torch.float32, torch.float16), seed=41, tie_heavy=tie_heavy
+    )
+    sources, start = [], 0
+    for name, w in params.items():
+        sources.append(
+            ScoreSource(name, w.numel(), start, w.reshape(-1), gf[name].reshape(-1), gr[name].reshape(-1))
+        )
+        start += w.numel()
+    # snip on the rounded tie-heavy inputs splits a tie of non-zero scores (the tie pass) at ratio 0.05
+    spec = ScoreSpec("snip", 1.0, 0) if tie_heavy else ScoreSpec("wagle", inverse_gamma(1e-6), 0)
+    k = math.floor(ratio * start)
+    expected_stats = SelectionStats()
+    expected = select_top_k(TorchSelector(sources, spec), k, start, expected_stats)
+    nonempty = sum(1 for s in sources if s.numel)
+    for max_tensors, fraction in ((16, 1 / 32), (3, 0.0), (1, 1.0), (7, 1 / 32)):
+        selector = TritonSelector(
+            sources, spec, block=256, candidate_fraction=fraction, max_tensors=max_tensors
+        )
+        assert len(selector.groups) == math.ceil(nonempty / max_tensors)
+        stats = SelectionStats()
+        got = select_top_k(selector, k, start, stats)
+        for name in params:
+            assert torch.equal(got[name].cpu(), expected[name].cpu()), (max_tensors, fraction, name)
+        assert stats.selected == expected_stats.selected, (max_tensors, fraction)
+        if tie_heavy and ratio == 0.05 and fraction == 0.0:
+            assert stats.tie_passes == 1, stats
+    groups = plan_launch_groups([5, 0, 300, 7, 9], 256, 2, alone=[False, False, True, False, False])
+    assert [g.indices for g in groups] == [(0,), (2,), (3, 4)]
+    assert [(g.first_items, g.items, g.block_base) for g in groups] == [
+        ((0,), 1, 0),
+        ((0,), 2, 1),
+        ((0, 1), 2, 3),
+    ]

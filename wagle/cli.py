@@ -184,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     unl.add_argument("--warmup-ratio", type=finite_float, default=0.1)
     unl.add_argument("--weight-decay", type=finite_float, default=0.0)
     unl.add_argument("--max-grad-norm", type=finite_float, default=1.0)
-    unl.add_argument("--state-layout", choices=["compact", "dense"], default="compact")
+    unl.add_argument(
+        "--state-layout",
+        choices=["auto", "compact", "dense"],
+        default="auto",
+        help="AdamW moments: compact (selected weights only), dense, or auto (per parameter, fewer bytes)",
+    )
     unl.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32", help="AdamW moment dtype")
     unl.add_argument(
         "--step-in-backward",

@@ -58,16 +58,19 @@ def launch_options() -> dict:
     return {"enable_fp_fusion": False}
 
 
-def aligned_attrs(signature: dict, divisible: tuple[str, ...] = ()) -> dict:
+def aligned_attrs(
+    signature: dict, divisible: tuple[str, ...] = (), tuples: tuple[str, ...] | None = None
+) -> dict:
     """Specialization attributes of a launch whose pointers are 16-byte aligned and whose integers inside
-    tuples (the numels) and the scalars named in ``divisible`` are multiples of 16, what the JIT derives
-    at run time for such tensors:
+    tuples (the numels; only the tuples named in ``tuples`` when given) and the scalars named in
+    ``divisible`` are multiples of 16, what the JIT derives at run time for such tensors:
     ``{(arg,) or (arg, element): [["tt.divisibility", 16]]}`` for ``ASTSource(..., attrs=...)``."""
     attrs = {}
     for index, (name, kind) in enumerate(signature.items()):
         if isinstance(kind, tuple):
             for element, ty in enumerate(kind):
-                if ty.startswith("*") or ty in ("i32", "i64"):
+                integer = ty in ("i32", "i64") and (tuples is None or name in tuples)
+                if ty.startswith("*") or integer:
                     attrs[(index, element)] = [["tt.divisibility", 16]]
         elif kind.startswith("*") or name in divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]

@@ -20,7 +20,11 @@ candidate buffer (at most ``candidate_fraction`` of the weights, 12 bytes each);
 the tie-break are then resolved on the candidates alone and their bits set with atomic ORs. When the
 bin is larger than the buffer (e.g. a huge block of tied scores) it falls back to the full passes:
 1-3 histogram passes + 0-1 tie pass + 1 mask pass. Every pass recomputes scores from (w, g_f, g_r)
-instead of storing them.
+instead of storing them. A pass is one launch per group of up to ``MAX_TENSORS_PER_LAUNCH`` (16)
+consecutive tensors, passed as Triton tuples (as the masked optimizers do); its programs walk the
+group's (tensor, block) work items. A selection over ``T`` tensors thus makes
+``passes * ceil(T / 16)`` score-kernel launches plus at most three on the candidates (Llama-2-7B's 291
+tensors: 41 in the common case instead of one launch per tensor per pass, 585).
 
 Torch backend: one int32 key per weight (the size of one fp32 score buffer), ``torch.bincount``
 histograms over the keys. Both backends produce bit-identical masks.
@@ -37,6 +41,7 @@ import torch
 
 from ._runtime import HAS_TRITON, aligned_attrs, launch_options
 from .bitpack import pack_bits, packed_size
+from .multi_tensor import MAX_TENSORS_PER_LAUNCH, pad, padded_size
 from .scores import KEY_BITS, SCORE_METHODS, get_method, keys_torch, scores_torch
 
 RADIX_DIGITS: tuple[tuple[int, int], ...] = ((20, 11), (10, 10), (0, 10))  # (shift, bits), top first
@@ -337,21 +342,84 @@ if HAS_TRITON:
     from .bitpack import pack_block
     from .scores import key_block, score_block
 
-    # ``n`` is specialised (the JIT compiles a variant for n % 16 == 0): the bounds mask ``offs < n`` is
-    # then known to be uniform over 16 lanes and the loads are 128-bit; other n get their own, still
-    # exact, variant.
-    _NO_SPECIALIZE = ["start", "inv_gamma", "seed", "prefix", "threshold", "ties"]
+    # Launch groups. Every score kernel serves up to MAX_TENSORS_PER_LAUNCH tensors per launch: W, GF,
+    # GR (inputs), N (numels), START (global positions of element 0), BSTART (first work item), IDX
+    # (source index: per-source counters), BYTE_OFF/BIT_BASE (region of the tensor's packed mask in the
+    # buffer of all masks) are tuples with one entry per tensor (Triton tuples: no pointer table in
+    # memory, so the kernels also run in the interpreter), padded to a power of two with empty entries.
+    # Work item ``w`` of a launch is block ``w - BSTART[i]`` of the tensor ``i`` that owns it; per-block
+    # buffers (zero-score counts, tie counts, tie offsets) are indexed by ``block_base + w``, the
+    # block's index over every source of the selector. The numels are specialised (the JIT compiles a
+    # variant for n % 16 == 0): the bounds mask ``offs < n`` is then known to be uniform over 16 lanes
+    # and the loads are 128-bit; other n get their own, still exact, variant.
+    _NO_SPECIALIZE = [
+        *("START", "BSTART", "IDX", "BYTE_OFF", "BIT_BASE", "block_base", "inv_gamma", "seed"),
+        *("prefix", "threshold", "ties"),
+    ]
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-    def _histogram_kernel(
+    @triton.jit
+    def _block_keys(
+        w_ptr, gf_ptr, gr_ptr, n, start, block, inv_gamma, seed, METHOD: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        """Offsets, bounds mask and int32 keys of block ``block`` of one tensor (scores recomputed)."""
+        offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
+        return offs, valid, key
+
+    @triton.jit
+    def _store_bits(out_ptr, selected, n, block, BLOCK: tl.constexpr):
+        """Bit i % 8 of byte i // 8 of the tensor's packed mask at ``out_ptr``, for one block."""
+        byte_offs = block.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(out_ptr + byte_offs, pack_block(selected, BLOCK), mask=byte_offs < (n + 7) // 8)
+
+    @triton.jit
+    def _histogram_block(
         w_ptr,
         gf_ptr,
         gr_ptr,
-        hist_ptr,
         nonfinite_ptr,
         zeros_ptr,
         n,
         start,
+        block,
+        inv_gamma,
+        seed,
+        prefix,
+        PREFIX_SHIFT: tl.constexpr,
+        DIGIT_SHIFT: tl.constexpr,
+        DIGIT_BITS: tl.constexpr,
+        METHOD: tl.constexpr,
+        COUNT_NONFINITE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """The digit histogram of one block's keys inside the prefix (see ``_histogram_kernel``)."""
+        offs, valid, key = _block_keys(w_ptr, gf_ptr, gr_ptr, n, start, block, inv_gamma, seed, METHOD, BLOCK)
+        inside = valid & ((key >> PREFIX_SHIFT) == prefix)
+        digit = tl.where(inside, (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1), 0)
+        hist = tl.histogram(digit, 1 << DIGIT_BITS)
+        outside = tl.sum((~inside).to(tl.int32), axis=0)
+        if COUNT_NONFINITE:
+            bad = tl.sum((valid & (key == 0)).to(tl.int64), axis=0)
+            if bad > 0:  # blocks without NaN/Inf scores skip the atomic
+                tl.atomic_add(nonfinite_ptr, bad)
+            tl.store(zeros_ptr, tl.sum((valid & (key == 1)).to(tl.int64), axis=0))
+        bins = tl.arange(0, 1 << DIGIT_BITS)
+        return (hist - tl.where(bins == 0, outside, 0)).to(tl.int64)
+
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    def _histogram_kernel(
+        W,
+        GF,
+        GR,
+        N,
+        START,
+        BSTART,
+        IDX,
+        hist_ptr,
+        nonfinite_ptr,
+        zeros_ptr,
+        block_base,
         inv_gamma,
         seed,
         prefix,
@@ -362,67 +430,84 @@ if HAS_TRITON:
         DIGIT_BITS: tl.constexpr,
         METHOD: tl.constexpr,
         COUNT_NONFINITE: tl.constexpr,
+        NUM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """hist[d] += #{i : key_i >> PREFIX_SHIFT == prefix and (key_i >> DIGIT_SHIFT) & (2^B - 1) == d}.
+        """hist[d] += #{i : key_i >> PREFIX_SHIFT == prefix and (key_i >> DIGIT_SHIFT) & (2^B - 1) == d}
+        over the ``NUM`` tensors of the launch.
 
         key_i = bits(S_i) + 1 (0 when S_i is not finite), S_i recomputed from the inputs. Keys outside
         the prefix are counted in bin 0 by ``tl.histogram`` and subtracted again, so no masked
-        histogram is needed. Persistent: program pid walks blocks pid, pid + P, ... (P = ``programs``,
-        ``iterations`` = ceil(blocks / P)) and adds its private histogram to the global one once, so a
-        pass makes P * 2^B global atomics instead of one histogram per block.
+        histogram is needed. Persistent: program pid walks work items pid, pid + P, ... (P =
+        ``programs``, ``iterations`` = ceil(items / P)) and adds its private histogram to the global one
+        once, so a launch makes P * 2^B global atomics instead of one histogram per block.
 
-        With COUNT_NONFINITE (the first pass) it also adds the tensor's non-finite scores (key 0) to
-        ``nonfinite_ptr[0]`` and stores each block's count of exactly-zero scores (key 1) at
-        ``zeros_ptr[block]``: the rank offsets of the zero-score tie, the common huge tie.
+        With COUNT_NONFINITE (the first pass) it also adds each tensor's non-finite scores (key 0) to
+        ``nonfinite_ptr[IDX[i]]`` and stores each block's count of exactly-zero scores (key 1) at
+        ``zeros_ptr[block_base + w]``: the rank offsets of the zero-score tie, the common huge tie.
         """
         pid = tl.program_id(0)
-        bins = tl.arange(0, 1 << DIGIT_BITS)
         total = tl.zeros((1 << DIGIT_BITS,), tl.int64)
-        bad = tl.zeros((BLOCK,), tl.int32)
         it = 0
         while it < iterations:  # a while loop: the interpreter cannot range() over a scalar argument
-            offs = (pid + it * programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            valid = offs < n
-            key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
-            inside = valid & ((key >> PREFIX_SHIFT) == prefix)
-            digit = tl.where(inside, (key >> DIGIT_SHIFT) & ((1 << DIGIT_BITS) - 1), 0)
-            hist = tl.histogram(digit, 1 << DIGIT_BITS)
-            outside = tl.sum((~inside).to(tl.int32), axis=0)
-            total += (hist - tl.where(bins == 0, outside, 0)).to(tl.int64)
-            if COUNT_NONFINITE:
-                bad += (valid & (key == 0)).to(tl.int32)
-                block = (pid + it * programs).to(tl.int64)
-                zero = tl.sum((valid & (key == 1)).to(tl.int32), axis=0)
-                tl.store(zeros_ptr + block, zero.to(tl.int64), mask=block * BLOCK < n)
+            item = pid + it * programs
+            for i in tl.static_range(NUM):
+                block = item - BSTART[i]
+                if (block >= 0) & (block.to(tl.int64) * BLOCK < N[i]):
+                    total += _histogram_block(
+                        W[i],
+                        GF[i],
+                        GR[i],
+                        nonfinite_ptr + IDX[i],
+                        zeros_ptr + block_base + item,
+                        N[i],
+                        START[i],
+                        block,
+                        inv_gamma,
+                        seed,
+                        prefix,
+                        PREFIX_SHIFT=PREFIX_SHIFT,
+                        DIGIT_SHIFT=DIGIT_SHIFT,
+                        DIGIT_BITS=DIGIT_BITS,
+                        METHOD=METHOD,
+                        COUNT_NONFINITE=COUNT_NONFINITE,
+                        BLOCK=BLOCK,
+                    )
             it += 1
-        tl.atomic_add(hist_ptr + bins, total)
-        if COUNT_NONFINITE:
-            tl.atomic_add(nonfinite_ptr, tl.sum(bad.to(tl.int64), axis=0))
+        tl.atomic_add(hist_ptr + tl.arange(0, 1 << DIGIT_BITS), total)
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _tie_count_kernel(
-        w_ptr,
-        gf_ptr,
-        gr_ptr,
+        W,
+        GF,
+        GR,
+        N,
+        START,
+        BSTART,
         counts_ptr,
-        n,
-        start,
+        block_base,
         inv_gamma,
         seed,
         threshold,
         METHOD: tl.constexpr,
+        NUM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """counts[block] = #{i in block : key_i == threshold} (the block's share of the tied keys)."""
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
-        tl.store(counts_ptr + pid, tl.sum((valid & (key == threshold)).to(tl.int64), axis=0))
+        """counts[block_base + w] = #{i in work item w : key_i == threshold} (the block's share of the
+        tied keys)."""
+        item = tl.program_id(0)
+        for i in tl.static_range(NUM):
+            block = item - BSTART[i]
+            if (block >= 0) & (block.to(tl.int64) * BLOCK < N[i]):
+                _, valid, key = _block_keys(
+                    W[i], GF[i], GR[i], N[i], START[i], block, inv_gamma, seed, METHOD, BLOCK
+                )
+                tl.store(
+                    counts_ptr + block_base + item, tl.sum((valid & (key == threshold)).to(tl.int64), axis=0)
+                )
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-    def _mask_kernel(
+    @triton.jit
+    def _mask_block(
         w_ptr,
         gf_ptr,
         gr_ptr,
@@ -431,6 +516,7 @@ if HAS_TRITON:
         count_ptr,
         n,
         start,
+        block,
         inv_gamma,
         seed,
         threshold,
@@ -439,29 +525,72 @@ if HAS_TRITON:
         HAS_TIES: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """bit_i = key_i > T or (key_i == T and rank_i < ties); bit i % 8 of byte i // 8; the block's
-        number of set bits is added to ``count_ptr[0]``.
-
-        rank_i = (# keys equal to T before this block, over all tensors in order) + (# before i in block).
-        """
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
+        """One block of ``_mask_kernel``."""
+        offs, valid, key = _block_keys(w_ptr, gf_ptr, gr_ptr, n, start, block, inv_gamma, seed, METHOD, BLOCK)
         selected = valid & (key > threshold)
         if HAS_TIES:
             equal = valid & (key == threshold)
             equal_count = equal.to(tl.int32)
             before = tl.cumsum(equal_count, axis=0) - equal_count
-            rank = tl.load(tie_offset_ptr + pid) + before.to(tl.int64)
+            rank = tl.load(tie_offset_ptr) + before.to(tl.int64)
             selected = selected | (equal & (rank < ties))
         tl.atomic_add(count_ptr, tl.sum(selected.to(tl.int64), axis=0))
-        packed = pack_block(selected, BLOCK)
-        byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-        tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
+        _store_bits(out_ptr, selected, n, block, BLOCK)
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["bit_base", "low", "high", "capacity"])
-    def _mask_compact_kernel(
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    def _mask_kernel(
+        W,
+        GF,
+        GR,
+        N,
+        START,
+        BSTART,
+        IDX,
+        BYTE_OFF,
+        out_ptr,
+        tie_offset_ptr,
+        count_ptr,
+        block_base,
+        inv_gamma,
+        seed,
+        threshold,
+        ties,
+        METHOD: tl.constexpr,
+        HAS_TIES: tl.constexpr,
+        NUM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """bit_i = key_i > T or (key_i == T and rank_i < ties), packed into tensor i's region
+        ``out_ptr + BYTE_OFF[i]``; each block's number of set bits is added to ``count_ptr[IDX[i]]``.
+
+        rank_i = (# keys equal to T before this block, over all tensors in order: the exclusive offset
+        ``tie_offset_ptr[block_base + w]``) + (# before i in the block).
+        """
+        item = tl.program_id(0)
+        for i in tl.static_range(NUM):
+            block = item - BSTART[i]
+            if (block >= 0) & (block.to(tl.int64) * BLOCK < N[i]):
+                _mask_block(
+                    W[i],
+                    GF[i],
+                    GR[i],
+                    out_ptr + BYTE_OFF[i],
+                    tie_offset_ptr + block_base + item,
+                    count_ptr + IDX[i],
+                    N[i],
+                    START[i],
+                    block,
+                    inv_gamma,
+                    seed,
+                    threshold,
+                    ties,
+                    METHOD=METHOD,
+                    HAS_TIES=HAS_TIES,
+                    BLOCK=BLOCK,
+                )
+
+    @triton.jit
+    def _mask_compact_block(
         w_ptr,
         gf_ptr,
         gr_ptr,
@@ -473,6 +602,7 @@ if HAS_TRITON:
         n,
         start,
         bit_base,
+        block,
         inv_gamma,
         seed,
         low,
@@ -481,17 +611,8 @@ if HAS_TRITON:
         METHOD: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """One pass that settles every key outside the threshold bin [low, high] and collects the rest.
-
-        bit_i = key_i > high (packed as in ``_mask_kernel``, counted into ``count_ptr[0]``); keys with
-        low <= key_i <= high are appended as (key_i, bit_base + i) to the candidate buffers at slots
-        reserved per block with one atomic add. ``bit_base + i`` is the element's bit in the buffer of
-        all packed masks (regions in tensor order), so it orders candidates like global positions.
-        """
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        key = key_block(score_block(w_ptr, gf_ptr, gr_ptr, offs, valid, start, inv_gamma, seed, METHOD))
+        """One block of ``_mask_compact_kernel``."""
+        offs, valid, key = _block_keys(w_ptr, gf_ptr, gr_ptr, n, start, block, inv_gamma, seed, METHOD, BLOCK)
         selected = valid & (key > high)
         candidate = valid & (key >= low) & (key <= high)
         flags = candidate.to(tl.int32)
@@ -503,9 +624,66 @@ if HAS_TRITON:
             tl.store(cand_key_ptr + slot, key, mask=keep)
             tl.store(cand_bit_ptr + slot, bit_base + offs, mask=keep)
         tl.atomic_add(count_ptr, tl.sum(selected.to(tl.int64), axis=0))
-        packed = pack_block(selected, BLOCK)
-        byte_offs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-        tl.store(out_ptr + byte_offs, packed, mask=byte_offs < (n + 7) // 8)
+        _store_bits(out_ptr, selected, n, block, BLOCK)
+
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["low", "high", "capacity"])
+    def _mask_compact_kernel(
+        W,
+        GF,
+        GR,
+        N,
+        START,
+        BSTART,
+        IDX,
+        BYTE_OFF,
+        BIT_BASE,
+        out_ptr,
+        cand_key_ptr,
+        cand_bit_ptr,
+        counter_ptr,
+        count_ptr,
+        inv_gamma,
+        seed,
+        low,
+        high,
+        capacity,
+        METHOD: tl.constexpr,
+        NUM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One pass that settles every key outside the threshold bin [low, high] and collects the rest.
+
+        bit_i = key_i > high (packed as in ``_mask_kernel``, counted into ``count_ptr[IDX[i]]``); keys
+        with low <= key_i <= high are appended as (key_i, BIT_BASE[i] + i) to the candidate buffers at
+        slots reserved per block with one atomic add. ``BIT_BASE[i] + i`` is the element's bit in the
+        buffer of all packed masks (regions in tensor order), so it orders candidates like global
+        positions.
+        """
+        item = tl.program_id(0)
+        for i in tl.static_range(NUM):
+            block = item - BSTART[i]
+            if (block >= 0) & (block.to(tl.int64) * BLOCK < N[i]):
+                _mask_compact_block(
+                    W[i],
+                    GF[i],
+                    GR[i],
+                    out_ptr + BYTE_OFF[i],
+                    cand_key_ptr,
+                    cand_bit_ptr,
+                    counter_ptr,
+                    count_ptr + IDX[i],
+                    N[i],
+                    START[i],
+                    BIT_BASE[i],
+                    block,
+                    inv_gamma,
+                    seed,
+                    low,
+                    high,
+                    capacity,
+                    METHOD=METHOD,
+                    BLOCK=BLOCK,
+                )
 
     @triton.jit
     def _set_bits_kernel(words_ptr, bit_ptr, m, BLOCK: tl.constexpr):
@@ -592,11 +770,11 @@ if HAS_TRITON:
                 tl.store(tie_ptr + slot, bit, mask=equal)
 
 
-# The compile-check type of every selection kernel argument (by name; upper-case names are constexprs):
-# bf16 inputs with an fp32 retain gradient, the numel types the JIT picks below 2^31 elements.
+# The compile-check type of every selection kernel argument (by name; other upper-case names are
+# constexprs): bf16 inputs with an fp32 retain gradient, the numel types the JIT picks below 2^31
+# elements. Tuple arguments (one entry per tensor of a launch group) have their element type here.
 COMPILE_ARG_TYPES = {
-    **{"w_ptr": "*bf16", "gf_ptr": "*bf16", "gr_ptr": "*fp32", "out_ptr": "*u8", "words_ptr": "*i32"},
-    **{"cand_key_ptr": "*i32", "key_ptr": "*i32"},
+    **{"out_ptr": "*u8", "words_ptr": "*i32", "cand_key_ptr": "*i32", "key_ptr": "*i32"},
     **dict.fromkeys(
         ("hist_ptr", "nonfinite_ptr", "zeros_ptr", "counts_ptr", "tie_offset_ptr", "count_ptr"), "*i64"
     ),
@@ -604,22 +782,35 @@ COMPILE_ARG_TYPES = {
         ("cand_bit_ptr", "counter_ptr", "bit_ptr", "region_ptr", "tie_ptr", "tie_counter_ptr"), "*i64"
     ),
     **dict.fromkeys(
-        ("n", "m", "seed", "prefix", "programs", "iterations", "threshold", "low", "high"), "i32"
+        ("m", "seed", "prefix", "programs", "iterations", "threshold", "low", "high", "block_base"), "i32"
     ),
     **dict.fromkeys(("regions",), "i32"),
-    **dict.fromkeys(("start", "bit_base", "ties", "capacity"), "i64"),
+    **dict.fromkeys(("ties", "capacity"), "i64"),
     "inv_gamma": "fp32",
+}
+COMPILE_TUPLE_TYPES = {
+    **{"W": "*bf16", "GF": "*bf16", "GR": "*fp32"},
+    **dict.fromkeys(("N", "BSTART", "IDX", "BYTE_OFF"), "i32"),
+    **dict.fromkeys(("START", "BIT_BASE"), "i64"),
 }
 
 
-def kernel_signature(kernel, types: dict[str, str] = COMPILE_ARG_TYPES) -> dict[str, str]:
-    """``{argument: type or "constexpr"}`` of ``kernel`` in argument order, from its own parameters."""
+def kernel_signature(
+    kernel,
+    num: int = 1,
+    types: dict[str, str] = COMPILE_ARG_TYPES,
+    tuple_types: dict[str, str] = COMPILE_TUPLE_TYPES,
+) -> dict[str, str | tuple[str, ...]]:
+    """``{argument: type, (type,) * num or "constexpr"}`` of ``kernel`` in argument order, from its own
+    parameters, for launch groups of ``num`` tensors."""
     import inspect
 
     fn = getattr(kernel, "fn", kernel)
-    signature = {}
+    signature: dict[str, str | tuple[str, ...]] = {}
     for name in inspect.signature(fn).parameters:
-        if name.isupper():
+        if name in tuple_types:
+            signature[name] = (tuple_types[name],) * num
+        elif name.isupper():
             signature[name] = "constexpr"
         elif name in types:
             signature[name] = types[name]
@@ -628,33 +819,44 @@ def kernel_signature(kernel, types: dict[str, str] = COMPILE_ARG_TYPES) -> dict[
     return signature
 
 
-def compile_variants(block: int = 4096):
+def compile_variants(block: int = 4096, num: int = 2, wide: int = MAX_TENSORS_PER_LAUNCH):
     """``(label, kernel, signature, constexprs, attrs)`` of every selection kernel variant, for
-    ahead-of-time compile checks (``tests/compile_kernels.py``): the first-digit histogram for every
-    registered score method, the other kernels for ``wagle``. ``attrs`` are the JIT's specialisation of
-    16-byte aligned pointers (what ``torch`` allocations give) and of ``n % 16 == 0`` (Llama-2's sizes)."""
+    ahead-of-time compile checks (``tests/compile_kernels.py``): launch groups of ``num`` tensors for
+    the first-digit histogram of every registered score method and the other kernels for ``wagle``,
+    plus the two kernels of the common two-pass selection with ``wide`` tensors per launch (labelled
+    ``x{wide}``). ``attrs`` are the JIT's specialisation of 16-byte aligned pointers (what ``torch``
+    allocations give) and of numels that are multiples of 16 (Llama-2's sizes)."""
     wagle = SCORE_METHODS["wagle"].kernel_id
     (top_shift, top_bits), (mid_shift, mid_bits), (last_shift, last_bits) = RADIX_DIGITS
     first_digit = {"PREFIX_SHIFT": KEY_BITS, "DIGIT_SHIFT": top_shift, "DIGIT_BITS": top_bits}
     last_digit = {"PREFIX_SHIFT": last_shift + last_bits, "DIGIT_SHIFT": last_shift, "DIGIT_BITS": last_bits}
+    first = {**first_digit, "METHOD": wagle, "COUNT_NONFINITE": True, "BLOCK": block}
     variants = [
         (
-            f"histogram method={name}",
+            f"histogram method={name} x{num}",
             _histogram_kernel,
-            {**first_digit, "METHOD": m.kernel_id, "COUNT_NONFINITE": True, "BLOCK": block},
+            {**first, "METHOD": m.kernel_id, "NUM": num},
         )
         for name, m in SCORE_METHODS.items()
     ]
     variants += [
         (
-            "histogram last digit",
+            f"histogram last digit x{num}",
             _histogram_kernel,
-            {**last_digit, "METHOD": wagle, "COUNT_NONFINITE": False, "BLOCK": block},
+            {**last_digit, "METHOD": wagle, "COUNT_NONFINITE": False, "NUM": num, "BLOCK": block},
         ),
-        ("tie count", _tie_count_kernel, {"METHOD": wagle, "BLOCK": block}),
-        ("mask ties=False", _mask_kernel, {"METHOD": wagle, "HAS_TIES": False, "BLOCK": block}),
-        ("mask ties=True", _mask_kernel, {"METHOD": wagle, "HAS_TIES": True, "BLOCK": block}),
-        ("mask + candidates", _mask_compact_kernel, {"METHOD": wagle, "BLOCK": block}),
+        (f"tie count x{num}", _tie_count_kernel, {"METHOD": wagle, "NUM": num, "BLOCK": block}),
+        *(
+            (
+                f"mask ties={ties} x{num}",
+                _mask_kernel,
+                {"METHOD": wagle, "HAS_TIES": ties, "NUM": num, "BLOCK": block},
+            )
+            for ties in (False, True)
+        ),
+        (f"mask + candidates x{num}", _mask_compact_kernel, {"METHOD": wagle, "NUM": num, "BLOCK": block}),
+        (f"histogram x{wide}", _histogram_kernel, {**first, "NUM": wide}),
+        (f"mask + candidates x{wide}", _mask_compact_kernel, {"METHOD": wagle, "NUM": wide, "BLOCK": block}),
         ("set bits", _set_bits_kernel, {"BLOCK": block}),
         (
             "candidate histogram",
@@ -669,12 +871,62 @@ def compile_variants(block: int = 4096):
         ("candidate bits", _candidate_bits_kernel, {"HAS_TIES": True, "LOG2_REGIONS": 9, "BLOCK": block}),
     ]
     for label, fn, constexprs in variants:
-        signature = kernel_signature(fn)
-        yield label, fn, signature, constexprs, aligned_attrs(signature, divisible=("n",))
+        signature = kernel_signature(fn, constexprs.get("NUM", 1))
+        yield label, fn, signature, constexprs, aligned_attrs(signature, tuples=("N",))
+
+
+@dataclass(frozen=True)
+class LaunchGroup:
+    """Consecutive non-empty sources served by one launch per pass: their indices, the first work item
+    (block) of each within the launch, the launch's work items, and ``block_base``, the index of the
+    group's first block over all sources (per-block buffers are indexed by ``block_base + item``)."""
+
+    indices: tuple[int, ...]
+    first_items: tuple[int, ...]
+    items: int
+    block_base: int
+
+
+def plan_launch_groups(
+    numels: Sequence[int], block: int, max_tensors: int, alone: Sequence[bool] | None = None
+) -> list[LaunchGroup]:
+    """Cut the sources (in order) into launch groups of at most ``max_tensors`` non-empty tensors; a
+    source flagged in ``alone`` (inputs copied to the device per launch) gets a group of its own, which
+    bounds the memory of the copy. Launches per pass: ``ceil(tensors / max_tensors)`` plus one per such
+    source."""
+    if max_tensors < 1:
+        raise ValueError(f"max_tensors: must be >= 1, got {max_tensors}")
+    blocks = [(n + block - 1) // block for n in numels]
+    base = np.concatenate([[0], np.cumsum(blocks, dtype=np.int64)]).tolist() if blocks else [0]
+    groups: list[LaunchGroup] = []
+    current: list[int] = []
+
+    def close() -> None:
+        if current:
+            first = base[current[0]]
+            items = tuple(base[i] - first for i in current)
+            groups.append(LaunchGroup(tuple(current), items, base[current[-1] + 1] - first, first))
+            current.clear()
+
+    for index, n in enumerate(numels):
+        if n == 0:
+            continue
+        if alone is not None and alone[index]:
+            close()
+            current.append(index)
+            close()
+            continue
+        current.append(index)
+        if len(current) == max_tensors:
+            close()
+    close()
+    return groups
 
 
 class TritonSelector(_RadixSelect):
-    """Kernel backend: every pass recomputes scores from the inputs; one launch per tensor per pass.
+    """Kernel backend: every pass recomputes scores from the inputs; one launch per group of up to
+    ``max_tensors`` tensors per pass (:func:`plan_launch_groups`), so a selection over ``T`` tensors
+    makes ``passes * ceil(T / max_tensors)`` score-kernel launches plus a constant few on the candidates.
 
     Host syncs per selection are constant: one after the first histogram pass (bins, non-finite and
     zero-score counts together), at most three while resolving candidates, one for the per-tensor
@@ -690,6 +942,7 @@ class TritonSelector(_RadixSelect):
         candidate_fraction: float = 1 / 32,
         device: torch.device | None = None,
         max_programs: int | None = None,
+        max_tensors: int = MAX_TENSORS_PER_LAUNCH,
     ):
         if not HAS_TRITON:
             raise RuntimeError("TritonSelector: triton is not installed")
@@ -702,7 +955,7 @@ class TritonSelector(_RadixSelect):
         self.stats = SelectionStats()
         self._counted_nonfinite = False
         self._cache: tuple[tuple[int, int, int, int], np.ndarray] | None = None  # the last pass, on the host
-        self._zero_blocks: list[torch.Tensor] | None = None  # per source: zero-score count per block
+        self._zero_flat: torch.Tensor | None = None  # zero-score count per block, all sources in order
         self._zeros = 0  # exactly-zero scores (key 1) over all sources
         self.candidate_fraction = candidate_fraction
         if max_programs is None:  # persistent histogram programs: a few per SM on a GPU
@@ -711,6 +964,19 @@ class TritonSelector(_RadixSelect):
                 4 * torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 4
             )
         self.max_programs = max(1, max_programs)
+        self._total_blocks = sum(self._blocks(src) for src in self.sources)
+        self._region_offsets, total = [], 0  # packed masks: one buffer, regions 4-byte aligned
+        for src in self.sources:
+            self._region_offsets.append(total)
+            total += (packed_size(src.numel) + 3) // 4 * 4
+        self._region_bytes = max(total, 4)
+        self.groups = plan_launch_groups(
+            [src.numel for src in self.sources],
+            block,
+            max_tensors,
+            alone=[not self._resident(src) for src in self.sources],
+        )
+        self._placeholder: torch.Tensor | None = None
 
     def _device(self) -> torch.device:
         for src in self.sources:
@@ -719,6 +985,17 @@ class TritonSelector(_RadixSelect):
                     return t.device
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
+    def _resident(self, src: ScoreSource) -> bool:
+        """Whether every input of ``src`` already lives on the selector's device."""
+        for t in (src.weight, src.grad_forget, src.grad_retain):
+            if t is None:
+                continue
+            if t.device.type != self.device.type:
+                return False
+            if self.device.index is not None and t.device.index != self.device.index:
+                return False
+        return True
+
     def _inputs(self, src: ScoreSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # inputs kept in host memory (host_gradients) are copied to the device for this launch only
         moved = [
@@ -726,17 +1003,40 @@ class TritonSelector(_RadixSelect):
             for t in (src.weight, src.grad_forget, src.grad_retain)
         ]
         present = [t for t in moved if t is not None]
-        placeholder = present[0] if present else torch.empty(1, dtype=torch.float32, device=self.device)
+        if present:
+            placeholder = present[0]
+        else:
+            if self._placeholder is None:
+                self._placeholder = torch.empty(1, dtype=torch.float32, device=self.device)
+            placeholder = self._placeholder
         return tuple(t if t is not None else placeholder for t in moved)
+
+    def _group_args(self, group: LaunchGroup, names: Sequence[str]) -> tuple[list[tuple], int]:
+        """The tuple arguments ``names`` of one launch (padded to a power of two with empty entries),
+        in that order, and the padded size (the kernels' NUM)."""
+        size = padded_size(len(group.indices))
+        inputs = [self._inputs(self.sources[i]) for i in group.indices]
+        srcs = [self.sources[i] for i in group.indices]
+        regions = [self._region_offsets[i] for i in group.indices]
+        values = {
+            "W": ([x[0] for x in inputs], inputs[0][0]),
+            "GF": ([x[1] for x in inputs], inputs[0][1]),
+            "GR": ([x[2] for x in inputs], inputs[0][2]),
+            "N": ([src.numel for src in srcs], 0),
+            "START": ([src.start for src in srcs], 0),
+            "BSTART": (group.first_items, 0),
+            "IDX": (group.indices, 0),
+            "BYTE_OFF": (regions, 0),
+            "BIT_BASE": ([8 * r for r in regions], 0),
+        }
+        return [pad(values[name][0], size, values[name][1]) for name in names], size
 
     def _blocks(self, src: ScoreSource) -> int:
         return triton.cdiv(src.numel, self.block)
 
-    def _block_buffer(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One int64 buffer with a region of one counter per block for each source, and the regions."""
-        sizes = [self._blocks(src) for src in self.sources]
-        flat = torch.zeros(max(1, sum(sizes)), dtype=torch.int64, device=self.device)
-        return flat, list(torch.split(flat[: sum(sizes)], sizes)) if sizes else []
+    def _block_buffer(self) -> torch.Tensor:
+        """One int64 counter per block of every source, in source order (zeroed)."""
+        return torch.zeros(max(1, self._total_blocks), dtype=torch.int64, device=self.device)
 
     def histogram(self, prefix: int, prefix_shift: int, digit_shift: int, digit_bits: int) -> torch.Tensor:
         args = (prefix, prefix_shift, digit_shift, digit_bits)
@@ -746,29 +1046,28 @@ class TritonSelector(_RadixSelect):
         bins = 1 << digit_bits
         # bins, then per source its non-finite count, then the total of zero-score keys
         counts = torch.zeros(bins + len(self.sources) + 1, dtype=torch.int64, device=self.device)
-        zeros_flat, zero_blocks = self._block_buffer() if first else (counts, [])
+        zeros_flat = self._block_buffer() if first else counts
         self.stats.histogram_passes += 1
-        for index, src in enumerate(self.sources):
-            if src.numel == 0:
-                continue
-            programs = min(self._blocks(src), self.max_programs)
+        for group in self.groups:
+            tuples, num = self._group_args(group, ("W", "GF", "GR", "N", "START", "BSTART", "IDX"))
+            programs = min(group.items, self.max_programs)
             _histogram_kernel[(programs,)](
-                *self._inputs(src),
+                *tuples,
                 counts,
-                counts[bins + index :],
-                zero_blocks[index] if first else counts,
-                src.numel,
-                src.start,
+                counts[bins:],
+                zeros_flat,
+                group.block_base,
                 self.spec.inv_gamma,
                 self.spec.seed,
                 prefix,
                 programs,
-                triton.cdiv(self._blocks(src), programs),
+                triton.cdiv(group.items, programs),
                 PREFIX_SHIFT=prefix_shift,
                 DIGIT_SHIFT=digit_shift,
                 DIGIT_BITS=digit_bits,
                 METHOD=self.method_id,
                 COUNT_NONFINITE=first,
+                NUM=num,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
@@ -779,7 +1078,7 @@ class TritonSelector(_RadixSelect):
         if first:
             nonfinite = host[bins : bins + len(self.sources)]
             self.stats.nonfinite = {src.name: int(nonfinite[i]) for i, src in enumerate(self.sources)}
-            self._zero_blocks = zero_blocks
+            self._zero_flat = zeros_flat[: self._total_blocks]
             self._zeros = int(host[-1])
             self._counted_nonfinite = True
         self._cache = (args, host[:bins])
@@ -822,23 +1121,20 @@ class TritonSelector(_RadixSelect):
         if need <= positive:
             return self.select_compact_range(2, (1 << RADIX_DIGITS[0][0]) - 1, need, positive)
         if need <= positive + self._zeros:
-            tie_offsets = torch.cat(self._zero_blocks) if self._zero_blocks else None
-            if tie_offsets is not None:
-                tie_offsets = tie_offsets.cumsum(0) - tie_offsets
-                offsets = list(torch.split(tie_offsets, [self._blocks(src) for src in self.sources]))
-            else:
-                offsets = None
-            return self._mask_pass(Threshold(1, need - positive), offsets)
+            return self._mask_pass(Threshold(1, need - positive), _exclusive(self._zero_flat))
         return None
 
-    def _packed_regions(self) -> tuple[torch.Tensor, list[int]]:
-        """One uint8 buffer for all packed masks, each region starting at a multiple of 4 bytes (left
-        uninitialised: the candidate pass writes every byte of every region before any atomic OR)."""
-        offsets, total = [], 0
-        for src in self.sources:
-            offsets.append(total)
-            total += (packed_size(src.numel) + 3) // 4 * 4
-        return torch.empty(max(total, 4), dtype=torch.uint8, device=self.device), offsets
+    def _packed_regions(self) -> torch.Tensor:
+        """One uint8 buffer for all packed masks, source ``i``'s region at byte
+        ``_region_offsets[i]`` (left uninitialised: every mask pass writes every byte of every region
+        before any atomic OR)."""
+        return torch.empty(self._region_bytes, dtype=torch.uint8, device=self.device)
+
+    def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            src.name: buffer[offset : offset + packed_size(src.numel)]
+            for src, offset in zip(self.sources, self._region_offsets, strict=True)
+        }
 
     def select_compact(self, k: int, n: int) -> dict[str, torch.Tensor] | None:
         """Two passes over the inputs when the threshold bin of the first digit is small.
@@ -872,33 +1168,29 @@ class TritonSelector(_RadixSelect):
         capacity = int(self.candidate_fraction * n) + 1024
         if self.candidate_fraction <= 0 or in_range > capacity:
             return None
-        buffer, offsets = self._packed_regions()
+        buffer = self._packed_regions()
         cand_keys = torch.empty(max(in_range, 1), dtype=torch.int32, device=self.device)
         cand_bits = torch.empty(max(in_range, 1), dtype=torch.int64, device=self.device)
         # the candidate counter, the tie counter, then the selected bits per source
         counters = torch.zeros(2 + len(self.sources), dtype=torch.int64, device=self.device)
-        views = {}
-        for index, (src, offset) in enumerate(zip(self.sources, offsets, strict=True)):
-            view = buffer[offset : offset + packed_size(src.numel)]
-            views[src.name] = view
-            if src.numel == 0:
-                continue
-            _mask_compact_kernel[(self._blocks(src),)](
-                *self._inputs(src),
-                view,
+        for group in self.groups:
+            tuples, num = self._group_args(
+                group, ("W", "GF", "GR", "N", "START", "BSTART", "IDX", "BYTE_OFF", "BIT_BASE")
+            )
+            _mask_compact_kernel[(group.items,)](
+                *tuples,
+                buffer,
                 cand_keys,
                 cand_bits,
                 counters,
-                counters[2 + index :],
-                src.numel,
-                src.start,
-                offset * 8,
+                counters[2:],
                 self.spec.inv_gamma,
                 self.spec.seed,
                 low,
                 high,
                 in_range,
                 METHOD=self.method_id,
+                NUM=num,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 **launch_options(),
@@ -909,6 +1201,7 @@ class TritonSelector(_RadixSelect):
         threshold, _ = find_threshold(
             self._candidate_histogram(cand_keys, in_range), need, in_range, level=1, prefix=top
         )
+        offsets = self._region_offsets
         regions = torch.tensor([offset * 8 for offset in offsets], dtype=torch.int64, device=self.device)
         tied = torch.empty(max(in_range, 1) if threshold.ties else 1, dtype=torch.int64, device=self.device)
         if in_range:
@@ -943,7 +1236,7 @@ class TritonSelector(_RadixSelect):
                 f"candidate pass found {host[0]} keys in the threshold bin, expected {in_range}"
             )
         self.stats.selected = {src.name: int(host[2 + i]) for i, src in enumerate(self.sources)}
-        return views
+        return self._views(buffer)
 
     def _candidate_histogram(self, keys: torch.Tensor, m: int):
         """``find_threshold``'s histogram over the first ``m`` candidate keys (one sync per digit); it
@@ -972,77 +1265,79 @@ class TritonSelector(_RadixSelect):
 
         return histogram
 
-    def _tie_counts_per_block(self, key: int) -> list[torch.Tensor]:
-        """One tie pass: per source, the number of keys equal to ``key`` in each block."""
+    def _tie_counts_per_block(self, key: int) -> torch.Tensor:
+        """One tie pass: the number of keys equal to ``key`` in each block, all sources in order."""
         self.stats.tie_passes += 1
-        _, per_block = self._block_buffer()
-        for src, counts in zip(self.sources, per_block, strict=True):
-            if src.numel:
-                _tie_count_kernel[(self._blocks(src),)](
-                    *self._inputs(src),
-                    counts,
-                    src.numel,
-                    src.start,
-                    self.spec.inv_gamma,
-                    self.spec.seed,
-                    key,
-                    METHOD=self.method_id,
-                    BLOCK=self.block,
-                    num_warps=self.num_warps,
-                    **launch_options(),
-                )
-        return per_block
+        counts = self._block_buffer()
+        for group in self.groups:
+            tuples, num = self._group_args(group, ("W", "GF", "GR", "N", "START", "BSTART"))
+            _tie_count_kernel[(group.items,)](
+                *tuples,
+                counts,
+                group.block_base,
+                self.spec.inv_gamma,
+                self.spec.seed,
+                key,
+                METHOD=self.method_id,
+                NUM=num,
+                BLOCK=self.block,
+                num_warps=self.num_warps,
+                **launch_options(),
+            )
+        return counts[: self._total_blocks]
 
     def tie_count(self, key: int) -> int:
-        if key == 1 and self._zero_blocks is not None:  # the first pass counted the zero scores
+        if key == 1 and self._zero_flat is not None:  # the first pass counted the zero scores
             return self._zeros
-        return int(sum(int(c.sum()) for c in self._tie_counts_per_block(key)))
+        return int(self._tie_counts_per_block(key).sum())
 
     def write_masks(self, threshold: Threshold) -> dict[str, torch.Tensor]:
         offsets = None
         if threshold.ties > 0:
-            if threshold.key_threshold == 1 and self._zero_blocks is not None:
-                per_block = self._zero_blocks  # zero-score counts per block from the first pass
+            if threshold.key_threshold == 1 and self._zero_flat is not None:
+                per_block = self._zero_flat  # zero-score counts per block from the first pass
             else:
                 per_block = self._tie_counts_per_block(threshold.key_threshold)
-            flat = torch.cat(per_block) if per_block else torch.zeros(0, dtype=torch.int64)
-            exclusive = flat.cumsum(0) - flat
-            offsets = list(torch.split(exclusive, [c.numel() for c in per_block]))
+            offsets = _exclusive(per_block)
         return self._mask_pass(threshold, offsets)
 
-    def _mask_pass(
-        self, threshold: Threshold, tie_offsets: list[torch.Tensor] | None
-    ) -> dict[str, torch.Tensor]:
-        """One mask pass for ``threshold``; ``tie_offsets``: per source, the exclusive rank offset of
-        each block among the keys equal to the threshold (needed when ``threshold.ties > 0``)."""
+    def _mask_pass(self, threshold: Threshold, tie_offsets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One mask pass for ``threshold``; ``tie_offsets``: per block (all sources in order), the
+        exclusive rank offset of the block among the keys equal to the threshold (needed when
+        ``threshold.ties > 0``)."""
         self.stats.mask_passes += 1
         counts = torch.zeros(max(1, len(self.sources)), dtype=torch.int64, device=self.device)
-        out = {}
-        for index, src in enumerate(self.sources):
-            packed = torch.empty(packed_size(src.numel), dtype=torch.uint8, device=self.device)
-            if src.numel:
-                has_ties = tie_offsets is not None and threshold.ties > 0
-                _mask_kernel[(self._blocks(src),)](
-                    *self._inputs(src),
-                    packed,
-                    tie_offsets[index] if has_ties else packed,
-                    counts[index:],
-                    src.numel,
-                    src.start,
-                    self.spec.inv_gamma,
-                    self.spec.seed,
-                    threshold.key_threshold,
-                    threshold.ties,
-                    METHOD=self.method_id,
-                    HAS_TIES=has_ties,
-                    BLOCK=self.block,
-                    num_warps=self.num_warps,
-                    **launch_options(),
-                )
-            out[src.name] = packed
+        buffer = self._packed_regions()
+        has_ties = tie_offsets is not None and threshold.ties > 0
+        for group in self.groups:
+            tuples, num = self._group_args(
+                group, ("W", "GF", "GR", "N", "START", "BSTART", "IDX", "BYTE_OFF")
+            )
+            _mask_kernel[(group.items,)](
+                *tuples,
+                buffer,
+                tie_offsets if has_ties else counts,
+                counts,
+                group.block_base,
+                self.spec.inv_gamma,
+                self.spec.seed,
+                threshold.key_threshold,
+                threshold.ties,
+                METHOD=self.method_id,
+                HAS_TIES=has_ties,
+                NUM=num,
+                BLOCK=self.block,
+                num_warps=self.num_warps,
+                **launch_options(),
+            )
         host = counts.tolist()  # one sync for every tensor's selected count
         self.stats.selected = {src.name: int(host[i]) for i, src in enumerate(self.sources)}
-        return out
+        return self._views(buffer)
+
+
+def _exclusive(counts: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums of per-block counts (each block's rank offset)."""
+    return counts.cumsum(0) - counts
 
 
 def select_top_k(

@@ -1,7 +1,8 @@
 """Masked optimizers: only the weights a WeightMask selects are updated, with state only for them.
 
 * :class:`MaskedAdamW` - torch.optim.AdamW on the selected weights (fused Triton kernel or torch path),
-  dense or compact (selected-only) moments, fp32 or bf16 state;
+  dense, compact (selected-only) or per-parameter automatic (``auto_layout``) moments, fp32 or bf16
+  state;
 * :class:`MaskedSGD` - torch.optim.SGD (momentum, Nesterov, weight decay) on the selected weights;
 * :class:`StepInBackward` - step each parameter inside ``backward()`` and free its gradient, with
   gradient accumulation in compact (selected-only) buffers and per-parameter clipping;
@@ -12,7 +13,7 @@
 from .adamw import MaskedAdamW
 from .clipping import CLIP_MODES, clip_masked_grad_norm_, mask_gradients_
 from .in_backward import NonFiniteGradientError, StepInBackward
-from .masked import MaskedOptimizer, ParamPlan
+from .masked import MaskedOptimizer, ParamPlan, auto_layout
 from .sgd import MaskedSGD
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "NonFiniteGradientError",
     "ParamPlan",
     "StepInBackward",
+    "auto_layout",
     "clip_masked_grad_norm_",
     "mask_gradients_",
 ]

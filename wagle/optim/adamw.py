@@ -29,20 +29,23 @@ class MaskedAdamW(MaskedOptimizer):
             ``params`` are such pairs; group entries override the defaults below.
         mask: the :class:`~wagle.WeightMask`; entries are matched by name and their shapes checked.
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
-        state_layout: ``"dense"`` (param-shaped moments) or ``"compact"`` (moments for the selected
+        state_layout: ``"dense"`` (param-shaped moments), ``"compact"`` (moments for the selected
             weights only: state memory = ratio x dense, plus 8 bytes of index metadata per 2048 weights
-            on the Triton path).
+            on the Triton path) or ``"auto"`` (per parameter, compact where the moments it saves
+            cover its index metadata: :func:`wagle.optim.masked.auto_layout`; dense with
+            ``decay_unselected``). ``optimizer.layouts()`` gives the resolved layouts.
         state_dtype: dtype of the moments, ``torch.float32`` or ``torch.bfloat16`` (math is fp32).
         decay_unselected: reproduce the reference implementation (multiply the gradient by the mask,
             then plain AdamW over every weight, so weight decay and the moments still move unselected
-            weights); needs ``state_layout="dense"``.
+            weights); needs dense state (``"dense"`` or ``"auto"``).
         unmasked: parameters without a mask entry: ``"error"`` (raise), ``"dense"`` (update every weight)
             or ``"freeze"`` (never update, no state).
         fused: ``True`` runs the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
             ``False`` the torch path, ``None`` the kernel for CUDA parameters and torch otherwise.
 
     ``optimizer.state[p]`` holds ``step`` (a float32 CPU tensor, as torch.optim), ``exp_avg`` and
-    ``exp_avg_sq`` (param-shaped, or 1-D with ``mask.selected(name)`` entries for the compact layout).
+    ``exp_avg_sq`` (param-shaped, or 1-D with ``mask.selected(name)`` entries where the layout is
+    compact).
     ``launches`` is the number of Triton launches of the last :meth:`step` (one per up to 16 tensors of
     a (layout, dtype, device) bucket).
     """
@@ -58,7 +61,7 @@ class MaskedAdamW(MaskedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        state_layout: str = "dense",
+        state_layout: str = "auto",
         state_dtype: torch.dtype = torch.float32,
         decay_unselected: bool = False,
         unmasked: str = "error",
@@ -67,8 +70,6 @@ class MaskedAdamW(MaskedOptimizer):
         require_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
         if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
             raise UserError(f"betas: expected two values in [0, 1), got {betas}")
-        if decay_unselected and state_layout == "compact":
-            raise UserError("decay_unselected=True updates every weight, so it needs state_layout='dense'")
         self.decay_unselected = bool(decay_unselected)
         self.launches = 0
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
@@ -127,7 +128,7 @@ class MaskedAdamW(MaskedOptimizer):
                 state["exp_avg_sq"],
                 plan.selected_flat(param.device) if plan.masked else None,
                 scalars[id(param)],
-                compact=plan.masked and self.state_layout == "compact",
+                compact=plan.compact,
                 decay_all=plan.masked and self.decay_unselected,
                 index=plan.indices(param.device) if plan.masked and not self.decay_unselected else None,
             )

@@ -5,8 +5,9 @@ Every parameter is given as ``(name, tensor)`` (``model.named_parameters()``), p
 
 * ``masked`` - only the selected weights are updated. Their state is param-shaped (``dense`` layout;
   unselected entries stay zero and are never used) or holds the selected weights only, in flat order
-  (``compact`` layout: state memory = ratio x dense). A parameter with no selected weight gets no state
-  and is skipped.
+  (``compact`` layout: state memory = ratio x dense). ``state_layout="auto"`` (the default) picks the
+  layout per parameter by its bytes (:func:`auto_layout`). A parameter with no selected weight gets no
+  state and is skipped.
 * ``dense``  - no mask entry and ``unmasked="dense"``: updated like the plain optimizer.
 * ``frozen`` - no mask entry and ``unmasked="freeze"``: never updated, no state.
 
@@ -16,8 +17,10 @@ torch path unpacks a parameter's mask bits when it steps it; on CPU it also keep
 positions (int32, 4 bytes per selected weight) because ``nonzero`` would dominate the step.
 
 ``state_dict()`` adds a ``"wagle"`` entry (optimizer class, mask fingerprint, a digest of the names,
-shapes and mask bits of the optimizer's parameters, state layout and dtype); ``load_state_dict`` rejects
-a state saved for another mask, another layout or other parameters, and checks every state tensor's size.
+shapes and mask bits of the optimizer's parameters, state layout as asked, the layout each masked
+parameter resolved to, and dtype); ``load_state_dict`` rejects a state saved for another mask, another
+layout or other parameters, and checks every state tensor's size. An ``"auto"`` optimizer adopts the
+saved per-parameter layouts, so a state loads identically wherever the rule would resolve differently.
 Both run through ``torch.optim.Optimizer``'s own ``state_dict``/``load_state_dict``: the wagle parts are
 hooks that run after the user's pre-hooks and before the user's post-hooks, so hooks registered with
 ``register_state_dict_*_hook`` / ``register_load_state_dict_*_hook`` fire as on any torch optimizer.
@@ -39,12 +42,13 @@ from wagle.errors import UserError
 from wagle.mask import MaskMismatchError, WeightMask
 from wagle_kernels._runtime import require_triton, triton_supports
 from wagle_kernels.bitpack import unpack_bits
-from wagle_kernels.mask_bits import block_prefix
+from wagle_kernels.mask_bits import STATE_BLOCK, block_prefix
 
-STATE_LAYOUTS = ("dense", "compact")
+STATE_LAYOUTS = ("auto", "dense", "compact")
 UNMASKED_POLICIES = ("error", "dense", "freeze")
 STATE_DTYPES = (torch.float32, torch.bfloat16)
-STATE_DICT_VERSION = 2
+STATE_DICT_VERSION = 3  # 3: per-parameter resolved layouts ("layouts"); 2 loads as its one layout
+INDEX_BYTES_PER_BLOCK = 8  # compact-index metadata of the Triton path: one int64 per STATE_BLOCK weights
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -58,6 +62,7 @@ class ParamPlan:
     numel: int
     selected: int = 0
     packed: torch.Tensor | None = None  # the mask bits as the mask holds them (uint8)
+    layout: str = "dense"  # of its state tensors: "compact" only for masked parameters
     _bits: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
     _prefix: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
     _index: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -100,9 +105,14 @@ class ParamPlan:
         """Flat bool mask on ``device`` (unpacked on demand, not kept)."""
         return unpack_bits(self.bits(device), self.numel)
 
-    def state_numel(self, layout: str) -> int:
+    @property
+    def compact(self) -> bool:
+        """Whether the state holds the selected weights only."""
+        return self.masked and self.layout == "compact"
+
+    def state_numel(self) -> int:
         """Elements of each state tensor: ``selected`` (compact layout, masked) or ``numel``."""
-        return self.selected if self.masked and layout == "compact" else self.numel
+        return self.selected if self.compact else self.numel
 
     def metadata_nbytes(self) -> int:
         """Bytes of cached index metadata and device copies of the mask bits."""
@@ -114,6 +124,34 @@ class ParamPlan:
                 if t.data_ptr() != self.packed.data_ptr()
             )
         return total
+
+
+def compact_overhead_bytes(numel: int, selected: int, path: str) -> int:
+    """Bytes the compact layout keeps besides its states: ``8 * ceil(numel / 2048)`` (int64 block
+    prefix, ``path="fused"``: the Triton kernel, which also reads it once per step), ``4 * selected``
+    (int32 positions, 8 from 2^31 weights, ``path="cpu"``: the CPU torch path) or 0 (``"torch"``: the
+    torch path on other devices)."""
+    if path == "fused":
+        return INDEX_BYTES_PER_BLOCK * -(-numel // STATE_BLOCK)
+    if path == "cpu":
+        return (4 if numel < 2**31 else 8) * selected
+    return 0
+
+
+def auto_layout(numel: int, selected: int, states: int, state_bytes: int, path: str) -> str:
+    """The layout ``state_layout="auto"`` gives a masked parameter of ``numel`` weights, ``selected`` of
+    them selected, with ``states`` state tensors of ``state_bytes`` bytes per element:
+
+        compact  iff  states * state_bytes * (numel - selected) >= compact_overhead_bytes(...)
+
+    i.e. the state memory the compact layout saves covers its index metadata. Per step a state element
+    is read and written (twice its bytes) while the fused kernel reads the metadata once, so the same
+    rule makes the compact step move no more bytes than the dense one. On the fused path compact wins
+    below ``1 - 8 / (2048 * states * state_bytes)`` selected (99.95% for AdamW with fp32 moments), on
+    the CPU torch path below ``S / (S + 4)`` with ``S = states * state_bytes`` (2/3 for fp32 AdamW).
+    Without state tensors there is nothing to save: dense."""
+    saved = states * state_bytes * (numel - selected)
+    return "compact" if states > 0 and saved >= compact_overhead_bytes(numel, selected, path) else "dense"
 
 
 def require_nonnegative(**values: float) -> None:
@@ -214,6 +252,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"mask: expected a wagle.WeightMask, got {type(mask).__name__}")
         if state_layout not in STATE_LAYOUTS:
             raise UserError(f"state_layout: expected one of {STATE_LAYOUTS}, got {state_layout!r}")
+        if state_layout == "compact" and self.touches_unselected():
+            raise UserError("decay_unselected=True updates every weight, so it needs state_layout='dense'")
         if state_dtype not in STATE_DTYPES:
             raise UserError(f"state_dtype: expected torch.float32 or torch.bfloat16, got {state_dtype}")
         if unmasked not in UNMASKED_POLICIES:
@@ -316,15 +356,33 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     f"mask: parameter {name!r} has shape {shape} but its mask entry has "
                     f"{tuple(self.mask.shape(name))} (a mask made for another model?)"
                 )
-            return ParamPlan(
+            plan = ParamPlan(
                 name, "masked", shape, param.numel(), self.mask.selected(name), self.mask.packed(name)
             )
+            plan.layout = self._layout_for(plan, param)
+            return plan
         if self.unmasked == "error":
             missing.append(name)
             return ParamPlan(name, "frozen", shape, param.numel())
         if self.unmasked == "dense":
             return ParamPlan(name, "dense", shape, param.numel(), param.numel())
         return ParamPlan(name, "frozen", shape, param.numel())
+
+    def _layout_for(self, plan: ParamPlan, param: torch.Tensor) -> str:
+        """The state layout of a masked parameter: as asked, or by :func:`auto_layout` for ``"auto"``
+        (dense when unselected weights are updated too)."""
+        if self.state_layout != "auto":
+            return self.state_layout
+        if self.touches_unselected():
+            return "dense"
+        fused = bool(self.fused) if self.fused is not None else self.use_fused(param)
+        path = "fused" if fused else ("cpu" if param.device.type == "cpu" else "torch")
+        state_bytes = torch.empty(0, dtype=self.state_dtype).element_size()
+        return auto_layout(plan.numel, plan.selected, len(self.state_tensor_keys), state_bytes, path)
+
+    def layouts(self) -> dict[str, str]:
+        """The resolved state layout of every masked parameter, by name."""
+        return {plan.name: plan.layout for _, plan in self.named_plans() if plan.masked}
 
     def plan(self, param: torch.Tensor) -> ParamPlan:
         """The :class:`ParamPlan` of one of this optimizer's parameters."""
@@ -380,7 +438,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def new_state_tensor(self, param: torch.Tensor, plan: ParamPlan) -> torch.Tensor:
         """A zero state tensor: compact (selected weights, 1-D) or param-shaped."""
-        if plan.masked and self.state_layout == "compact":
+        if plan.compact:
             return torch.zeros(plan.selected, dtype=self.state_dtype, device=param.device)
         return torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
 
@@ -459,9 +517,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if not self.use_fused(param):
                 rest.append(item)
                 continue
-            masked = plan.masked
-            compact = masked and self.state_layout == "compact"
-            key = (masked, compact, param.dtype, grad.dtype, param.device)
+            key = (plan.masked, plan.compact, param.dtype, grad.dtype, param.device)
             if extra_key is not None:
                 key += (extra_key(item),)
             buckets.setdefault(key, []).append(item)
@@ -526,11 +582,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
             )
         if meta.get("optimizer") != type(self).__name__:
             raise UserError(f"state_dict: saved by {meta.get('optimizer')}, not {type(self).__name__}")
-        if meta.get("state_layout") != self.state_layout:
-            raise UserError(
-                f"state_dict: saved with state_layout={meta.get('state_layout')!r}, this optimizer uses "
-                f"{self.state_layout!r}"
-            )
         if meta.get("mask_digest") != self.mask_digest():
             if meta.get("mask_fingerprint") != self.mask.fingerprint:
                 raise MaskMismatchError(
@@ -539,6 +590,40 @@ class MaskedOptimizer(torch.optim.Optimizer):
             raise MaskMismatchError(
                 "state_dict: it was saved for another mask or other parameters (names, shapes or selected "
                 "weights differ)"
+            )
+        self._check_layouts(meta)
+
+    def _check_layouts(self, meta: Mapping[str, Any]) -> None:
+        """Match the saved per-parameter layouts: an ``"auto"`` optimizer adopts them (the state then
+        loads identically wherever it was resolved), an explicit layout must equal them. States saved
+        before per-parameter layouts were recorded carry one layout for every masked parameter."""
+        saved_layout = meta.get("state_layout")
+        if saved_layout not in STATE_LAYOUTS:
+            raise UserError(f"state_dict: unknown state_layout {saved_layout!r}")
+        masked = [plan for _, plan in self.named_plans() if plan.masked]
+        saved = meta.get("layouts")
+        if saved is None:
+            if saved_layout == "auto":
+                raise UserError("state_dict: saved with state_layout='auto' but without its resolved layouts")
+            saved = {plan.name: saved_layout for plan in masked}
+        if self.state_layout == "auto":
+            for plan in masked:
+                layout = saved.get(plan.name)
+                if layout not in ("dense", "compact"):
+                    raise UserError(f"state_dict: no saved state layout for {plan.name!r}")
+                if layout == "compact" and self.touches_unselected():
+                    raise UserError(
+                        f"state_dict: {plan.name!r} was saved with compact state; decay_unselected=True "
+                        "needs dense state"
+                    )
+            for plan in masked:
+                plan.layout = saved[plan.name]
+            return
+        differ = [plan.name for plan in masked if saved.get(plan.name) != plan.layout]
+        if differ:
+            raise UserError(
+                f"state_dict: saved with state_layout={saved_layout!r} ({differ[0]!r}: "
+                f"{saved.get(differ[0])!r}), this optimizer uses {self.state_layout!r}"
             )
 
     def _restored_value(self, param: torch.Tensor, key: str, value: Any) -> Any:
@@ -551,13 +636,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return torch.tensor(float(value), dtype=torch.float32)
         if not (isinstance(value, torch.Tensor) and key in self.state_tensor_keys):
             return value
-        expected = plan.state_numel(self.state_layout)
+        expected = plan.state_numel()
         if value.numel() != expected:
             raise UserError(
                 f"state_dict: {key!r} of {plan.name!r} has {value.numel()} elements, expected "
-                f"{expected} ({self.state_layout} layout)"
+                f"{expected} ({plan.layout} layout)"
             )
-        shape = (expected,) if plan.masked and self.state_layout == "compact" else plan.shape
+        shape = (expected,) if plan.compact else plan.shape
         restored = value.detach().to(device=param.device, dtype=self.state_dtype).reshape(shape)
         return restored.clone() if restored.data_ptr() == value.data_ptr() else restored
 
@@ -578,6 +663,7 @@ def _add_wagle_entry(optimizer: MaskedOptimizer, state: dict[str, Any]) -> dict[
         "mask_fingerprint": optimizer.mask.fingerprint,
         "mask_digest": optimizer.mask_digest(),
         "state_layout": optimizer.state_layout,
+        "layouts": optimizer.layouts(),
         "state_dtype": str(optimizer.state_dtype).removeprefix("torch."),
     }
     return state

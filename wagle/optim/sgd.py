@@ -21,7 +21,8 @@ class MaskedSGD(MaskedOptimizer):
         p <- p - lr * d
 
     Unselected weights stay bit-for-bit unchanged and own no momentum buffer; ``state_layout="compact"``
-    keeps the buffer for the selected weights only. ``optimizer.state[p]["momentum_buffer"]`` exists
+    keeps the buffer for the selected weights only, ``"auto"`` (the default) decides per parameter as
+    :class:`~wagle.optim.MaskedAdamW` does. ``optimizer.state[p]["momentum_buffer"]`` exists
     once a parameter has stepped with momentum > 0 (as in torch.optim.SGD). Other arguments as in
     :class:`~wagle.optim.MaskedAdamW`.
     """
@@ -38,7 +39,7 @@ class MaskedSGD(MaskedOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        state_layout: str = "dense",
+        state_layout: str = "auto",
         state_dtype: torch.dtype = torch.float32,
         unmasked: str = "error",
         fused: bool | None = None,
@@ -100,7 +101,7 @@ class MaskedSGD(MaskedOptimizer):
                 plan.selected_flat(param.device) if plan.masked else None,
                 s,
                 first=first[id(param)],
-                compact=plan.masked and self.state_layout == "compact",
+                compact=plan.compact,
                 index=plan.indices(param.device) if plan.masked else None,
             )
         self.launches = launches

@@ -365,7 +365,7 @@ def unlearn(
     max_grad_norm: float = 1.0,
     clip_mode: str = "mask_then_clip",
     max_length: int = 256,
-    state_layout: str = "compact",
+    state_layout: str = "auto",
     precision: str | None = None,
     objective_kwargs: Mapping[str, Any] | None = None,
     checkpoint_dir: str | None = None,
@@ -384,7 +384,9 @@ def unlearn(
     ``method`` is an objective name (``grad_ascent``, ``grad_diff``, ``npo``, ``simnpo``, ``po``,
     ``rmu``) or an :class:`~wagle.objectives.Objective`. With a ``mask`` only its selected weights
     change (parameters absent from the mask are frozen) and AdamW state exists only for them
-    (``state_layout="compact"``); without one every weight is trained (dense AdamW).
+    (``state_layout="auto"``: per parameter compact, selected weights only, wherever that takes fewer
+    bytes than dense, see :func:`wagle.optim.auto_layout`; or ``"compact"``/``"dense"``); without one
+    every weight is trained (dense AdamW).
     ``optimizer`` replaces :class:`~wagle.optim.MaskedAdamW`: a callable taking
     ``(named_params, mask, *, lr, betas, weight_decay, state_layout, state_dtype, unmasked)``.
 
