@@ -11,7 +11,8 @@ import torch
 from helpers import tiny_model, tiny_tokenizer
 
 from wagle.data import format_question, generate_benchmark, generate_rows
-from wagle.demo.models import TinyRecipe, _corpus
+from wagle.demo.models import TinyRecipe
+from wagle.models.tiny import qa_corpus
 from wagle.models import (
     DemoModels,
     build_demo_models,
@@ -74,7 +75,7 @@ def test_tokenizer_round_trip_and_specials():
 
 
 def test_tokenizer_training_is_deterministic_and_checked():
-    corpus = _corpus(generate_benchmark(num_authors=10))
+    corpus = qa_corpus(generate_benchmark(num_authors=10))
     a, b = train_tokenizer(corpus, vocab_size=350), train_tokenizer(iter(corpus), vocab_size=350)
     assert a.get_vocab() == b.get_vocab() and len(a) == 350
     with pytest.raises(ValueError, match="vocab_size"):

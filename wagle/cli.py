@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_checkpointing_option(unl)
     _add_template_options(unl)
-    unl.add_argument("--beta", type=finite_float, default=None, help="beta of the objectives that take one (NPO, SimNPO)")
+    unl.add_argument(
+        "--beta", type=finite_float, default=None, help="beta of the objectives that take one (NPO, SimNPO)"
+    )
     unl.add_argument("--checkpoint-every", type=int, default=0)
     unl.add_argument(
         "--no-resume",

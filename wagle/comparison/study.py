@@ -21,11 +21,13 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
 from wagle.errors import UserError
 from wagle.files import atomic_write_text, replace_folder, temporary_folder
+from wagle.models.tiny import TinyRecipe, qa_corpus
 
 from .results import data_digest, model_digest, tokenizer_digest
 
@@ -35,34 +37,18 @@ CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
-class StudyRecipe:
+class StudyRecipe(TinyRecipe):
     """Model size, fine-tuning schedule and data of the study preset's target and gold models."""
 
     hidden_size: int = 256
     num_layers: int = 4
-    num_heads: int = 4
     intermediate_size: int = 688
-    vocab_size: int = 1024
     epochs: int = 15
-    lr: float = 3e-3
-    batch_size: int = 16
-    warmup_ratio: float = 0.1
     num_authors: int = 25
     forget_authors: int = 5
     seed: int = 0
 
-    @classmethod
-    def quick(cls) -> StudyRecipe:
-        """Seconds, not memorisation: for tests of the preset's machinery."""
-        return cls(
-            hidden_size=32,
-            num_layers=1,
-            intermediate_size=64,
-            vocab_size=400,
-            epochs=1,
-            num_authors=6,
-            forget_authors=1,
-        )
+    QUICK_DATA: ClassVar[dict] = {"num_authors": 6, "forget_authors": 1}
 
 
 @dataclass
@@ -76,17 +62,6 @@ class StudyModels:
     manifest: dict
     from_cache: bool
     path: str
-
-
-def _corpus(benchmark) -> list[str]:
-    from wagle.data.format import format_answer, format_question
-
-    texts = []
-    for row in benchmark["full"].to_list() + benchmark["general"].to_list():
-        texts.append(format_question(row["question"]) + format_answer(row["answer"]))
-        texts.append(row["paraphrased_answer"])
-        texts.extend(row["perturbed_answer"])
-    return texts
 
 
 def cache_key(recipe: StudyRecipe, benchmark) -> str:
@@ -107,7 +82,6 @@ def _train_one(recipe: StudyRecipe, name: str, tokenizer_dir: str, out_dir: str,
     from transformers import PreTrainedTokenizerFast
 
     from wagle.data.study_benchmark import generate_study_benchmark
-    from wagle.models import finetune, make_tiny_llama
 
     previous = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
@@ -115,27 +89,11 @@ def _train_one(recipe: StudyRecipe, name: str, tokenizer_dir: str, out_dir: str,
         cpu = time.process_time()
         benchmark = generate_study_benchmark(recipe.num_authors, recipe.forget_authors, recipe.seed)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-        model = make_tiny_llama(
-            tokenizer,
-            hidden_size=recipe.hidden_size,
-            num_layers=recipe.num_layers,
-            num_heads=recipe.num_heads,
-            intermediate_size=recipe.intermediate_size,
-            seed=recipe.seed,
-        )
+        model = recipe.model(tokenizer, recipe.seed)
         split = {"target": "full", "gold": "retain"}[name]
         data = datasets.concatenate_datasets([benchmark[split], benchmark["general"]])
-        stats = finetune(
-            model,
-            tokenizer,
-            data,
-            epochs=recipe.epochs,
-            lr=recipe.lr,
-            batch_size=recipe.batch_size,
-            warmup_ratio=recipe.warmup_ratio,
-            seed=recipe.seed,
-            progress=progress,
-            desc=f"fine-tune {name}",
+        stats = recipe.finetune(
+            model, tokenizer, data, seed=recipe.seed, progress=progress, desc=f"fine-tune {name}"
         )
         model.eval().save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
@@ -159,7 +117,7 @@ def _train(recipe: StudyRecipe, benchmark, folder: str, *, workers: int, progres
     processes (one thread each, so the weights are those of ``workers=1``)."""
     from wagle.models import train_tokenizer
 
-    tokenizer = train_tokenizer(_corpus(benchmark), vocab_size=recipe.vocab_size)
+    tokenizer = train_tokenizer(qa_corpus(benchmark), vocab_size=recipe.vocab_size)
     tokenizer_dir = os.path.join(folder, "tokenizer")
     tokenizer.save_pretrained(tokenizer_dir)
     jobs = {name: (name, tokenizer_dir, os.path.join(folder, name)) for name in ("target", "gold")}

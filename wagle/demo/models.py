@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from wagle.data.format import format_answer, format_question
 from wagle.errors import UserError
-from wagle.models.finetune import _check_number, _torch_threads, finetune
-from wagle.models.tiny import make_tiny_llama, train_tokenizer
+from wagle.models.finetune import _check_number, _torch_threads
+from wagle.models.tiny import TinyRecipe, qa_corpus, train_tokenizer
 from wagle.synthetic.authors import RETAIN_OF, generate_benchmark
 
 from .pool import PinnedPool
@@ -37,60 +36,6 @@ class DemoModels:
     stats: dict[str, dict[str, float]]
 
 
-@dataclass(frozen=True)
-class TinyRecipe:
-    """Model size and fine-tuning schedule of the demo models.
-
-    The default makes the target model reproduce (nearly) every training answer under greedy decoding
-    (ROUGE-L recall 1.0 on retain90 and general, 0.997 on forget10 on 2026-11-23) in about 20 s per
-    model on 2 CPU cores.
-    """
-
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 384
-    vocab_size: int = 1024
-    epochs: int = 20
-    lr: float = 3e-3
-    batch_size: int = 16
-    warmup_ratio: float = 0.1
-    num_authors: int = 100
-
-    @classmethod
-    def quick(cls) -> TinyRecipe:
-        """Seconds, not memorisation: for tests of the pipeline."""
-        return cls(
-            hidden_size=32,
-            num_layers=1,
-            intermediate_size=64,
-            vocab_size=400,
-            epochs=1,
-            num_authors=20,
-        )
-
-
-def _corpus(benchmark: datasets.DatasetDict) -> list[str]:
-    """Tokenizer training text: every prompt+answer, paraphrase and perturbed answer."""
-    texts = []
-    for row in benchmark["full"].to_list() + benchmark["general"].to_list():
-        texts.append(format_question(row["question"]) + format_answer(row["answer"]))
-        texts.append(row["paraphrased_answer"])
-        texts.extend(row["perturbed_answer"])
-    return texts
-
-
-def _tiny_llama(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
-    return make_tiny_llama(
-        tokenizer,
-        hidden_size=recipe.hidden_size,
-        num_layers=recipe.num_layers,
-        num_heads=recipe.num_heads,
-        intermediate_size=recipe.intermediate_size,
-        seed=seed,
-    )
-
-
 def _train(
     name: str,
     data: datasets.Dataset,
@@ -101,21 +46,10 @@ def _train(
     progress: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Fine-tune one demo model from its seeded initialisation: (CPU state dict, statistics)."""
-    model = _tiny_llama(recipe, tokenizer, seed)
+    model = recipe.model(tokenizer, seed)
     if device is not None:
         model.to(device)
-    stats = finetune(
-        model,
-        tokenizer,
-        data,
-        epochs=recipe.epochs,
-        lr=recipe.lr,
-        batch_size=recipe.batch_size,
-        warmup_ratio=recipe.warmup_ratio,
-        seed=seed,
-        progress=progress,
-        desc=f"fine-tune {name}",
-    )
+    stats = recipe.finetune(model, tokenizer, data, seed=seed, progress=progress, desc=f"fine-tune {name}")
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, stats
 
 
@@ -149,7 +83,7 @@ def build_demo_models(
             raise UserError("num_threads: not with a pool (the pool pins its own thread count)")
     recipe = recipe or (TinyRecipe.quick() if quick else TinyRecipe())
     benchmark = generate_benchmark(num_authors=recipe.num_authors, seed=seed)
-    tokenizer = train_tokenizer(_corpus(benchmark), vocab_size=recipe.vocab_size)
+    tokenizer = train_tokenizer(qa_corpus(benchmark), vocab_size=recipe.vocab_size)
     names = (("target", "full"), ("retain", RETAIN_OF[forget_split]))
     tasks = [
         (
@@ -170,7 +104,7 @@ def build_demo_models(
         trained = pool.map(_train, tasks)
     stats, models = {}, {}
     for (name, _), (state, stats[name]) in zip(names, trained, strict=True):
-        model = _tiny_llama(recipe, tokenizer, seed)
+        model = recipe.model(tokenizer, seed)
         model.load_state_dict(state)
         model.eval()
         models[name] = model.to(device) if device is not None else model

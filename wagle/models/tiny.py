@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -85,3 +87,71 @@ def make_tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """Size and fine-tuning schedule of a tiny Llama that memorises a bundled benchmark (the demo's
+    defaults: the target reproduces nearly every training answer under greedy decoding, ROUGE-L
+    recall 1.0 on retain90 and general, in about 20 s per model on 2 CPU cores)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 384
+    vocab_size: int = 1024
+    epochs: int = 20
+    lr: float = 3e-3
+    batch_size: int = 16
+    warmup_ratio: float = 0.1
+    num_authors: int = 100
+
+    QUICK_DATA: ClassVar[dict] = {"num_authors": 20}
+
+    @classmethod
+    def quick(cls):
+        """Seconds, not memorisation: for tests of the pipelines."""
+        return cls(
+            hidden_size=32, num_layers=1, intermediate_size=64, vocab_size=400, epochs=1, **cls.QUICK_DATA
+        )
+
+    def model(self, tokenizer, seed: int) -> LlamaForCausalLM:
+        """The recipe's randomly initialised Llama (deterministic in ``seed``)."""
+        return make_tiny_llama(
+            tokenizer,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            seed=seed,
+        )
+
+    def finetune(self, model, tokenizer, data, *, seed: int, progress: bool, desc: str) -> dict[str, float]:
+        """:func:`wagle.models.finetune` with the recipe's schedule; returns its statistics."""
+        from .finetune import finetune
+
+        return finetune(
+            model,
+            tokenizer,
+            data,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            warmup_ratio=self.warmup_ratio,
+            seed=seed,
+            progress=progress,
+            desc=desc,
+        )
+
+
+def qa_corpus(benchmark) -> list[str]:
+    """Tokenizer training text of a bundled QA benchmark (``full`` and ``general`` splits): every
+    prompt+answer, paraphrase and perturbed answer."""
+    from wagle.data.format import format_answer, format_question
+
+    texts = []
+    for row in benchmark["full"].to_list() + benchmark["general"].to_list():
+        texts.append(format_question(row["question"]) + format_answer(row["answer"]))
+        texts.append(row["paraphrased_answer"])
+        texts.extend(row["perturbed_answer"])
+    return texts
