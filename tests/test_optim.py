@@ -326,13 +326,19 @@ def test_auto_layout_rule():
     # fused: 8 bytes per 2048 weights; AdamW fp32 moments save 8 bytes per unselected weight
     assert auto_layout(n, n - 10, 2, 4, "fused") == "compact"
     assert auto_layout(n, n - 9, 2, 4, "fused") == "dense"
-    # CPU torch path: 4 bytes of position per selected weight: compact up to 2/3 (fp32), 1/2 (bf16)
-    assert auto_layout(3000, 2000, 2, 4, "cpu") == "compact"
-    assert auto_layout(3000, 2001, 2, 4, "cpu") == "dense"
-    assert auto_layout(3000, 1500, 2, 2, "cpu") == "compact"
-    assert auto_layout(3000, 1501, 2, 2, "cpu") == "dense"
-    assert auto_layout(n, n, 2, 4, "torch") == "compact"  # no metadata: never more bytes
+    assert auto_layout(n, n - 20, 2, 2, "fused") == "compact"  # bf16 moments: 4 bytes per weight
+    assert auto_layout(n, n - 19, 2, 2, "fused") == "dense"
+    assert auto_layout(n + 1, n - 20, 2, 2, "fused") == "dense"  # a partial block costs a whole one
+    assert auto_layout(n, n, 2, 4, "torch") == "compact"  # no extra metadata: never more bytes
     assert auto_layout(n, 0, 0, 4, "fused") == "dense"  # no state to save
+
+
+def _mask_big_all_selected():
+    """``big`` fully selected (dense on the fused path, compact on the torch path), the rest at 0.5."""
+    g = torch.Generator().manual_seed(1)
+    return WeightMask.from_dict(
+        {n: torch.rand(s, generator=g) < (2.0 if n == "big" else 0.5) for n, s in SHAPES.items()}
+    )
 
 
 @pytest.mark.parametrize("fused", FUSED)
@@ -343,12 +349,13 @@ def test_auto_layout_resolves_per_parameter_and_resumes_exactly(fused):
 
     opt = MaskedAdamW(list(make_params().items()), make_mask(0.5), fused=fused)
     assert opt.state_layout == "auto"
-    path = "fused" if fused else ("cpu" if DEVICE == "cpu" else "torch")
+    path = "fused" if fused else "torch"
     for _, plan in opt.named_plans():
         assert plan.layout == auto_layout(plan.numel, plan.selected, 2, 4, path), plan
     assert set(opt.layouts()) == {"w", "b", "one", "big", "empty"} and opt.layouts()["big"] == "compact"
-    dense = MaskedAdamW(list(make_params().items()), make_mask(0.97), fused=fused)
-    assert dense.layouts()["big"] == ("dense" if path == "cpu" else "compact")
+    full = MaskedAdamW(list(make_params().items()), _mask_big_all_selected(), fused=fused)
+    assert full.layouts()["big"] == ("dense" if fused else "compact")
+    assert full.layouts()["w"] == "compact"
     assert (
         MaskedAdamW(list(make_params().items()), make_mask(0.5), decay_unselected=True).layouts()["big"]
         == "dense"
@@ -363,24 +370,37 @@ def test_auto_layout_resolves_per_parameter_and_resumes_exactly(fused):
 
 
 def test_auto_state_loads_where_the_rule_resolves_otherwise():
-    """An "auto" optimizer adopts the saved per-parameter layouts (a state resolved on the fused path
-    loads on the CPU torch path, which would resolve dense); an explicit layout must match them; a
-    state saved before layouts were recorded loads as its one layout."""
-    if DEVICE != "cpu":
-        pytest.skip("the CPU torch path's rule")
-    mask = make_mask(0.97)
+    """An "auto" optimizer adopts the saved per-parameter layouts (a state resolved on the torch path
+    loads on the fused path, which would resolve ``big`` dense) and continues identically; an explicit
+    layout must match them; a state saved before layouts were recorded loads as its one layout."""
+    mask = _mask_big_all_selected()
     params = make_params()
-    fused = run_masked(MaskedAdamW, clone_params(params), mask, 2, fused=True)
-    assert fused.layouts()["big"] == "compact"
-    state = fused.state_dict()
-    torch_path = MaskedAdamW(list(clone_params(params).items()), mask, fused=False)
-    assert torch_path.layouts()["big"] == "dense"
-    torch_path.load_state_dict(state)
-    assert torch_path.layouts() == fused.layouts()
-    big = next(p for p, plan in torch_path.named_plans() if plan.name == "big")
-    assert torch_path.state[big]["exp_avg"].shape == (mask.selected("big"),)
-    assert set(fused.layouts().values()) == {"dense", "compact"}  # "b" is fully selected: dense
-    for explicit in ("dense", "compact"):  # an explicit layout must match every saved one
+    torch_path = run_masked(MaskedAdamW, clone_params(params), mask, 2, fused=False)
+    assert set(torch_path.layouts().values()) == {"compact"}
+    state = torch_path.state_dict()
+    fresh = MaskedAdamW(list(clone_params(params).items()), mask, fused=True)
+    assert fresh.layouts()["big"] == "dense" and fresh.layouts()["w"] == "compact"
+    resumed_params_start = clone_params(params)
+    resumed = MaskedAdamW(list(resumed_params_start.items()), mask, fused=True)
+    resumed.load_state_dict(state)
+    assert resumed.layouts() == torch_path.layouts()
+    big = next(p for p, plan in resumed.named_plans() if plan.name == "big")
+    assert resumed.state[big]["exp_avg"].shape == (mask.selected("big"),)
+    ref_params = clone_params(params)
+    ref = run_masked(MaskedAdamW, ref_params, mask, 2, fused=False)
+    with torch.no_grad():
+        for n in SHAPES:
+            resumed_params_start[n].copy_(ref_params[n])
+    run_masked(MaskedAdamW, resumed_params_start, mask, 2, start=2, opt=resumed)
+    run_masked(MaskedAdamW, ref_params, mask, 2, start=2, opt=ref)
+    for n in SHAPES:  # fused and torch AdamW agree to rounding only
+        torch.testing.assert_close(resumed_params_start[n], ref_params[n], rtol=1e-6, atol=1e-6)
+    for explicit in ("dense", "compact"):
+        if explicit == "compact":
+            MaskedAdamW(list(clone_params(params).items()), mask, state_layout=explicit).load_state_dict(
+                state
+            )
+            continue
         with pytest.raises(ValueError, match="state_layout"):
             MaskedAdamW(list(clone_params(params).items()), mask, state_layout=explicit).load_state_dict(
                 state
@@ -388,10 +408,9 @@ def test_auto_state_loads_where_the_rule_resolves_otherwise():
     old = copy.deepcopy(state)
     old["wagle"]["state_layout"] = "compact"
     del old["wagle"]["layouts"]
-    restored = MaskedAdamW(list(clone_params(params).items()), mask, fused=False)
+    restored = MaskedAdamW(list(clone_params(params).items()), mask, fused=True)
     restored.load_state_dict(old)
     assert set(restored.layouts().values()) == {"compact"}
-    MaskedAdamW(list(clone_params(params).items()), mask, state_layout="compact").load_state_dict(old)
     with pytest.raises(ValueError, match="compact state"):
         MaskedAdamW(list(clone_params(params).items()), mask, decay_unselected=True).load_state_dict(state)
 

@@ -126,32 +126,26 @@ class ParamPlan:
         return total
 
 
-def compact_overhead_bytes(numel: int, selected: int, path: str) -> int:
-    """Bytes the compact layout keeps besides its states: ``8 * ceil(numel / 2048)`` (int64 block
-    prefix, ``path="fused"``: the Triton kernel, which also reads it once per step), ``4 * selected``
-    (int32 positions, 8 from 2^31 weights, ``path="cpu"``: the CPU torch path) or 0 (``"torch"``: the
-    torch path on other devices)."""
-    if path == "fused":
-        return INDEX_BYTES_PER_BLOCK * -(-numel // STATE_BLOCK)
-    if path == "cpu":
-        return (4 if numel < 2**31 else 8) * selected
-    return 0
+def compact_overhead_bytes(numel: int, path: str) -> int:
+    """Bytes the compact layout keeps that the dense one does not: ``8 * ceil(numel / 2048)`` (the int64
+    block prefix of the Triton kernel, ``path="fused"``, which also reads it once per step) or 0 (the
+    torch path, ``"torch"``: both layouts use the same positions of the selected weights)."""
+    return INDEX_BYTES_PER_BLOCK * -(-numel // STATE_BLOCK) if path == "fused" else 0
 
 
 def auto_layout(numel: int, selected: int, states: int, state_bytes: int, path: str) -> str:
     """The layout ``state_layout="auto"`` gives a masked parameter of ``numel`` weights, ``selected`` of
     them selected, with ``states`` state tensors of ``state_bytes`` bytes per element:
 
-        compact  iff  states * state_bytes * (numel - selected) >= compact_overhead_bytes(...)
+        compact  iff  states > 0  and  states * state_bytes * (numel - selected) >= compact_overhead_bytes
 
     i.e. the state memory the compact layout saves covers its index metadata. Per step a state element
     is read and written (twice its bytes) while the fused kernel reads the metadata once, so the same
-    rule makes the compact step move no more bytes than the dense one. On the fused path compact wins
-    below ``1 - 8 / (2048 * states * state_bytes)`` selected (99.95% for AdamW with fp32 moments), on
-    the CPU torch path below ``S / (S + 4)`` with ``S = states * state_bytes`` (2/3 for fp32 AdamW).
-    Without state tensors there is nothing to save: dense."""
+    rule makes the compact step move no more bytes than the dense one. On the fused path compact holds
+    up to ``1 - 8 / (2048 * states * state_bytes)`` selected (99.95% for AdamW with fp32 moments,
+    99.9% with bf16); on the torch path always. Without state tensors there is nothing to save: dense."""
     saved = states * state_bytes * (numel - selected)
-    return "compact" if states > 0 and saved >= compact_overhead_bytes(numel, selected, path) else "dense"
+    return "compact" if states > 0 and saved >= compact_overhead_bytes(numel, path) else "dense"
 
 
 def require_nonnegative(**values: float) -> None:
@@ -376,7 +370,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if self.touches_unselected():
             return "dense"
         fused = bool(self.fused) if self.fused is not None else self.use_fused(param)
-        path = "fused" if fused else ("cpu" if param.device.type == "cpu" else "torch")
+        path = "fused" if fused else "torch"
         state_bytes = torch.empty(0, dtype=self.state_dtype).element_size()
         return auto_layout(plan.numel, plan.selected, len(self.state_tensor_keys), state_bytes, path)
 
