@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad_batch
 from wagle.errors import UserError
+from wagle.logprobs import label_logprobs, row_sums
 from wagle.positions import check_examples, check_sequence_length
 
 logger = logging.getLogger(__name__)
@@ -147,13 +147,8 @@ def answer_nll(
                 attention_mask=batch["attention_mask"].to(device),
                 use_cache=False,
             ).logits
-            targets = batch["labels"][:, 1:].to(logits.device)
-            valid = targets != IGNORE_INDEX
-            # Only answer positions are upcast: (n_answer_tokens, vocab) instead of the whole batch.
-            token_nll = F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")
-            row_of = torch.arange(len(index), device=logits.device).unsqueeze(1).expand_as(valid)[valid]
-            sums = torch.zeros(len(index), dtype=torch.float32, device=logits.device)
-            sums.index_add_(0, row_of, token_nll)
+            logp, valid = label_logprobs(logits, batch["labels"], dtype=torch.float32)
+            sums = row_sums(-logp, valid, dtype=torch.float32)
             out[torch.tensor(index)] = (sums / valid.sum(1).float()).cpu()
     return out
 

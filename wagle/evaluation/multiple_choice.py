@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, pad_batch
 from wagle.data.multiple_choice import LETTERS, answer_index, validate_multiple_choice
 from wagle.errors import UserError
+from wagle.logprobs import label_logprobs, row_sums
 
 from .metrics import _check_batch_size, _input_device, eval_mode, rows_of
 
@@ -96,13 +96,8 @@ def choice_loglikelihoods(
                 attention_mask=batch["attention_mask"].to(device),
                 use_cache=False,
             ).logits
-            targets = batch["labels"][:, 1:].to(logits.device)
-            valid = targets != IGNORE_INDEX
-            logp = -F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")
-            row_of = torch.arange(len(index), device=logits.device).unsqueeze(1).expand_as(valid)[valid]
-            per = torch.zeros(len(index), dtype=torch.float64, device=logits.device)
-            per.index_add_(0, row_of, logp.double())
-            sums[torch.tensor(index)] = per.cpu()
+            logp, valid = label_logprobs(logits, batch["labels"], dtype=torch.float32)
+            sums[torch.tensor(index)] = row_sums(logp, valid, dtype=torch.float64).cpu()
     out: list[list[float]] = [[] for _ in rows]
     for j, i in enumerate(owner):
         out[i].append(float(sums[j]))

@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad_batch
 from wagle.errors import UserError
+from wagle.logprobs import label_log_softmax, label_logprobs, shifted_targets
 
 from .metrics import _check_batch_size, _input_device, _str_list, eval_mode
 
@@ -101,11 +101,8 @@ def token_statistics(
                 attention_mask=batch["attention_mask"].to(device),
                 use_cache=False,
             ).logits
-            targets = batch["labels"][:, 1:].to(logits.device)
             for row, i in enumerate(index):
-                valid = targets[row] != IGNORE_INDEX
-                y = targets[row][valid]
-                logp = F.log_softmax(logits[row, :-1][valid].double(), dim=-1)
+                logp, y, _ = label_log_softmax(logits[row], batch["labels"][row], dtype=torch.float64)
                 p = logp.exp()
                 mu = (p * logp).sum(-1)
                 var = (p * logp.square()).sum(-1) - mu.square()
@@ -209,12 +206,13 @@ def gradnorm_scores(
                 for q in params:
                     q.grad = None
                 ids = torch.tensor([example["input_ids"]], device=device)
-                labels = torch.tensor(example["labels"][1:], device=device)
-                logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-                valid = (labels != IGNORE_INDEX).nonzero().squeeze(1)[:-1]
-                if valid.numel() == 0:
+                logits = model(input_ids=ids, use_cache=False).logits[0]
+                labels = torch.tensor(example["labels"], device=logits.device)
+                answer = shifted_targets(logits, labels)[1].nonzero().squeeze(1)
+                if answer.numel() < 2:
                     raise UserError("answers: gradnorm needs at least one answer token besides EOS")
-                logp = F.log_softmax(logits[valid].float(), dim=-1).gather(1, labels[valid][:, None])
+                labels[1 + answer[-1]] = IGNORE_INDEX  # EOS dropped
+                logp, _ = label_logprobs(logits, labels, dtype=torch.float32)
                 (-logp.mean()).backward()
                 norms = [q.grad.detach().double().norm(p=p) for q in params if q.grad is not None]
                 scores.append(float(torch.stack(norms).mean()))
