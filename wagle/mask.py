@@ -438,6 +438,23 @@ class WeightMask(Mapping):
         return mask
 
 
+def masked_trainable(
+    named_params, mask: WeightMask, *, keep_unselected: bool = False
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The ``(name, parameter)`` pairs a masked run trains, in the given order: those with
+    ``requires_grad``, a mask entry and at least one selected weight (with ``keep_unselected``, any
+    mask entry: fully unselected tensors then keep gradients, e.g. so that they enter the global
+    gradient norm). Raises when none of them has a selected weight."""
+    trainable = [
+        (n, p)
+        for n, p in named_params
+        if n in mask and (mask.selected(n) > 0 or keep_unselected) and p.requires_grad
+    ]
+    if not any(mask.selected(n) > 0 for n, _ in trainable):
+        raise UserError("mask: selects no weight of a trainable parameter; nothing to train")
+    return trainable
+
+
 @dataclass(frozen=True)
 class _Layout:
     shapes: dict[str, ShapeLike]

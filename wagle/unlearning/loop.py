@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from wagle.data.batching import collate_examples, pad_id_of
 from wagle.errors import UserError
 from wagle.files import remove_stale_temporaries
-from wagle.mask import WeightMask
+from wagle.mask import WeightMask, masked_trainable
 from wagle.objectives import Objective, make_objective
 from wagle.positions import check_examples
 
@@ -149,20 +149,13 @@ def _trainable(model: torch.nn.Module, mask: WeightMask | None, keep_unselected:
 
     With a mask only parameters with selected weights need gradients, unless ``keep_unselected``
     (``clip_mode="clip_then_mask"``: fully unselected tensors keep gradients so that they enter the norm)."""
-    named = list(model.named_parameters())
     if mask is not None:
-        trainable = [
-            (n, p)
-            for n, p in named
-            if n in mask and (mask.selected(n) > 0 or keep_unselected) and p.requires_grad
-        ]
-        optimizer_mask, unmasked = mask, "freeze"
-    else:
-        trainable = [(n, p) for n, p in named if p.requires_grad]
-        optimizer_mask, unmasked = WeightMask({}), "dense"
-    if not any(mask is None or mask.selected(n) > 0 for n, _ in trainable):
-        raise UserError("mask: selects no weight of a trainable parameter; nothing to unlearn")
-    return trainable, optimizer_mask, unmasked
+        trainable = masked_trainable(model.named_parameters(), mask, keep_unselected=keep_unselected)
+        return trainable, mask, "freeze"
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise UserError("model: has no parameter with requires_grad=True; nothing to unlearn")
+    return trainable, WeightMask({}), "dense"
 
 
 def _default_optimizer(params, mask, *, lr, betas, weight_decay, state_layout, state_dtype, unmasked):
