@@ -8,10 +8,11 @@ gradient buffer exists beside ``.grad``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -79,6 +80,24 @@ def _checked(model: torch.nn.Module, batch: Batch, what: str) -> Batch:
         raise TypeError("batches must be mappings with 'input_ids' (and 'labels'), e.g. from make_dataloader")
     check_sequence_length(model, int(batch["input_ids"].shape[-1]), what=what, option=MAX_LENGTH_OPTION)
     return batch
+
+
+@contextlib.contextmanager
+def gradient_scope(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Only ``params`` (by identity) require grad and every ``.grad`` starts empty; the
+    ``requires_grad`` flags and existing gradients of all parameters are restored on exit."""
+    saved = {name: p.grad for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    wanted = {id(p) for p in params.values()}
+    try:
+        for _, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = saved[name]
 
 
 def _batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -288,12 +307,7 @@ def _attribute(  # the computation of attribute(), on validated arguments, with 
         return mask_from_gradients(params, None, None, **select_kw)
     from wagle.models.checkpointing import activation_checkpointing  # transformers, on use
 
-    saved = {name: p.grad for name, p in model.named_parameters()}
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        for name, p in model.named_parameters():
-            p.grad = None
-            p.requires_grad_(name in params)
+    with gradient_scope(model, params):
         with activation_checkpointing(model, gradient_checkpointing, keep_eval=True):
             accumulate_gradients(
                 model, forget, params, max_batches=max_batches, progress=progress, desc="forget gradients"
@@ -311,11 +325,6 @@ def _attribute(  # the computation of attribute(), on validated arguments, with 
                 )
                 grad_retain = _take_grads(params)
         logger.info("scoring %d tensors with method=%s", len(params), method)
-        mask = mask_from_gradients(
+        return mask_from_gradients(
             params, grad_forget, grad_retain, gamma=gamma, host_gradients=offload_gradients, **select_kw
         )
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-            p.grad = saved[name]
-    return mask

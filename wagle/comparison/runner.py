@@ -121,28 +121,22 @@ def forget_retain_gradients(
     mode (the gradients :func:`wagle.attribute` uses). ``.grad``, ``requires_grad`` and the train
     mode of the model are restored."""
     from wagle.attribution import accumulate_gradients
+    from wagle.attribution.from_model import gradient_scope
 
     params = dict(model.named_parameters())
-    saved = {n: p.grad for n, p in params.items()}
-    flags = {n: p.requires_grad for n, p in params.items()}
     was_training = model.training
     grads = []
     try:
         model.eval()
-        for p in params.values():
-            p.grad = None
-            p.requires_grad_(True)
-        for batches, desc in ((forget_batches, "forget gradients"), (retain_batches, "retain gradients")):
-            accumulate_gradients(model, batches, params, progress=progress, desc=desc)
-            taken = {}
-            for name, p in params.items():
-                taken[name] = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = None
-            grads.append(taken)
+        with gradient_scope(model, params):
+            for batches, desc in ((forget_batches, "forget gradients"), (retain_batches, "retain gradients")):
+                accumulate_gradients(model, batches, params, progress=progress, desc=desc)
+                taken = {}
+                for name, p in params.items():
+                    taken[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+                    p.grad = None
+                grads.append(taken)
     finally:
-        for name, p in params.items():
-            p.requires_grad_(flags[name])
-            p.grad = saved[name]
         model.train(was_training)
     return grads[0], grads[1]
 
