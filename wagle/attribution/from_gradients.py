@@ -9,6 +9,7 @@ import torch
 
 from wagle.errors import UserError
 from wagle.mask import WeightMask
+from wagle.validation import check_gamma, check_ratio, check_seed
 from wagle_kernels._runtime import require_triton, triton_supports
 from wagle_kernels.scores import ScoreMethod, get_method, inverse_gamma, method_names
 from wagle_kernels.select import (
@@ -107,11 +108,10 @@ def check_selection_options(
         raise UserError(f"backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
     if nonfinite not in NONFINITE_POLICIES:
         raise UserError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
-    if entry.needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
-    return entry, float(ratio)
+    ratio = check_ratio(ratio)
+    if entry.needs_gamma:
+        check_gamma(gamma, method)
+    return entry, ratio
 
 
 def mask_from_gradients(
@@ -198,8 +198,7 @@ def mask_from_gradients(
 
     if seed is None:  # only seeded methods (the random baseline) draw one; other masks stay reproducible
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if entry.needs_seed else 0
-    if not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise UserError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
+    check_seed(seed)
 
     sources, start = [], 0
     for name, shape in shapes.items():

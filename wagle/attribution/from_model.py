@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from wagle.errors import UserError
 from wagle.mask import WeightMask, model_metadata, parameter_aliases
 from wagle.positions import check_sequence_length
+from wagle.validation import check_gamma, check_ratio
 from wagle_kernels.scores import SCORE_METHODS, method_names
 
 from .from_gradients import mask_from_gradients
@@ -202,8 +202,7 @@ def attribute(
     """
     if method not in attribution_methods():
         raise UserError(f"method: unknown method {method!r}; expected one of {list(attribution_methods())}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+    check_ratio(ratio)
     from wagle.distributed.attribution import attribute_distributed, distributed_kind
 
     kind = distributed_kind(model)
@@ -236,9 +235,8 @@ def attribute(
         raise UserError(f"forget: method={method!r} needs forget-set batches")
     if needs_retain and retain is None:
         raise UserError(f"retain: method={method!r} needs retain-set batches")
-    needs_gamma = entry is not None and entry.needs_gamma
-    if needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
+    if entry is not None and entry.needs_gamma:
+        check_gamma(gamma, method)
 
     was_training = model.training
     model.eval()

@@ -39,6 +39,7 @@ from wagle.attribution.from_gradients import (
     num_to_select,
 )
 from wagle.errors import UserError
+from wagle.validation import check_seed
 from wagle_kernels._runtime import require_triton, triton_supports
 from wagle_kernels.scores import inverse_gamma
 from wagle_kernels.select import (
@@ -184,8 +185,7 @@ def select_segments(
         seed = int(comm.broadcast(torch.tensor([local], dtype=torch.int64))[0])
     else:
         seed = 0
-    if not 0 <= seed < 2**32:
-        raise UserError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
+    check_seed(seed)
 
     if backend == "auto":
         use_triton = device.type == "cuda" and triton_supports([torch.empty(0, device=device)])

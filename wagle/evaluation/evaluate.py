@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from wagle.data.format import PromptFormat, get_prompt_format
 from wagle.errors import UserError
+from wagle.validation import check_number
 
 from . import metrics as _metrics
 from .metrics import (
@@ -326,11 +327,9 @@ def evaluate(
         raise UserError(f"option_splits: {missing} not in splits {sorted(splits)}")
     if forget_split in option_splits:
         raise UserError(f"option_splits: contains the forget split {forget_split!r}")
-    _metrics._check_batch_size(batch_size)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
-    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-        raise UserError(f"max_examples: must be None or an int >= 1, got {max_examples!r}")
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
+    check_number("max_examples", max_examples, low=1, integer=True, optional=True)
     fmt = get_prompt_format(template)
     holdout_rows = (
         None if holdout is None else rows_of(holdout, "holdout", ("question", "answer"))[:max_examples]

@@ -31,6 +31,7 @@ from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad
 from wagle.errors import UserError
 from wagle.logprobs import label_logprobs, row_sums
 from wagle.positions import check_examples, check_sequence_length
+from wagle.validation import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +72,6 @@ def _str_list(values, name: str) -> list[str]:
         if not isinstance(value, str):
             raise UserError(f"{name}[{i}]: expected str, got {type(value).__name__}")
     return out
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size: must be an int >= 1, got {batch_size!r}")
 
 
 def rows_of(dataset, name: str = "dataset", columns: Sequence[str] = TOFU_COLUMNS) -> list[dict[str, Any]]:
@@ -125,7 +121,7 @@ def answer_nll(
     questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
     if len(questions) != len(answers):
         raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
-    _check_batch_size(batch_size)
+    check_number("batch_size", batch_size, low=1, integer=True)
     out = torch.zeros(len(questions), dtype=torch.float32)
     if not questions:
         return out
@@ -274,9 +270,8 @@ def greedy_answers(
     skipped, whitespace stripped. The model's train/eval modes are restored.
     """
     questions = _str_list(questions, "questions")
-    _check_batch_size(batch_size)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
     if not questions:
         return []
     pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id

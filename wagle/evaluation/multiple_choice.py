@@ -27,8 +27,9 @@ from wagle.data.format import IGNORE_INDEX, pad_batch
 from wagle.data.multiple_choice import LETTERS, answer_index, validate_multiple_choice
 from wagle.errors import UserError
 from wagle.logprobs import label_logprobs, row_sums
+from wagle.validation import check_number
 
-from .metrics import _check_batch_size, _input_device, eval_mode, rows_of
+from .metrics import _input_device, eval_mode, rows_of
 
 SCORINGS = ("letter", "choice")
 
@@ -76,7 +77,7 @@ def choice_loglikelihoods(
     """``sum_t log p(c_t | context, c_<t)`` of every choice's continuation, per row (float64)."""
     if scoring not in SCORINGS:
         raise UserError(f"scoring: expected one of {list(SCORINGS)}, got {scoring!r}")
-    _check_batch_size(batch_size)
+    check_number("batch_size", batch_size, low=1, integer=True)
     encoded, owner = [], []
     for i, row in enumerate(rows):
         context = choice_context(row["question"], row["choices"], scoring)

@@ -42,8 +42,9 @@ from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad_batch
 from wagle.errors import UserError
 from wagle.logprobs import label_log_softmax, label_logprobs, shifted_targets
+from wagle.validation import check_number
 
-from .metrics import _check_batch_size, _input_device, _str_list, eval_mode
+from .metrics import _input_device, _str_list, eval_mode
 
 MIN_K = 0.4
 SIGMA_FLOOR = 1e-6
@@ -86,7 +87,7 @@ def token_statistics(
     questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
     if len(questions) != len(answers):
         raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
-    _check_batch_size(batch_size)
+    check_number("batch_size", batch_size, low=1, integer=True)
     encoded = _encode_all(tokenizer, questions, answers, max_length, template)
     pad_id = pad_id_of(tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from wagle.data.batching import make_dataloader
 from wagle.data.benchmark import RETAIN_OF, generate_benchmark
 from wagle.data.format import format_answer, format_question
 from wagle.errors import UserError
+from wagle.validation import check_number as _check_number
 
 from .tiny import make_tiny_llama, train_tokenizer
 
@@ -25,14 +25,6 @@ if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
-
-
-def _check_number(name: str, value, *, low: float, integer: bool = False, open_low: bool = False) -> None:
-    kind = int if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
-    if bad or value < low or (open_low and value == low):
-        what = "an integer" if integer else "a number"
-        raise UserError(f"{name}: must be {what} {'>' if open_low else '>='} {low}, got {value!r}")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from wagle.errors import UserError
 from wagle.files import atomic_write_text, remove_stale_temporaries, replace_folder, temporary_folder
+from wagle.validation import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` (>= 1) checkpoints.
 
     Refuses (ValueError) to write weights that are not finite."""
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise UserError(f"keep: must be an integer >= 1, got {keep!r}")
+    check_number("keep", keep, low=1, integer=True)
     os.makedirs(directory, exist_ok=True)
     tensors = _model_tensors(model)
     bad = next((name for name, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
