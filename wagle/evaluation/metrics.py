@@ -50,6 +50,25 @@ def _input_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def batched_logits(
+    model, encoded: Sequence[Mapping[str, list[int]]], pad_id: int, batch_size: int
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
+    """``(indices, padded batch, logits)`` for ``encoded`` in length order, ``batch_size`` examples a
+    forward pass (inputs on the input embeddings' device, no KV cache). Callers set the eval mode and
+    no-grad."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    device = _input_device(model)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = pad_batch([encoded[i] for i in index], pad_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        ).logits
+        yield index, batch, logits
+
+
 @contextlib.contextmanager
 def eval_mode(*models) -> Iterator[None]:
     """Put ``models`` in eval mode and restore every submodule's own train/eval flag afterwards."""
@@ -132,17 +151,8 @@ def answer_nll(
         if all(label == IGNORE_INDEX for label in example["labels"]):
             raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
     check_examples(model, encoded, role="evaluation")
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    device = _input_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = pad_batch([encoded[i] for i in index], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).logits
+        for index, batch, logits in batched_logits(model, encoded, pad_id, batch_size):
             logp, valid = label_logprobs(logits, batch["labels"], dtype=torch.float32)
             sums = row_sums(-logp, valid, dtype=torch.float32)
             out[torch.tensor(index)] = (sums / valid.sum(1).float()).cpu()

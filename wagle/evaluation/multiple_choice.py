@@ -23,13 +23,13 @@ from typing import Any
 import torch
 
 from wagle.data.batching import pad_id_of
-from wagle.data.format import IGNORE_INDEX, pad_batch
+from wagle.data.format import IGNORE_INDEX
 from wagle.data.multiple_choice import LETTERS, answer_index, validate_multiple_choice
 from wagle.errors import UserError
 from wagle.logprobs import label_logprobs, row_sums
 from wagle.validation import check_number
 
-from .metrics import _input_device, eval_mode, rows_of
+from .metrics import batched_logits, eval_mode, rows_of
 
 SCORINGS = ("letter", "choice")
 
@@ -85,18 +85,9 @@ def choice_loglikelihoods(
             encoded.append(_encode_pair(tokenizer, context, continuation, add_bos, max_length))
             owner.append(i)
     pad_id = pad_id_of(tokenizer)
-    order = sorted(range(len(encoded)), key=lambda j: len(encoded[j]["input_ids"]))
     sums = torch.zeros(len(encoded), dtype=torch.float64)
-    device = _input_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = pad_batch([encoded[j] for j in index], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).logits
+        for index, batch, logits in batched_logits(model, encoded, pad_id, batch_size):
             logp, valid = label_logprobs(logits, batch["labels"], dtype=torch.float32)
             sums[torch.tensor(index)] = row_sums(logp, valid, dtype=torch.float64).cpu()
     out: list[list[float]] = [[] for _ in rows]

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from wagle.data.batching import pad_id_of
-from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad_batch
+from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format
 from wagle.errors import UserError
 from wagle.logprobs import label_log_softmax, label_logprobs, shifted_targets
 from wagle.validation import check_number
 
-from .metrics import _input_device, _str_list, eval_mode
+from .metrics import _input_device, _str_list, batched_logits, eval_mode
 
 MIN_K = 0.4
 SIGMA_FLOOR = 1e-6
@@ -90,18 +90,9 @@ def token_statistics(
     check_number("batch_size", batch_size, low=1, integer=True)
     encoded = _encode_all(tokenizer, questions, answers, max_length, template)
     pad_id = pad_id_of(tokenizer)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     out: list[TokenStats | None] = [None] * len(encoded)
-    device = _input_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = pad_batch([encoded[i] for i in index], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).logits
+        for index, batch, logits in batched_logits(model, encoded, pad_id, batch_size):
             for row, i in enumerate(index):
                 logp, y, _ = label_log_softmax(logits[row], batch["labels"][row], dtype=torch.float64)
                 p = logp.exp()
