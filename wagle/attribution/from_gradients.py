@@ -114,6 +114,29 @@ def check_selection_options(
     return entry, ratio
 
 
+def draw_seed() -> int:
+    """A seed for the ``random`` baseline drawn from torch's default generator, in ``[0, 2^31 - 1)``."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def score_spec(entry: ScoreMethod, gamma: float, seed: int) -> ScoreSpec:
+    """The kernels' score spec: the method, ``1 / gamma`` for methods with a retain floor (else 1), seed."""
+    return ScoreSpec(entry.name, inverse_gamma(gamma) if entry.needs_gamma else 1.0, seed)
+
+
+def selector_class(backend: str, device: torch.device, where: str) -> type[Selector]:
+    """The selector of ``backend`` on ``device``: ``auto`` takes Triton on CUDA devices it supports
+    and torch otherwise; ``triton`` raises (naming ``where``) if Triton cannot run there."""
+    probe = [torch.empty(0, device=device)]
+    if backend == "auto":
+        use_triton = device.type == "cuda" and triton_supports(probe)
+    else:
+        use_triton = backend == "triton"
+        if use_triton:
+            require_triton(probe, f"{where}(backend='triton')")
+    return TritonSelector if use_triton else TorchSelector
+
+
 def mask_from_gradients(
     params: TensorMap,
     grad_forget: TensorMap | None,
@@ -197,7 +220,7 @@ def mask_from_gradients(
     device = devices.pop() if devices else torch.device("cpu")
 
     if seed is None:  # only seeded methods (the random baseline) draw one; other masks stay reproducible
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if entry.needs_seed else 0
+        seed = draw_seed() if entry.needs_seed else 0
     check_seed(seed)
 
     sources, start = [], 0
@@ -207,21 +230,15 @@ def mask_from_gradients(
         sources.append(ScoreSource(name, numel, start, w, gf, gr))
         start += numel
 
-    if backend == "auto":
-        use_triton = device.type == "cuda" and triton_supports([torch.empty(0, device=device)])
-    else:
-        use_triton = backend == "triton"
-        if use_triton:
-            require_triton([torch.empty(0, device=device)], "mask_from_gradients(backend='triton')")
-
-    spec = ScoreSpec(method, inverse_gamma(gamma) if entry.needs_gamma else 1.0, seed)
+    selector_cls = selector_class(backend, device, "mask_from_gradients")
+    spec = score_spec(entry, gamma, seed)
     groups = [sources] if scope == "global" else [[s] for s in sources]
     stats = SelectionStats()
     packed: dict[str, torch.Tensor] = {}
     for group in groups:
         n = sum(s.numel for s in group)
         k = num_to_select(ratio, n)
-        selector: Selector = (TritonSelector if use_triton else TorchSelector)(group, spec, device=device)
+        selector: Selector = selector_cls(group, spec, device=device)
         if nonfinite == "error" and entry.can_be_nonfinite:
             counts = selector.nonfinite_counts()
             bad = {name: c for name, c in counts.items() if c}
