@@ -225,14 +225,7 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         if os.path.getsize(file) != info.get("bytes") or file_sha256(file) != info.get("sha256"):
             raise CheckpointError(f"checkpoint {path}: {name} is damaged (its size or sha256 differs)")
-    try:
-        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
-            state = json.load(handle)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise ValueError("no integer 'step'")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: trainer_state.json is unreadable ({exc})") from None
-    return state
+    return one_device.read_trainer_state(path)
 
 
 class ShardedCheckpoints:

@@ -147,6 +147,11 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
             raise CheckpointError(f"{where} ({os.path.getsize(file)} bytes, {MANIFEST} says {size})")
         if file_sha256(file) != sha:
             raise CheckpointError(f"{where} (its sha256 differs from {MANIFEST})")
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: str) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path``: a dict with an integer ``step``."""
     try:
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
             state = json.load(handle)
