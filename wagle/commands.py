@@ -16,6 +16,7 @@ from wagle.errors import UserError
 from wagle.files import check_writable
 from wagle.mask import WeightMask
 from wagle.unlearning import UnlearningDiverged
+from wagle.unlearning.loop import PRECISIONS
 from wagle.validation import check_range
 
 logger = logging.getLogger("wagle")
@@ -25,7 +26,7 @@ logger = logging.getLogger("wagle")
 USER_ERRORS = (UserError, OSError)
 RUN_FAILURES = (UnlearningDiverged, FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = PRECISIONS  # --dtype / --state-dtype names
 
 
 def configure_libraries(*, progress: bool, verbose: bool) -> None:

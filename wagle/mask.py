@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from wagle.errors import UserError
+from wagle.errors import UserError, first_line
 from wagle.files import atomic_write
 from wagle_kernels.bitpack import pack_bits, packed_size, popcount, unpack_bits
 
@@ -406,7 +406,7 @@ class WeightMask(Mapping):
         except OSError:
             raise
         except Exception as exc:  # safetensors raises its own error types
-            raise MaskFileError(f"{path}: not a safetensors mask file ({_first_line(exc)})") from None
+            raise MaskFileError(f"{path}: not a safetensors mask file ({first_line(exc, None)})") from None
         if metadata.get("format") != FORMAT_NAME:
             raise MaskFileError(f"{path}: not a wagle mask file (metadata format={metadata.get('format')!r})")
         version = metadata.get("format_version")
@@ -419,7 +419,7 @@ class WeightMask(Mapping):
         try:
             tensors = load_file(path, device="cpu")
         except Exception as exc:
-            raise MaskFileError(f"{path}: damaged mask file ({_first_line(exc)})") from None
+            raise MaskFileError(f"{path}: damaged mask file ({first_line(exc, None)})") from None
         if set(tensors) != set(layout.order):
             raise MaskFileError(
                 f"{path}: damaged mask file (its tensors do not match the names in its metadata)"
@@ -466,11 +466,6 @@ class _Layout:
     sha256: dict[str, str] | None
     digest: str | None
     own: dict[str, str]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _read_layout(path: str, metadata: dict[str, str], *, checked: bool) -> _Layout:
