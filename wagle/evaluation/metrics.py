@@ -117,6 +117,22 @@ def _perturbed_of(row: Mapping[str, Any], index: int, name: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- likelihoods
+def encode_answers(
+    tokenizer, questions, answers, max_length: int, template: str | PromptFormat | None
+) -> list[dict[str, list[int]]]:
+    """Each (question, answer) encoded in prompt format ``template`` (answer tokens labelled, the
+    prompt -100), after checking both are lists of str of one length and every answer has a token."""
+    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
+    if len(questions) != len(answers):
+        raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
+    fmt = get_prompt_format(template)
+    encoded = [fmt.encode(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
+    for i, example in enumerate(encoded):
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
+    return encoded
+
+
 @torch.no_grad()
 def answer_nll(
     model,
@@ -137,19 +153,12 @@ def answer_nll(
     fp32 and bf16 models work on any device. Examples are batched in length order to limit padding;
     the result is independent of batching. Returns a float32 CPU tensor of shape ``(len(questions),)``.
     """
-    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
-    if len(questions) != len(answers):
-        raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
+    encoded = encode_answers(tokenizer, questions, answers, max_length, template)
     check_number("batch_size", batch_size, low=1, integer=True)
-    out = torch.zeros(len(questions), dtype=torch.float32)
-    if not questions:
+    out = torch.zeros(len(encoded), dtype=torch.float32)
+    if not encoded:
         return out
     pad_id = pad_id_of(tokenizer)
-    fmt = get_prompt_format(template)
-    encoded = [fmt.encode(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
-    for i, example in enumerate(encoded):
-        if all(label == IGNORE_INDEX for label in example["labels"]):
-            raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
     check_examples(model, encoded, role="evaluation")
     with eval_mode(model):
         for index, batch, logits in batched_logits(model, encoded, pad_id, batch_size):

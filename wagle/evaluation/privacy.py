@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from wagle.data.batching import pad_id_of
-from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format
+from wagle.data.format import IGNORE_INDEX, PromptFormat
 from wagle.errors import UserError
 from wagle.logprobs import label_log_softmax, label_logprobs, shifted_targets
 from wagle.validation import check_number
 
-from .metrics import _input_device, _str_list, batched_logits, eval_mode
+from .metrics import _input_device, batched_logits, encode_answers, eval_mode
 
 MIN_K = 0.4
 SIGMA_FLOOR = 1e-6
@@ -62,15 +62,6 @@ class TokenStats:
     text: str
 
 
-def _encode_all(tokenizer, questions, answers, max_length, template) -> list[dict[str, list[int]]]:
-    fmt = get_prompt_format(template)
-    encoded = [fmt.encode(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
-    for i, example in enumerate(encoded):
-        if all(label == IGNORE_INDEX for label in example["labels"]):
-            raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
-    return encoded
-
-
 @torch.no_grad()
 def token_statistics(
     model,
@@ -84,11 +75,8 @@ def token_statistics(
 ) -> list[TokenStats]:
     """Per-token log-probabilities, argmax agreement and vocabulary moments of each answer (one
     forward pass per length-sorted batch; log-softmax and moments in float64, one example at a time)."""
-    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
-    if len(questions) != len(answers):
-        raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
+    encoded = encode_answers(tokenizer, questions, answers, max_length, template)
     check_number("batch_size", batch_size, low=1, integer=True)
-    encoded = _encode_all(tokenizer, questions, answers, max_length, template)
     pad_id = pad_id_of(tokenizer)
     out: list[TokenStats | None] = [None] * len(encoded)
     with eval_mode(model):
@@ -184,8 +172,7 @@ def gradnorm_scores(
     and the modes are restored."""
     if p not in (1, 2, 1.0, 2.0, math.inf):
         raise UserError(f"p: expected 1, 2 or inf, got {p!r}")
-    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
-    encoded = _encode_all(tokenizer, questions, answers, max_length, template)
+    encoded = encode_answers(tokenizer, questions, answers, max_length, template)
     params = [q for q in model.parameters() if q.requires_grad]
     if not params:
         raise UserError("model: has no parameter that requires a gradient (gradnorm needs gradients)")
