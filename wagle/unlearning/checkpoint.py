@@ -99,12 +99,7 @@ def save_checkpoint(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
             os.path.join(tmp, "optimizer.pt"),
         )
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in objective_state.items()},
-            os.path.join(tmp, "objective.safetensors"),
-        )
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as handle:
-            json.dump({**trainer_state, "step": step}, handle, indent=1)
+        write_run_state(tmp, objective_state, trainer_state, step)
         files = {}
         for name in FILES:
             file = os.path.join(tmp, name)
@@ -115,11 +110,27 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_checkpoint(directory, final, keep)
+    return final
+
+
+def write_run_state(folder: str, objective_state, trainer_state: dict[str, Any], step: int) -> None:
+    """Write ``objective.safetensors`` (the objective's tensors, on CPU) and ``trainer_state.json``
+    (``trainer_state`` with ``step``) into a checkpoint folder being built."""
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in objective_state.items()},
+        os.path.join(folder, "objective.safetensors"),
+    )
+    with open(os.path.join(folder, "trainer_state.json"), "w", encoding="utf-8") as handle:
+        json.dump({**trainer_state, "step": step}, handle, indent=1)
+
+
+def publish_checkpoint(directory: str, final: str, keep: int) -> None:
+    """Point ``LATEST`` at the finished checkpoint ``final`` and delete all but the newest ``keep``."""
     atomic_write_text(os.path.join(directory, LATEST), os.path.basename(final))
     for old in list_checkpoints(directory)[keep:]:
         if os.path.abspath(old) != os.path.abspath(final):
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def verify_checkpoint(path: str) -> dict[str, Any]:
