@@ -12,7 +12,6 @@ from helpers import tiny_model, tiny_tokenizer
 
 from wagle.data import format_question, generate_benchmark, generate_rows
 from wagle.demo.models import TinyRecipe
-from wagle.models.tiny import qa_corpus
 from wagle.models import (
     DemoModels,
     build_demo_models,
@@ -22,6 +21,7 @@ from wagle.models import (
     save_model,
     train_tokenizer,
 )
+from wagle.models.tiny import qa_corpus
 
 
 @pytest.fixture(autouse=True)

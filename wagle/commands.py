@@ -16,6 +16,8 @@ from wagle.errors import UserError
 from wagle.files import check_writable
 from wagle.mask import WeightMask
 from wagle.unlearning import UnlearningDiverged
+from wagle.unlearning.loop import PRECISIONS
+from wagle.validation import check_range
 
 logger = logging.getLogger("wagle")
 
@@ -24,7 +26,7 @@ logger = logging.getLogger("wagle")
 USER_ERRORS = (UserError, OSError)
 RUN_FAILURES = (UnlearningDiverged, FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = PRECISIONS  # --dtype / --state-dtype names
 
 
 def configure_libraries(*, progress: bool, verbose: bool) -> None:
@@ -52,13 +54,6 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _check_range(option: str, value, low, high=None, *, inclusive_low=True) -> None:
-    bad = value < low if inclusive_low else value <= low
-    if bad or (high is not None and value > high):
-        span = f"[{low}, {high}]" if high is not None else (f">= {low}" if inclusive_low else f"> {low}")
-        raise UserError(f"{option}: must be {span}, got {value}")
-
-
 def _load(args: argparse.Namespace, device: torch.device | None = None):
     from wagle.models import load_model
 
@@ -80,8 +75,8 @@ def run_mask(args: argparse.Namespace) -> int:
     from wagle.attribution import attribute
     from wagle.data import load_dataset_file, make_dataloader
 
-    _check_range("--ratio", args.ratio, 0.0, 1.0)
-    _check_range("--batch-size", args.batch_size, 1)
+    check_range("--ratio", args.ratio, 0.0, 1.0)
+    check_range("--batch-size", args.batch_size, 1)
     from wagle_kernels.scores import SCORE_METHODS
 
     method = SCORE_METHODS.get(args.method)  # None for wanda
@@ -284,10 +279,10 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise UserError(f"--{flag.replace('_', '-')}: needs --forget and --retain")
     if args.plot and not args.holdout:
         raise UserError("--plot: the MIA plot needs --holdout")
-    _check_range("--batch-size", args.batch_size, 1)
-    _check_range("--max-new-tokens", args.max_new_tokens, 1)
-    _check_range("--max-length", args.max_length, 2)
-    _check_range("--mia-k", args.mia_k, 0.0, 1.0, inclusive_low=False)
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--max-new-tokens", args.max_new_tokens, 1)
+    check_range("--max-length", args.max_length, 2)
+    check_range("--mia-k", args.mia_k, 0.0, 1.0, inclusive_low=False)
     template = _template(args)
     splits, holdout = {}, None
     if args.forget:
@@ -360,16 +355,16 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from wagle.demo import DemoConfig, run
 
-    _check_range("--ratio", args.ratio, 0.0, 1.0, inclusive_low=False)
+    check_range("--ratio", args.ratio, 0.0, 1.0, inclusive_low=False)
     config = DemoConfig.quick() if args.quick else DemoConfig()
     config.ratio = args.ratio
     config.forget_split = args.forget_split
     config.seed = args.seed
     if args.steps is not None:
-        _check_range("--steps", args.steps, 1)
+        check_range("--steps", args.steps, 1)
         config.steps = args.steps
     if args.workers is not None:
-        _check_range("--workers", args.workers, 1)
+        check_range("--workers", args.workers, 1)
         config.workers = args.workers
     report = run(config, out_dir=args.out, device=_device(args.device), progress=not args.no_progress)
     print(report["table"])

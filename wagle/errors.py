@@ -12,4 +12,11 @@ class UserError(ValueError):
     """Invalid input the caller can correct; the message names the parameter, option or file."""
 
 
-__all__ = ["UserError"]
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first line of ``exc``'s message (its type name when empty), cut to ``limit`` characters
+    (None: uncut): the cause quoted at the end of a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+__all__ = ["UserError", "first_line"]

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from wagle.errors import UserError
+from wagle.errors import UserError, first_line
 from wagle.files import atomic_write
 from wagle_kernels.bitpack import pack_bits, packed_size, popcount, unpack_bits
 
@@ -406,7 +406,7 @@ class WeightMask(Mapping):
         except OSError:
             raise
         except Exception as exc:  # safetensors raises its own error types
-            raise MaskFileError(f"{path}: not a safetensors mask file ({_first_line(exc)})") from None
+            raise MaskFileError(f"{path}: not a safetensors mask file ({first_line(exc, None)})") from None
         if metadata.get("format") != FORMAT_NAME:
             raise MaskFileError(f"{path}: not a wagle mask file (metadata format={metadata.get('format')!r})")
         version = metadata.get("format_version")
@@ -419,7 +419,7 @@ class WeightMask(Mapping):
         try:
             tensors = load_file(path, device="cpu")
         except Exception as exc:
-            raise MaskFileError(f"{path}: damaged mask file ({_first_line(exc)})") from None
+            raise MaskFileError(f"{path}: damaged mask file ({first_line(exc, None)})") from None
         if set(tensors) != set(layout.order):
             raise MaskFileError(
                 f"{path}: damaged mask file (its tensors do not match the names in its metadata)"
@@ -438,6 +438,23 @@ class WeightMask(Mapping):
         return mask
 
 
+def masked_trainable(
+    named_params, mask: WeightMask, *, keep_unselected: bool = False
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The ``(name, parameter)`` pairs a masked run trains, in the given order: those with
+    ``requires_grad``, a mask entry and at least one selected weight (with ``keep_unselected``, any
+    mask entry: fully unselected tensors then keep gradients, e.g. so that they enter the global
+    gradient norm). Raises when none of them has a selected weight."""
+    trainable = [
+        (n, p)
+        for n, p in named_params
+        if n in mask and (mask.selected(n) > 0 or keep_unselected) and p.requires_grad
+    ]
+    if not any(mask.selected(n) > 0 for n, _ in trainable):
+        raise UserError("mask: selects no weight of a trainable parameter; nothing to train")
+    return trainable
+
+
 @dataclass(frozen=True)
 class _Layout:
     shapes: dict[str, ShapeLike]
@@ -449,11 +466,6 @@ class _Layout:
     sha256: dict[str, str] | None
     digest: str | None
     own: dict[str, str]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _read_layout(path: str, metadata: dict[str, str], *, checked: bool) -> _Layout:

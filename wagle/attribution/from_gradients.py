@@ -9,6 +9,7 @@ import torch
 
 from wagle.errors import UserError
 from wagle.mask import WeightMask
+from wagle.validation import check_gamma, check_ratio, check_seed
 from wagle_kernels._runtime import require_triton, triton_supports
 from wagle_kernels.scores import ScoreMethod, get_method, inverse_gamma, method_names
 from wagle_kernels.select import (
@@ -107,11 +108,33 @@ def check_selection_options(
         raise UserError(f"backend: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
     if nonfinite not in NONFINITE_POLICIES:
         raise UserError(f"nonfinite: expected one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
-    if entry.needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
-    return entry, float(ratio)
+    ratio = check_ratio(ratio)
+    if entry.needs_gamma:
+        check_gamma(gamma, method)
+    return entry, ratio
+
+
+def draw_seed() -> int:
+    """A seed for the ``random`` baseline drawn from torch's default generator, in ``[0, 2^31 - 1)``."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def score_spec(entry: ScoreMethod, gamma: float, seed: int) -> ScoreSpec:
+    """The kernels' score spec: the method, ``1 / gamma`` for methods with a retain floor (else 1), seed."""
+    return ScoreSpec(entry.name, inverse_gamma(gamma) if entry.needs_gamma else 1.0, seed)
+
+
+def selector_class(backend: str, device: torch.device, where: str) -> type[Selector]:
+    """The selector of ``backend`` on ``device``: ``auto`` takes Triton on CUDA devices it supports
+    and torch otherwise; ``triton`` raises (naming ``where``) if Triton cannot run there."""
+    probe = [torch.empty(0, device=device)]
+    if backend == "auto":
+        use_triton = device.type == "cuda" and triton_supports(probe)
+    else:
+        use_triton = backend == "triton"
+        if use_triton:
+            require_triton(probe, f"{where}(backend='triton')")
+    return TritonSelector if use_triton else TorchSelector
 
 
 def mask_from_gradients(
@@ -197,9 +220,8 @@ def mask_from_gradients(
     device = devices.pop() if devices else torch.device("cpu")
 
     if seed is None:  # only seeded methods (the random baseline) draw one; other masks stay reproducible
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if entry.needs_seed else 0
-    if not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise UserError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
+        seed = draw_seed() if entry.needs_seed else 0
+    check_seed(seed)
 
     sources, start = [], 0
     for name, shape in shapes.items():
@@ -208,21 +230,15 @@ def mask_from_gradients(
         sources.append(ScoreSource(name, numel, start, w, gf, gr))
         start += numel
 
-    if backend == "auto":
-        use_triton = device.type == "cuda" and triton_supports([torch.empty(0, device=device)])
-    else:
-        use_triton = backend == "triton"
-        if use_triton:
-            require_triton([torch.empty(0, device=device)], "mask_from_gradients(backend='triton')")
-
-    spec = ScoreSpec(method, inverse_gamma(gamma) if entry.needs_gamma else 1.0, seed)
+    selector_cls = selector_class(backend, device, "mask_from_gradients")
+    spec = score_spec(entry, gamma, seed)
     groups = [sources] if scope == "global" else [[s] for s in sources]
     stats = SelectionStats()
     packed: dict[str, torch.Tensor] = {}
     for group in groups:
         n = sum(s.numel for s in group)
         k = num_to_select(ratio, n)
-        selector: Selector = (TritonSelector if use_triton else TorchSelector)(group, spec, device=device)
+        selector: Selector = selector_cls(group, spec, device=device)
         if nonfinite == "error" and entry.can_be_nonfinite:
             counts = selector.nonfinite_counts()
             bad = {name: c for name, c in counts.items() if c}

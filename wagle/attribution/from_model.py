@@ -8,10 +8,10 @@ gradient buffer exists beside ``.grad``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from wagle.errors import UserError
 from wagle.mask import WeightMask, model_metadata, parameter_aliases
 from wagle.positions import check_sequence_length
+from wagle.validation import check_gamma, check_ratio
 from wagle_kernels.scores import SCORE_METHODS, method_names
 
 from .from_gradients import mask_from_gradients
@@ -79,6 +80,24 @@ def _checked(model: torch.nn.Module, batch: Batch, what: str) -> Batch:
         raise TypeError("batches must be mappings with 'input_ids' (and 'labels'), e.g. from make_dataloader")
     check_sequence_length(model, int(batch["input_ids"].shape[-1]), what=what, option=MAX_LENGTH_OPTION)
     return batch
+
+
+@contextlib.contextmanager
+def gradient_scope(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Only ``params`` (by identity) require grad and every ``.grad`` starts empty; the
+    ``requires_grad`` flags and existing gradients of all parameters are restored on exit."""
+    saved = {name: p.grad for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    wanted = {id(p) for p in params.values()}
+    try:
+        for _, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = saved[name]
 
 
 def _batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -183,8 +202,7 @@ def attribute(
     """
     if method not in attribution_methods():
         raise UserError(f"method: unknown method {method!r}; expected one of {list(attribution_methods())}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise UserError(f"ratio: must be a number in [0, 1], got {ratio!r}")
+    check_ratio(ratio)
     from wagle.distributed.attribution import attribute_distributed, distributed_kind
 
     kind = distributed_kind(model)
@@ -217,9 +235,8 @@ def attribute(
         raise UserError(f"forget: method={method!r} needs forget-set batches")
     if needs_retain and retain is None:
         raise UserError(f"retain: method={method!r} needs retain-set batches")
-    needs_gamma = entry is not None and entry.needs_gamma
-    if needs_gamma and not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise UserError(f"gamma: must be a finite number > 0 for method={method!r}, got {gamma!r}")
+    if entry is not None and entry.needs_gamma:
+        check_gamma(gamma, method)
 
     was_training = model.training
     model.eval()
@@ -288,12 +305,7 @@ def _attribute(  # the computation of attribute(), on validated arguments, with 
         return mask_from_gradients(params, None, None, **select_kw)
     from wagle.models.checkpointing import activation_checkpointing  # transformers, on use
 
-    saved = {name: p.grad for name, p in model.named_parameters()}
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        for name, p in model.named_parameters():
-            p.grad = None
-            p.requires_grad_(name in params)
+    with gradient_scope(model, params):
         with activation_checkpointing(model, gradient_checkpointing, keep_eval=True):
             accumulate_gradients(
                 model, forget, params, max_batches=max_batches, progress=progress, desc="forget gradients"
@@ -311,11 +323,6 @@ def _attribute(  # the computation of attribute(), on validated arguments, with 
                 )
                 grad_retain = _take_grads(params)
         logger.info("scoring %d tensors with method=%s", len(params), method)
-        mask = mask_from_gradients(
+        return mask_from_gradients(
             params, grad_forget, grad_retain, gamma=gamma, host_gradients=offload_gradients, **select_kw
         )
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-            p.grad = saved[name]
-    return mask

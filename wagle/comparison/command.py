@@ -6,6 +6,7 @@ import argparse
 import os
 
 from wagle.errors import UserError
+from wagle.validation import check_range
 
 from .grid import METHODS
 
@@ -139,10 +140,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .runner import DEFAULT_FQ_LEVELS, DEFAULT_GAP_LEVELS, CompareSettings, compare
 
-    if args.budget is not None and args.budget <= 0:
-        raise UserError(f"--budget: must be > 0, got {args.budget}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads: must be >= 1, got {args.threads}")
+    if args.budget is not None:
+        check_range("--budget", args.budget, 0, inclusive_low=False)
+    if args.threads is not None:
+        check_range("--threads", args.threads, 1)
     if args.preset is not None:
         return _run_preset(args)
     for option in ("model", "gold_model", "forget", "retain"):

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from wagle.evaluation.report import text_table
 from wagle.files import atomic_write, atomic_write_text
 
 from .frontier import MEASURES, UTILITY, Cell, Stat, aggregate, compare_at_level, method_frontiers
@@ -40,19 +41,6 @@ def format_stat(stat: Stat | None) -> str:
     return f"{_num(stat.mean)}+-{_num(stat.std)}"
 
 
-def _align(rows: list[list[str]], left: int = 2) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-
-    def line(cells):
-        return "  ".join(
-            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join(
-        [line(rows[0]), "  ".join("-" * w for w in widths), *(line(r).rstrip() for r in rows[1:])]
-    )
-
-
 def format_cells(cells: Sequence[Cell], references: Mapping[str, Mapping] | None = None) -> str:
     """One row per (objective, method, ratio, lr, steps): n and mean+-std over seeds of each metric."""
     header = ["objective", "method", "ratio", "lr", "steps", "n", *(t for t, _ in TABLE_METRICS)]
@@ -83,7 +71,7 @@ def format_cells(cells: Sequence[Cell], references: Mapping[str, Mapping] | None
                 *(format_stat(cell.stats.get(key)) for _, key in TABLE_METRICS),
             ]
         )
-    return _align(rows)
+    return text_table(rows, left=2)
 
 
 def format_matched(comparisons: Sequence) -> str:
@@ -117,7 +105,7 @@ def format_matched(comparisons: Sequence) -> str:
             if untested:
                 verdict += f" (n<2: {', '.join(untested)})"
         rows.append([comp.objective, cond, *cells, verdict])
-    return _align(rows)
+    return text_table(rows, left=2)
 
 
 def _frontier_dict(fronts: Mapping[str, list[Cell]], measure: str) -> dict:

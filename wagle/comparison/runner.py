@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from wagle.errors import UserError
 from wagle.mask import WeightMask
+from wagle.validation import check_gamma, check_number
 
 from .grid import MASK_METHODS, Grid, RunSpec, trim_grid
 from .results import ResultsFile, data_digest, model_digest, tokenizer_digest
@@ -70,18 +71,13 @@ class CompareSettings:
 
     def check(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens", "lora_r"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name}: must be an integer >= 1, got {value!r}")
+            check_number(name, getattr(self, name), low=1, integer=True)
         for name in ("utility_examples", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise UserError(f"{name}: must be None or an integer >= 1, got {value!r}")
+            check_number(name, getattr(self, name), low=1, integer=True, optional=True)
         from wagle.optim.clipping import check_clip_mode
 
         check_clip_mode(self.clip_mode)
-        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
-            raise UserError(f"gamma: must be a finite number > 0, got {self.gamma!r}")
+        check_gamma(self.gamma)
 
 
 def _rows(data, role: str, columns: Sequence[str] | None = None) -> list[dict]:
@@ -127,28 +123,22 @@ def forget_retain_gradients(
     mode (the gradients :func:`wagle.attribute` uses). ``.grad``, ``requires_grad`` and the train
     mode of the model are restored."""
     from wagle.attribution import accumulate_gradients
+    from wagle.attribution.from_model import gradient_scope
 
     params = dict(model.named_parameters())
-    saved = {n: p.grad for n, p in params.items()}
-    flags = {n: p.requires_grad for n, p in params.items()}
     was_training = model.training
     grads = []
     try:
         model.eval()
-        for p in params.values():
-            p.grad = None
-            p.requires_grad_(True)
-        for batches, desc in ((forget_batches, "forget gradients"), (retain_batches, "retain gradients")):
-            accumulate_gradients(model, batches, params, progress=progress, desc=desc)
-            taken = {}
-            for name, p in params.items():
-                taken[name] = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = None
-            grads.append(taken)
+        with gradient_scope(model, params):
+            for batches, desc in ((forget_batches, "forget gradients"), (retain_batches, "retain gradients")):
+                accumulate_gradients(model, batches, params, progress=progress, desc=desc)
+                taken = {}
+                for name, p in params.items():
+                    taken[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+                    p.grad = None
+                grads.append(taken)
     finally:
-        for name, p in params.items():
-            p.requires_grad_(flags[name])
-            p.grad = saved[name]
         model.train(was_training)
     return grads[0], grads[1]
 
@@ -283,8 +273,7 @@ def compare(
         require_peft()
     if budget_seconds is not None and not (isinstance(budget_seconds, (int, float)) and budget_seconds > 0):
         raise UserError(f"budget_seconds: must be a number > 0, got {budget_seconds!r}")
-    if isinstance(probe_runs, bool) or not isinstance(probe_runs, int) or probe_runs < 1:
-        raise UserError(f"probe_runs: must be an integer >= 1, got {probe_runs!r}")
+    check_number("probe_runs", probe_runs, low=1, integer=True)
     from wagle.objectives import make_objective
 
     for objective in grid.objectives:  # unknown objective options fail now, not after hours

@@ -9,17 +9,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from wagle.errors import UserError
+from wagle.validation import check_number
 
 from .format import PromptFormat, encode_text, get_prompt_format, pad_batch
 from .loading import validate_dataset
 
 if TYPE_CHECKING:
     import datasets
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UserError(f"{name}: must be an integer >= {low}, got {value!r}")
 
 
 def encode_dataset(
@@ -39,7 +35,7 @@ def encode_dataset(
     ``answer_column`` names the column holding the target answer of QA rows (``"answer"``, or e.g.
     a refusal column for preference optimisation); it must hold non-empty strings.
     """
-    _check_int("max_length", max_length, 2)
+    check_number("max_length", max_length, low=2, integer=True)
     fmt = get_prompt_format(template)
     if not isinstance(answer_column, str) or not answer_column:
         raise UserError(f"answer_column: must be a column name, got {answer_column!r}")
@@ -112,8 +108,8 @@ def make_dataloader(
     ``shuffle=True`` the order is a function of ``seed`` only. The loader's ``prompt_format``
     attribute holds the :class:`~wagle.data.PromptFormat` used (``attribute`` records it in masks).
     """
-    _check_int("batch_size", batch_size, 1)
-    _check_int("max_length", max_length, 2)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("max_length", max_length, low=2, integer=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed: must be an integer, got {seed!r}")
     pad = pad_id_of(tokenizer)

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from wagle.errors import UserError
+from wagle.errors import UserError, first_line
 
 if TYPE_CHECKING:  # imported where used: `import wagle` stays light (datasets takes ~1 s to import)
     import datasets
@@ -32,11 +32,6 @@ SCHEMAS = ("auto", "qa", "text", "multiple_choice")
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 LIST_COLUMNS = ("perturbed_answer", "choices")
 OPTIONAL_TEXT_COLUMNS = ("paraphrased_answer",)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _from_records(records, *, role: str, path: str) -> datasets.Dataset:
@@ -52,7 +47,7 @@ def _from_records(records, *, role: str, path: str) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_list(records)
     except Exception as exc:  # pyarrow type errors (a column mixing strings and numbers, ...)
-        raise UserError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+        raise UserError(f"{role} data: could not read {path}: {first_line(exc)}") from None
 
 
 def _read_json_lines(lines: Iterable[str], *, role: str, path: str) -> list:
@@ -118,7 +113,7 @@ def _read_csv(path: str, *, role: str) -> datasets.Dataset:
     except pd.errors.EmptyDataError:
         raise UserError(f"{role} set is empty ({path})") from None
     except Exception as exc:
-        raise UserError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+        raise UserError(f"{role} data: could not read {path}: {first_line(exc)}") from None
     if frame.empty:
         raise UserError(f"{role} set is empty ({path})")
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
@@ -132,7 +127,7 @@ def _read_parquet(path: str, *, role: str) -> datasets.Dataset:
     try:
         table = pq.read_table(path)
     except Exception as exc:
-        raise UserError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+        raise UserError(f"{role} data: could not read {path}: {first_line(exc)}") from None
     return datasets.Dataset(InMemoryTable(table))
 
 
@@ -157,7 +152,7 @@ def _read_saved(path: str, *, role: str) -> datasets.Dataset:
     except Exception as exc:  # datasets fails on a saved data set with no rows (no shards)
         if _saved_without_shards(path):
             raise UserError(f"{role} set is empty ({path})") from None
-        raise UserError(f"{role} data: could not read {path}: {_first_line(exc)}") from None
+        raise UserError(f"{role} data: could not read {path}: {first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
             raise UserError(

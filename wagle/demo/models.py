@@ -12,9 +12,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from wagle.errors import UserError
-from wagle.models.finetune import _check_number, _torch_threads
+from wagle.models.finetune import _torch_threads
 from wagle.models.tiny import TinyRecipe, qa_corpus, train_tokenizer
 from wagle.synthetic.authors import RETAIN_OF, generate_benchmark
+from wagle.validation import check_number
 
 from .pool import PinnedPool
 
@@ -78,7 +79,7 @@ def build_demo_models(
     if forget_split not in RETAIN_OF:
         raise UserError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {forget_split!r}")
     if num_threads is not None:
-        _check_number("num_threads", num_threads, low=1, integer=True)
+        check_number("num_threads", num_threads, low=1, integer=True)
         if pool is not None:
             raise UserError("num_threads: not with a pool (the pool pins its own thread count)")
     recipe = recipe or (TinyRecipe.quick() if quick else TinyRecipe())

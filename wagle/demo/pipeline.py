@@ -184,16 +184,17 @@ def run(
     from wagle.comparison.runner import DEFAULT_FQ_LEVELS, DEFAULT_GAP_LEVELS, run_metrics
     from wagle.evaluation import format_privacy_table, format_table, plot_privacy, plot_tradeoff, write_json
     from wagle.mask_plot import plot_mask_densities
-    from wagle.models.finetune import _check_number, _torch_threads
+    from wagle.models.finetune import _torch_threads
+from wagle.validation import check_number
     from wagle.synthetic.authors import HOLDOUT_OF, RETAIN_OF, generate_holdout
 
     from .models import TinyRecipe, build_demo_models
 
     if config.forget_split not in RETAIN_OF:
         raise UserError(f"forget_split: expected one of {sorted(RETAIN_OF)}, got {config.forget_split!r}")
-    _check_number("num_threads", config.num_threads, low=1, integer=True)
+    check_number("num_threads", config.num_threads, low=1, integer=True)
     if config.workers is not None:
-        _check_number("workers", config.workers, low=1, integer=True)
+        check_number("workers", config.workers, low=1, integer=True)
     grid = Grid.make(
         objectives=(config.method,),
         methods=METHODS,

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from wagle.errors import UserError
-from wagle.models.finetune import _check_number, _torch_threads
+from wagle.models.finetune import _torch_threads
+from wagle.validation import check_number
 
 
 def default_workers(tasks: int) -> int:
@@ -55,8 +56,8 @@ class PinnedPool:
     ``workers == 1``, else in ``workers`` spawned processes. Results come back in task order."""
 
     def __init__(self, workers: int = 1, num_threads: int = 1):
-        _check_number("workers", workers, low=1, integer=True)
-        _check_number("num_threads", num_threads, low=1, integer=True)
+        check_number("workers", workers, low=1, integer=True)
+        check_number("num_threads", num_threads, low=1, integer=True)
         self.workers, self.num_threads = workers, num_threads
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         if workers > 1:

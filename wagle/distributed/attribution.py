@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from wagle.attribution.from_model import gradient_scope
 from wagle.errors import UserError
 from wagle.mask import WeightMask
 
@@ -192,23 +193,6 @@ def _take_local_grads(params: Mapping[str, torch.Tensor], to_host: bool) -> dict
     return grads
 
 
-@contextlib.contextmanager
-def _gradient_scope(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Only ``params`` require grad, ``.grad`` starts empty; flags and existing grads are restored."""
-    saved = {name: p.grad for name, p in model.named_parameters()}
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    wanted = {id(p) for p in params.values()}
-    try:
-        for _, p in model.named_parameters():
-            p.grad = None
-            p.requires_grad_(id(p) in wanted)
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-            p.grad = saved[name]
-
-
 def _gradients(
     model, forget, retain, params, device, comm, *, needs_retain, max_batches, offload, checkpointing
 ):
@@ -245,7 +229,7 @@ def attribute_fsdp(
     device = next(iter(local_params.values())).device
     grad_forget = grad_retain = None
     if needs_forget:
-        with _gradient_scope(model, params), summed_fsdp_gradients(model):
+        with gradient_scope(model, params), summed_fsdp_gradients(model):
             grad_forget, grad_retain = _gradients(
                 model,
                 forget,
@@ -320,7 +304,7 @@ def attribute_ddp(
     device = next(iter(params.values())).device
     ranges = {}
     if needs_forget:
-        with _gradient_scope(inner, params):
+        with gradient_scope(inner, params):
             grad_forget, grad_retain = _gradients(
                 inner,
                 forget,

@@ -36,18 +36,17 @@ import torch
 from wagle.attribution.from_gradients import (
     SUPPORTED_DTYPES,
     check_selection_options,
+    draw_seed,
     num_to_select,
+    score_spec,
+    selector_class,
 )
 from wagle.errors import UserError
-from wagle_kernels._runtime import require_triton, triton_supports
-from wagle_kernels.scores import inverse_gamma
+from wagle.validation import check_seed
 from wagle_kernels.select import (
     RADIX_DIGITS,
     ScoreSource,
-    ScoreSpec,
     Threshold,
-    TorchSelector,
-    TritonSelector,
     pick_bin,
 )
 
@@ -180,20 +179,14 @@ def select_segments(
     stats = ShardedSelectionStats()
 
     if entry.needs_seed:  # every rank must hash with the same seed
-        local = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
+        local = draw_seed() if seed is None else int(seed)
         seed = int(comm.broadcast(torch.tensor([local], dtype=torch.int64))[0])
     else:
         seed = 0
-    if not 0 <= seed < 2**32:
-        raise UserError(f"seed: must be an integer in [0, 2^32), got {seed!r}")
+    check_seed(seed)
 
-    if backend == "auto":
-        use_triton = device.type == "cuda" and triton_supports([torch.empty(0, device=device)])
-    else:
-        use_triton = backend == "triton"
-        if use_triton:
-            require_triton([torch.empty(0, device=device)], "select_segments(backend='triton')")
-    spec = ScoreSpec(method, inverse_gamma(gamma) if entry.needs_gamma else 1.0, seed)
+    selector_cls = selector_class(backend, device, "select_segments")
+    spec = score_spec(entry, gamma, seed)
 
     names = list(shapes)
     index = {name: i for i, name in enumerate(names)}
@@ -213,8 +206,7 @@ def select_segments(
             seg.grad_forget,
             seg.grad_retain,
         )
-        cls = TritonSelector if use_triton else TorchSelector
-        selectors[seg.name] = cls([source], spec, device=device)
+        selectors[seg.name] = selector_cls([source], spec, device=device)
     clock.lap("keys")
 
     # per parameter, summed over the ranks: elements covered by segments, non-finite scores

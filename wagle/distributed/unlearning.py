@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from wagle.errors import UserError
-from wagle.files import atomic_write_text, remove_stale_temporaries, replace_folder, temporary_folder
+from wagle.files import remove_stale_temporaries, replace_folder, temporary_folder
 from wagle.unlearning import checkpoint as one_device
 from wagle.unlearning.checkpoint import MANIFEST, CheckpointError, file_sha256, list_checkpoints
 from wagle.unlearning.loop import _Run
@@ -225,14 +225,7 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         if os.path.getsize(file) != info.get("bytes") or file_sha256(file) != info.get("sha256"):
             raise CheckpointError(f"checkpoint {path}: {name} is damaged (its size or sha256 differs)")
-    try:
-        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
-            state = json.load(handle)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise ValueError("no integer 'step'")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: trainer_state.json is unreadable ({exc})") from None
-    return state
+    return one_device.read_trainer_state(path)
 
 
 class ShardedCheckpoints:
@@ -322,19 +315,11 @@ class ShardedCheckpoints:
         if self.rank == 0:
             try:
                 torch.save(scheduler.state_dict() if scheduler else None, os.path.join(tmp, "scheduler.pt"))
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in objective_state.items()},
-                    os.path.join(tmp, "objective.safetensors"),
-                )
-                with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as handle:
-                    json.dump({**trainer_state, "step": step}, handle, indent=1)
+                one_device.write_run_state(tmp, objective_state, trainer_state, step)
                 with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as handle:
                     json.dump(_manifest(tmp, step, self.world), handle, indent=1)
                 replace_folder(tmp, final)
-                atomic_write_text(os.path.join(directory, one_device.LATEST), os.path.basename(final))
-                for old in list_checkpoints(directory)[keep:]:
-                    if os.path.abspath(old) != os.path.abspath(final):
-                        shutil.rmtree(old, ignore_errors=True)
+                one_device.publish_checkpoint(directory, final, keep)
                 error = None
             except Exception as exc:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from wagle.data.format import PromptFormat, get_prompt_format
 from wagle.errors import UserError
+from wagle.validation import check_number
 
 from . import metrics as _metrics
 from .metrics import (
@@ -268,6 +269,17 @@ def _reference_ratios(
         ) from error
 
 
+def _other_splits(name: str, names, splits: Mapping, forget_split: str) -> list[str]:
+    """``names`` (one name or several) as a list, checked to be splits other than the forget split."""
+    names = [names] if isinstance(names, str) else list(names)
+    missing = [s for s in names if s not in splits]
+    if missing:
+        raise UserError(f"{name}: {missing} not in splits {sorted(splits)}")
+    if forget_split in names:
+        raise UserError(f"{name}: contains the forget split {forget_split!r}")
+    return names
+
+
 def evaluate(
     model,
     tokenizer,
@@ -312,25 +324,11 @@ def evaluate(
         raise UserError("splits: expected a non-empty mapping of split name -> dataset")
     if forget_split not in splits:
         raise UserError(f"forget_split: no forget split {forget_split!r} in splits {sorted(splits)}")
-    if isinstance(utility_splits, str):
-        utility_splits = (utility_splits,)
-    utility_splits = list(utility_splits)
-    missing = [s for s in utility_splits if s not in splits]
-    if missing:
-        raise UserError(f"utility_splits: {missing} not in splits {sorted(splits)}")
-    if forget_split in utility_splits:
-        raise UserError(f"utility_splits: contains the forget split {forget_split!r}")
-    option_splits = [option_splits] if isinstance(option_splits, str) else list(option_splits)
-    missing = [s for s in option_splits if s not in splits]
-    if missing:
-        raise UserError(f"option_splits: {missing} not in splits {sorted(splits)}")
-    if forget_split in option_splits:
-        raise UserError(f"option_splits: contains the forget split {forget_split!r}")
-    _metrics._check_batch_size(batch_size)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
-    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-        raise UserError(f"max_examples: must be None or an int >= 1, got {max_examples!r}")
+    utility_splits = _other_splits("utility_splits", utility_splits, splits, forget_split)
+    option_splits = _other_splits("option_splits", option_splits, splits, forget_split)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
+    check_number("max_examples", max_examples, low=1, integer=True, optional=True)
     fmt = get_prompt_format(template)
     holdout_rows = (
         None if holdout is None else rows_of(holdout, "holdout", ("question", "answer"))[:max_examples]

@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
 from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad_batch
 from wagle.errors import UserError
+from wagle.logprobs import label_logprobs, row_sums
 from wagle.positions import check_examples, check_sequence_length
+from wagle.validation import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,25 @@ def _input_device(model) -> torch.device:
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         return embeddings.weight.device
     return next(model.parameters()).device
+
+
+def batched_logits(
+    model, encoded: Sequence[Mapping[str, list[int]]], pad_id: int, batch_size: int
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
+    """``(indices, padded batch, logits)`` for ``encoded`` in length order, ``batch_size`` examples a
+    forward pass (inputs on the input embeddings' device, no KV cache). Callers set the eval mode and
+    no-grad."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    device = _input_device(model)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = pad_batch([encoded[i] for i in index], pad_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        ).logits
+        yield index, batch, logits
 
 
 @contextlib.contextmanager
@@ -73,11 +93,6 @@ def _str_list(values, name: str) -> list[str]:
     return out
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size: must be an int >= 1, got {batch_size!r}")
-
-
 def rows_of(dataset, name: str = "dataset", columns: Sequence[str] = TOFU_COLUMNS) -> list[dict[str, Any]]:
     """Rows of a ``datasets.Dataset`` (or a sequence of dicts), checking it is non-empty with ``columns``."""
     column_names = getattr(dataset, "column_names", None)
@@ -102,6 +117,22 @@ def _perturbed_of(row: Mapping[str, Any], index: int, name: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- likelihoods
+def encode_answers(
+    tokenizer, questions, answers, max_length: int, template: str | PromptFormat | None
+) -> list[dict[str, list[int]]]:
+    """Each (question, answer) encoded in prompt format ``template`` (answer tokens labelled, the
+    prompt -100), after checking both are lists of str of one length and every answer has a token."""
+    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
+    if len(questions) != len(answers):
+        raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
+    fmt = get_prompt_format(template)
+    encoded = [fmt.encode(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
+    for i, example in enumerate(encoded):
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
+    return encoded
+
+
 @torch.no_grad()
 def answer_nll(
     model,
@@ -122,38 +153,17 @@ def answer_nll(
     fp32 and bf16 models work on any device. Examples are batched in length order to limit padding;
     the result is independent of batching. Returns a float32 CPU tensor of shape ``(len(questions),)``.
     """
-    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
-    if len(questions) != len(answers):
-        raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
-    _check_batch_size(batch_size)
-    out = torch.zeros(len(questions), dtype=torch.float32)
-    if not questions:
+    encoded = encode_answers(tokenizer, questions, answers, max_length, template)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    out = torch.zeros(len(encoded), dtype=torch.float32)
+    if not encoded:
         return out
     pad_id = pad_id_of(tokenizer)
-    fmt = get_prompt_format(template)
-    encoded = [fmt.encode(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
-    for i, example in enumerate(encoded):
-        if all(label == IGNORE_INDEX for label in example["labels"]):
-            raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
     check_examples(model, encoded, role="evaluation")
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    device = _input_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = pad_batch([encoded[i] for i in index], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).logits
-            targets = batch["labels"][:, 1:].to(logits.device)
-            valid = targets != IGNORE_INDEX
-            # Only answer positions are upcast: (n_answer_tokens, vocab) instead of the whole batch.
-            token_nll = F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")
-            row_of = torch.arange(len(index), device=logits.device).unsqueeze(1).expand_as(valid)[valid]
-            sums = torch.zeros(len(index), dtype=torch.float32, device=logits.device)
-            sums.index_add_(0, row_of, token_nll)
+        for index, batch, logits in batched_logits(model, encoded, pad_id, batch_size):
+            logp, valid = label_logprobs(logits, batch["labels"], dtype=torch.float32)
+            sums = row_sums(-logp, valid, dtype=torch.float32)
             out[torch.tensor(index)] = (sums / valid.sum(1).float()).cpu()
     return out
 
@@ -279,9 +289,8 @@ def greedy_answers(
     skipped, whitespace stripped. The model's train/eval modes are restored.
     """
     questions = _str_list(questions, "questions")
-    _check_batch_size(batch_size)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise UserError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
     if not questions:
         return []
     pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id

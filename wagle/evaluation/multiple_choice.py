@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
-from wagle.data.format import IGNORE_INDEX, pad_batch
+from wagle.data.format import IGNORE_INDEX
 from wagle.data.multiple_choice import LETTERS, answer_index, validate_multiple_choice
 from wagle.errors import UserError
+from wagle.logprobs import label_logprobs, row_sums
+from wagle.validation import check_number
 
-from .metrics import _check_batch_size, _input_device, eval_mode, rows_of
+from .metrics import batched_logits, eval_mode, rows_of
 
 SCORINGS = ("letter", "choice")
 
@@ -76,7 +77,7 @@ def choice_loglikelihoods(
     """``sum_t log p(c_t | context, c_<t)`` of every choice's continuation, per row (float64)."""
     if scoring not in SCORINGS:
         raise UserError(f"scoring: expected one of {list(SCORINGS)}, got {scoring!r}")
-    _check_batch_size(batch_size)
+    check_number("batch_size", batch_size, low=1, integer=True)
     encoded, owner = [], []
     for i, row in enumerate(rows):
         context = choice_context(row["question"], row["choices"], scoring)
@@ -84,25 +85,11 @@ def choice_loglikelihoods(
             encoded.append(_encode_pair(tokenizer, context, continuation, add_bos, max_length))
             owner.append(i)
     pad_id = pad_id_of(tokenizer)
-    order = sorted(range(len(encoded)), key=lambda j: len(encoded[j]["input_ids"]))
     sums = torch.zeros(len(encoded), dtype=torch.float64)
-    device = _input_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = pad_batch([encoded[j] for j in index], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).logits
-            targets = batch["labels"][:, 1:].to(logits.device)
-            valid = targets != IGNORE_INDEX
-            logp = -F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")
-            row_of = torch.arange(len(index), device=logits.device).unsqueeze(1).expand_as(valid)[valid]
-            per = torch.zeros(len(index), dtype=torch.float64, device=logits.device)
-            per.index_add_(0, row_of, logp.double())
-            sums[torch.tensor(index)] = per.cpu()
+        for index, batch, logits in batched_logits(model, encoded, pad_id, batch_size):
+            logp, valid = label_logprobs(logits, batch["labels"], dtype=torch.float32)
+            sums[torch.tensor(index)] = row_sums(logp, valid, dtype=torch.float64).cpu()
     out: list[list[float]] = [[] for _ in rows]
     for j, i in enumerate(owner):
         out[i].append(float(sums[j]))

@@ -37,13 +37,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wagle.data.batching import pad_id_of
-from wagle.data.format import IGNORE_INDEX, PromptFormat, get_prompt_format, pad_batch
+from wagle.data.format import IGNORE_INDEX, PromptFormat
 from wagle.errors import UserError
+from wagle.logprobs import label_log_softmax, label_logprobs, shifted_targets
+from wagle.validation import check_number
 
-from .metrics import _check_batch_size, _input_device, _str_list, eval_mode
+from .metrics import _input_device, batched_logits, encode_answers, eval_mode
 
 MIN_K = 0.4
 SIGMA_FLOOR = 1e-6
@@ -61,15 +62,6 @@ class TokenStats:
     text: str
 
 
-def _encode_all(tokenizer, questions, answers, max_length, template) -> list[dict[str, list[int]]]:
-    fmt = get_prompt_format(template)
-    encoded = [fmt.encode(tokenizer, q, a, max_length) for q, a in zip(questions, answers, strict=True)]
-    for i, example in enumerate(encoded):
-        if all(label == IGNORE_INDEX for label in example["labels"]):
-            raise UserError(f"answers[{i}]: encodes to no answer token (empty answer and no eos token)")
-    return encoded
-
-
 @torch.no_grad()
 def token_statistics(
     model,
@@ -83,29 +75,14 @@ def token_statistics(
 ) -> list[TokenStats]:
     """Per-token log-probabilities, argmax agreement and vocabulary moments of each answer (one
     forward pass per length-sorted batch; log-softmax and moments in float64, one example at a time)."""
-    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
-    if len(questions) != len(answers):
-        raise UserError(f"questions/answers: lengths differ ({len(questions)} vs {len(answers)})")
-    _check_batch_size(batch_size)
-    encoded = _encode_all(tokenizer, questions, answers, max_length, template)
+    encoded = encode_answers(tokenizer, questions, answers, max_length, template)
+    check_number("batch_size", batch_size, low=1, integer=True)
     pad_id = pad_id_of(tokenizer)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     out: list[TokenStats | None] = [None] * len(encoded)
-    device = _input_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = pad_batch([encoded[i] for i in index], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).logits
-            targets = batch["labels"][:, 1:].to(logits.device)
+        for index, batch, logits in batched_logits(model, encoded, pad_id, batch_size):
             for row, i in enumerate(index):
-                valid = targets[row] != IGNORE_INDEX
-                y = targets[row][valid]
-                logp = F.log_softmax(logits[row, :-1][valid].double(), dim=-1)
+                logp, y, _ = label_log_softmax(logits[row], batch["labels"][row], dtype=torch.float64)
                 p = logp.exp()
                 mu = (p * logp).sum(-1)
                 var = (p * logp.square()).sum(-1) - mu.square()
@@ -195,8 +172,7 @@ def gradnorm_scores(
     and the modes are restored."""
     if p not in (1, 2, 1.0, 2.0, math.inf):
         raise UserError(f"p: expected 1, 2 or inf, got {p!r}")
-    questions, answers = _str_list(questions, "questions"), _str_list(answers, "answers")
-    encoded = _encode_all(tokenizer, questions, answers, max_length, template)
+    encoded = encode_answers(tokenizer, questions, answers, max_length, template)
     params = [q for q in model.parameters() if q.requires_grad]
     if not params:
         raise UserError("model: has no parameter that requires a gradient (gradnorm needs gradients)")
@@ -209,12 +185,13 @@ def gradnorm_scores(
                 for q in params:
                     q.grad = None
                 ids = torch.tensor([example["input_ids"]], device=device)
-                labels = torch.tensor(example["labels"][1:], device=device)
-                logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-                valid = (labels != IGNORE_INDEX).nonzero().squeeze(1)[:-1]
-                if valid.numel() == 0:
+                logits = model(input_ids=ids, use_cache=False).logits[0]
+                labels = torch.tensor(example["labels"], device=logits.device)
+                answer = shifted_targets(logits, labels)[1].nonzero().squeeze(1)
+                if answer.numel() < 2:
                     raise UserError("answers: gradnorm needs at least one answer token besides EOS")
-                logp = F.log_softmax(logits[valid].float(), dim=-1).gather(1, labels[valid][:, None])
+                labels[1 + answer[-1]] = IGNORE_INDEX  # EOS dropped
+                logp, _ = label_logprobs(logits, labels, dtype=torch.float32)
                 (-logp.mean()).backward()
                 norms = [q.grad.detach().double().norm(p=p) for q in params if q.grad is not None]
                 scores.append(float(torch.stack(norms).mean()))

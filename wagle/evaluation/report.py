@@ -20,6 +20,19 @@ from .evaluate import EvaluationResult
 SPLIT_COLUMNS = (("ROUGE-L", "rouge_l"), ("prob", "probability"), ("TR", "truth_ratio_stat"))
 
 
+def text_table(rows: list[list[str]], left: int = 1) -> str:
+    """Rows of cells (the first is the header) as aligned plain text: the first ``left`` columns
+    left-aligned, the others right-aligned, a dashed rule under the header, no trailing spaces."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -54,14 +67,7 @@ def format_table(results: Mapping[str, EvaluationResult]) -> str:
             metrics = result.splits.get(name)
             row += [_fmt(getattr(metrics, attr)) if metrics else "-" for _, attr in SPLIT_COLUMNS]
         rows.append(row)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+    return text_table([header, *rows])
 
 
 def _json_safe(obj: Any) -> Any:
@@ -187,14 +193,7 @@ def format_privacy_table(results: Mapping[str, EvaluationResult]) -> str:
         [str(label)] + [_fmt(value(p, key), 1 if key == "privleak" else 3) for _, key in columns]
         for label, p in rows_in.items()
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+    return text_table([header, *rows])
 
 
 def roc_curve(forget_scores, holdout_scores) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from wagle.errors import UserError
-from wagle.mask import WeightMask
+from wagle.mask import WeightMask, masked_trainable
 from wagle.optim import MaskedAdamW, MaskedOptimizer
 from wagle.optim.clipping import check_clip_mode, mask_gradients_
 
@@ -61,13 +61,8 @@ def masked_adamw_from_training_args(
     weight decay for every parameter); trains only parameters with selected weights. A Trainer with
     :class:`WagleTrainerMixin` keeps the Trainer's own decay groups instead."""
     mask.check_compatible(model)
-    named = [
-        (n, p) for n, p in model.named_parameters() if p.requires_grad and n in mask and mask.selected(n) > 0
-    ]
-    if not named:
-        raise UserError("mask: selects no weight of a trainable parameter")
     return MaskedAdamW(
-        named,
+        masked_trainable(model.named_parameters(), mask),
         mask,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from typing import TYPE_CHECKING
 
@@ -15,19 +14,12 @@ from transformers import PreTrainedTokenizerBase
 
 from wagle.data.batching import make_dataloader
 from wagle.errors import UserError
+from wagle.validation import check_number
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
-
-
-def _check_number(name: str, value, *, low: float, integer: bool = False, open_low: bool = False) -> None:
-    kind = int if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
-    if bad or value < low or (open_low and value == low):
-        what = "an integer" if integer else "a number"
-        raise UserError(f"{name}: must be {what} {'>' if open_low else '>='} {low}, got {value!r}")
 
 
 @contextlib.contextmanager
@@ -78,16 +70,16 @@ def finetune(
     the losses are means over the batches of the last and the first epoch. The model is left in
     eval mode.
     """
-    _check_number("epochs", epochs, low=1, integer=True)
-    _check_number("lr", lr, low=0.0, open_low=True)
-    _check_number("batch_size", batch_size, low=1, integer=True)
-    _check_number("max_length", max_length, low=2, integer=True)
-    _check_number("weight_decay", weight_decay, low=0.0)
-    _check_number("warmup_ratio", warmup_ratio, low=0.0)
+    check_number("epochs", epochs, low=1, integer=True)
+    check_number("lr", lr, low=0.0, open_low=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("max_length", max_length, low=2, integer=True)
+    check_number("weight_decay", weight_decay, low=0.0)
+    check_number("warmup_ratio", warmup_ratio, low=0.0)
     if warmup_ratio >= 1.0:
         raise UserError(f"warmup_ratio: must be in [0, 1), got {warmup_ratio!r}")
     if max_grad_norm is not None:
-        _check_number("max_grad_norm", max_grad_norm, low=0.0, open_low=True)
+        check_number("max_grad_norm", max_grad_norm, low=0.0, open_low=True)
     loader = make_dataloader(
         dataset, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=True, seed=seed
     )

@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from wagle.errors import UserError
+from wagle.errors import UserError, first_line
 from wagle.files import replace_folder, temporary_folder
 
 logger = logging.getLogger(__name__)
@@ -23,11 +23,6 @@ def _dtype_keyword() -> str:
     """``from_pretrained`` takes ``dtype=`` from transformers 4.56 on, ``torch_dtype=`` before."""
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 # Files from which AutoTokenizer can build a tokenizer (any one is enough); used for error messages only.
@@ -56,7 +51,7 @@ def _check_causal_config(path: str) -> None:
         with open(config_path, encoding="utf-8") as handle:
             raw = json.load(handle)
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"model: {config_path} is not valid JSON: {_first_line(exc)}") from None
+        raise UserError(f"model: {config_path} is not valid JSON: {first_line(exc)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"model: {config_path} does not hold a JSON object")
     architectures = raw.get("architectures") or []
@@ -68,7 +63,7 @@ def _check_causal_config(path: str) -> None:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"model: {path}: unusable config.json: {_first_line(exc)}") from None
+        raise UserError(f"model: {path}: unusable config.json: {first_line(exc)}") from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -103,7 +98,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"model: could not load a causal LM from {path}: {_first_line(exc)}") from None
+        raise UserError(f"model: could not load a causal LM from {path}: {first_line(exc)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
@@ -111,7 +106,7 @@ def load_model(
         # slow-tokenizer fallback, without protobuf) or ValueError, depending on the transformers
         # version (4.45 / 4.51 / 4.57 / 5.x differ).
         hint = "" if _has_tokenizer_files(path) else " (the folder has no tokenizer files)"
-        raise UserError(f"model: {path} has no usable tokenizer{hint}: {_first_line(exc)}") from None
+        raise UserError(f"model: {path} has no usable tokenizer{hint}: {first_line(exc)}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             logger.warning("tokenizer of %s has neither a pad nor an eos token", path)

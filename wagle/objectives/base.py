@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from wagle.data.format import IGNORE_INDEX
 from wagle.errors import UserError
+from wagle.logprobs import label_logprobs
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -27,11 +27,10 @@ def sequence_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor
 
     logp = sum_t log softmax(logits_{t-1})[y_t] over t with labels_t != -100 (logits in fp32).
     """
-    logits = model(**_model_inputs(batch)).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    valid = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * valid).sum(dim=1), valid.sum(dim=1)
+    logits = model(**_model_inputs(batch)).logits
+    logp, valid = label_logprobs(logits, batch["labels"], dtype=torch.float32)
+    per_token = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
+    return per_token.sum(dim=1), valid.sum(dim=1)
 
 
 def mean_nll(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wagle.errors import UserError
+from wagle.validation import check_number
 
 from .base import Objective, mean_nll
 
@@ -24,8 +24,7 @@ class GradDiff(Objective):
     name = "grad_diff"
 
     def __init__(self, retain_weight: float = 1.0):
-        if retain_weight < 0:
-            raise UserError(f"retain_weight: must be >= 0, got {retain_weight}")
+        check_number("retain_weight", retain_weight, low=0)
         self.retain_weight = retain_weight
 
     def loss(self, model, forget, retain):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from wagle.errors import UserError
+from wagle.validation import check_number
 
 from .base import Objective, sequence_logprob
 
@@ -24,10 +25,8 @@ class NPO(Objective):
     name = "npo"
 
     def __init__(self, beta: float = 0.1, retain_weight: float = 1.0):
-        if beta <= 0:
-            raise UserError(f"beta: must be > 0, got {beta}")
-        if retain_weight < 0:
-            raise UserError(f"retain_weight: must be >= 0, got {retain_weight}")
+        check_number("beta", beta, low=0, open_low=True)
+        check_number("retain_weight", retain_weight, low=0)
         self.beta = beta
         self.retain_weight = retain_weight
         self.reference_logprob: torch.Tensor | None = None  # indexed by example_index
@@ -86,8 +85,7 @@ class SimNPO(Objective):
     name = "simnpo"
 
     def __init__(self, beta: float = 4.5, delta: float = 0.0, retain_weight: float = 1.0):
-        if beta <= 0:
-            raise UserError(f"beta: must be > 0, got {beta}")
+        check_number("beta", beta, low=0, open_low=True)
         self.beta, self.delta, self.retain_weight = beta, delta, retain_weight
 
     def loss(self, model, forget, retain):

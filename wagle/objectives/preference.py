@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from wagle.errors import UserError
+from wagle.validation import check_number
 
 from .base import Objective, mean_nll
 
@@ -42,8 +43,7 @@ class PreferenceOptimization(Objective):
     forget_answer_column = REFUSAL_COLUMN
 
     def __init__(self, retain_weight: float = 1.0):
-        if retain_weight < 0:
-            raise UserError(f"retain_weight: must be >= 0, got {retain_weight}")
+        check_number("retain_weight", retain_weight, low=0)
         self.retain_weight = retain_weight
 
     def forget_rows(self, dataset, seed: int) -> list[dict]:

@@ -35,6 +35,7 @@ import math
 import torch
 
 from wagle.errors import UserError
+from wagle.validation import check_number
 
 from .masked import MaskedOptimizer
 
@@ -86,12 +87,7 @@ class StepInBackward:
             raise TypeError(
                 f"optimizer: expected a wagle MaskedAdamW/MaskedSGD, got {type(optimizer).__name__}"
             )
-        if (
-            isinstance(accumulation_steps, bool)
-            or not isinstance(accumulation_steps, int)
-            or accumulation_steps < 1
-        ):
-            raise UserError(f"accumulation_steps: must be an integer >= 1, got {accumulation_steps!r}")
+        check_number("accumulation_steps", accumulation_steps, low=1, integer=True)
         if clip_norm_per_param is not None and not (
             clip_norm_per_param > 0 and math.isfinite(clip_norm_per_param)
         ):

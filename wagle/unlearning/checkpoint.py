@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from wagle.errors import UserError
 from wagle.files import atomic_write_text, remove_stale_temporaries, replace_folder, temporary_folder
+from wagle.validation import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` (>= 1) checkpoints.
 
     Refuses (ValueError) to write weights that are not finite."""
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise UserError(f"keep: must be an integer >= 1, got {keep!r}")
+    check_number("keep", keep, low=1, integer=True)
     os.makedirs(directory, exist_ok=True)
     tensors = _model_tensors(model)
     bad = next((name for name, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
@@ -99,12 +99,7 @@ def save_checkpoint(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
             os.path.join(tmp, "optimizer.pt"),
         )
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in objective_state.items()},
-            os.path.join(tmp, "objective.safetensors"),
-        )
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as handle:
-            json.dump({**trainer_state, "step": step}, handle, indent=1)
+        write_run_state(tmp, objective_state, trainer_state, step)
         files = {}
         for name in FILES:
             file = os.path.join(tmp, name)
@@ -115,11 +110,27 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_checkpoint(directory, final, keep)
+    return final
+
+
+def write_run_state(folder: str, objective_state, trainer_state: dict[str, Any], step: int) -> None:
+    """Write ``objective.safetensors`` (the objective's tensors, on CPU) and ``trainer_state.json``
+    (``trainer_state`` with ``step``) into a checkpoint folder being built."""
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in objective_state.items()},
+        os.path.join(folder, "objective.safetensors"),
+    )
+    with open(os.path.join(folder, "trainer_state.json"), "w", encoding="utf-8") as handle:
+        json.dump({**trainer_state, "step": step}, handle, indent=1)
+
+
+def publish_checkpoint(directory: str, final: str, keep: int) -> None:
+    """Point ``LATEST`` at the finished checkpoint ``final`` and delete all but the newest ``keep``."""
     atomic_write_text(os.path.join(directory, LATEST), os.path.basename(final))
     for old in list_checkpoints(directory)[keep:]:
         if os.path.abspath(old) != os.path.abspath(final):
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def verify_checkpoint(path: str) -> dict[str, Any]:
@@ -147,6 +158,11 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
             raise CheckpointError(f"{where} ({os.path.getsize(file)} bytes, {MANIFEST} says {size})")
         if file_sha256(file) != sha:
             raise CheckpointError(f"{where} (its sha256 differs from {MANIFEST})")
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: str) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path``: a dict with an integer ``step``."""
     try:
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
             state = json.load(handle)

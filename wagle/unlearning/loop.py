@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from wagle.data.batching import collate_examples, pad_id_of
 from wagle.errors import UserError
 from wagle.files import remove_stale_temporaries
-from wagle.mask import WeightMask
+from wagle.mask import WeightMask, masked_trainable
 from wagle.objectives import Objective, make_objective
 from wagle.positions import check_examples
+from wagle.validation import check_number
 
 from . import checkpoint as _checkpoints
 from .examples import encode_examples, micro_batch_indices, ordered_batches
@@ -63,19 +64,6 @@ class UnlearnResult:
 
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-
-
-def _check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if (
-        isinstance(value, bool)
-        or not ok
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        kind = "an integer" if integer else "a number"
-        raise UserError(f"{name}: must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def linear_schedule(warmup_steps: int, total_steps: int):
@@ -125,14 +113,14 @@ def _check_options(
     clip_mode,
     step_in_backward,
 ) -> None:
-    _check_positive("steps", steps, integer=True)
-    _check_positive("lr", lr)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_positive("grad_accum", grad_accum, integer=True)
-    _check_positive("max_length", max_length, integer=True)
-    _check_positive("weight_decay", weight_decay, allow_zero=True)
-    _check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
-    _check_positive("checkpoint_every", checkpoint_every, integer=True, allow_zero=True)
+    check_number("steps", steps, low=0, integer=True, open_low=True)
+    check_number("lr", lr, low=0, open_low=True)
+    check_number("batch_size", batch_size, low=0, integer=True, open_low=True)
+    check_number("grad_accum", grad_accum, low=0, integer=True, open_low=True)
+    check_number("max_length", max_length, low=0, integer=True, open_low=True)
+    check_number("weight_decay", weight_decay, low=0)
+    check_number("max_grad_norm", max_grad_norm, low=0)
+    check_number("checkpoint_every", checkpoint_every, low=0, integer=True)
     from wagle.optim.clipping import check_clip_mode
 
     check_clip_mode(clip_mode)
@@ -149,20 +137,13 @@ def _trainable(model: torch.nn.Module, mask: WeightMask | None, keep_unselected:
 
     With a mask only parameters with selected weights need gradients, unless ``keep_unselected``
     (``clip_mode="clip_then_mask"``: fully unselected tensors keep gradients so that they enter the norm)."""
-    named = list(model.named_parameters())
     if mask is not None:
-        trainable = [
-            (n, p)
-            for n, p in named
-            if n in mask and (mask.selected(n) > 0 or keep_unselected) and p.requires_grad
-        ]
-        optimizer_mask, unmasked = mask, "freeze"
-    else:
-        trainable = [(n, p) for n, p in named if p.requires_grad]
-        optimizer_mask, unmasked = WeightMask({}), "dense"
-    if not any(mask is None or mask.selected(n) > 0 for n, _ in trainable):
-        raise UserError("mask: selects no weight of a trainable parameter; nothing to unlearn")
-    return trainable, optimizer_mask, unmasked
+        trainable = masked_trainable(model.named_parameters(), mask, keep_unselected=keep_unselected)
+        return trainable, mask, "freeze"
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise UserError("model: has no parameter with requires_grad=True; nothing to unlearn")
+    return trainable, WeightMask({}), "dense"
 
 
 def _default_optimizer(params, mask, *, lr, betas, weight_decay, state_layout, state_dtype, unmasked):
