@@ -185,8 +185,8 @@ def run(
     from wagle.evaluation import format_privacy_table, format_table, plot_privacy, plot_tradeoff, write_json
     from wagle.mask_plot import plot_mask_densities
     from wagle.models.finetune import _torch_threads
-from wagle.validation import check_number
     from wagle.synthetic.authors import HOLDOUT_OF, RETAIN_OF, generate_holdout
+    from wagle.validation import check_number
 
     from .models import TinyRecipe, build_demo_models
 
