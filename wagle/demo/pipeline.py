@@ -88,9 +88,7 @@ class _Models:
     states: dict
 
     def get(self, name: str) -> torch.nn.Module:
-        from .models import _tiny_llama
-
-        model = _tiny_llama(self.recipe, self.tokenizer, self.seed)
+        model = self.recipe.model(self.tokenizer, self.seed)
         model.load_state_dict(self.states[name])
         return model.to(self.device).eval()
 
