@@ -340,9 +340,16 @@ def unlearn_checks(out, rank, world):
             )
             results[f"unlearn_{key}"] = all(torch.equal(params[n], want[n]) for n in want)
             results[f"unlearn_{key}_max_diff"] = _max_diff(params, {n: p.detach() for n, p in want.items()})
-            results[f"unlearn_{key}_history"] = [
-                {k: v for k, v in r.items() if k != "grad_norm"} for r in got.history
-            ] == [{k: v for k, v in r.items() if k != "grad_norm"} for r in ref.history]
+            strip = [{k: v for k, v in r.items() if k != "grad_norm"} for r in got.history]
+            want_history = [{k: v for k, v in r.items() if k != "grad_norm"} for r in ref.history]
+            if kw["grad_accum"] > world:  # summed in another order: within tolerance, like the weights
+                results[f"unlearn_{key}_history"] = len(strip) == len(want_history) and all(
+                    a.keys() == b.keys()
+                    and all(a[k] == b[k] or abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])) for k in a)
+                    for a, b in zip(strip, want_history, strict=True)
+                )
+            else:
+                results[f"unlearn_{key}_history"] = strip == want_history
 
     # resume: 4 steps with a checkpoint at 2; drop the one of step 4 and resume a fresh model from 2
     folder = os.path.join(out, "unlearn_ckpt")
