@@ -92,7 +92,7 @@ stage_tests() {
 
 bench_suite() {  # bench_suite STAGE SHAPES RATIOS JSON -k EXPR: the pytest-benchmark suite
   local name="$1" shapes="$2" ratios="$3" json="$4"; shift 4
-  WAGLE_BENCH_SHAPES="$shapes" WAGLE_BENCH_RATIOS="$ratios" run_stage "$name" "$PY" -m pytest -q \
+  PYTEST_XDIST_WORKER= WAGLE_BENCH_SHAPES="$shapes" WAGLE_BENCH_RATIOS="$ratios" run_stage "$name" "$PY" -m pytest -q -p no:xdist \
     -p no:cacheprovider benchmarks/test_kernels_bench.py --benchmark-only --benchmark-json "$json" "$@"
 }
 
@@ -112,7 +112,7 @@ stage_optimizer() {
 stage_kernels() {  # the pytest-benchmark suite: kernels vs torch path vs reference, bytes model attached
   local shapes=llama2-7b-layer
   [ "$SMOKE" = 1 ] && shapes=llama2-tiny
-  WAGLE_BENCH_SHAPES="$shapes" run_stage kernels "$PY" -m pytest -q -p no:cacheprovider benchmarks \
+  PYTEST_XDIST_WORKER= WAGLE_BENCH_SHAPES="$shapes" run_stage kernels "$PY" -m pytest -q -p no:xdist -p no:cacheprovider benchmarks \
     --benchmark-only --benchmark-json "$OUT_DIR/kernels-$shapes.json"
 }
 
