@@ -82,10 +82,9 @@ def _train_one(recipe: StudyRecipe, name: str, tokenizer_dir: str, out_dir: str,
     from transformers import PreTrainedTokenizerFast
 
     from wagle.data.study_benchmark import generate_study_benchmark
+    from wagle.models.finetune import _torch_threads
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
+    with _torch_threads(TRAIN_THREADS):
         cpu = time.process_time()
         benchmark = generate_study_benchmark(recipe.num_authors, recipe.forget_authors, recipe.seed)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
@@ -100,8 +99,6 @@ def _train_one(recipe: StudyRecipe, name: str, tokenizer_dir: str, out_dir: str,
         stats["cpu_seconds"] = time.process_time() - cpu
         stats["threads"] = torch.get_num_threads()
         return stats
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _children_cpu() -> float:
