@@ -90,6 +90,10 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
     }
+    from wagle.host import host_description
+
+    cpu = host_description("cpu")
+    info["cpu_model"], info["cpu_capability"] = cpu["cpu"], cpu["capability"]
     try:
         import triton
 

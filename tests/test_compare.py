@@ -32,6 +32,7 @@ from wagle.comparison import (
 )
 from wagle.comparison.lora import add_lora
 from wagle.comparison.results import model_digest
+from wagle.host import host_description
 
 # ------------------------------------------------------------------------------ pure logic, by hand
 
@@ -303,6 +304,13 @@ def test_compare_end_to_end_and_resume(demo, tmp_path, monkeypatch):
         _study(demo, out, settings={"clip_mode": "clip_then_mask"})
     with pytest.raises(ValueError, match="clip_mode"):
         _study(demo, tmp_path / "other", settings={"clip_mode": "clip_first"})
+    # and a machine whose CPU dispatches to another instruction set (other low bits in every sum)
+    assert lines[0]["study"]["host"] == host_description("cpu") == saved["study"]["host"]
+    import wagle.comparison.runner as runner
+
+    monkeypatch.setattr(runner, "host_description", lambda device: {"device": "cpu", "capability": "AVX2"})
+    with pytest.raises(ValueError, match="another study.*host"):
+        _study(demo, out)
 
 
 def test_budget_trims_the_grid(demo, tmp_path):

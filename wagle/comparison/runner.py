@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wagle.errors import UserError
+from wagle.host import host_description
 from wagle.mask import WeightMask
 from wagle.validation import check_gamma, check_number
 
@@ -299,6 +300,8 @@ def compare(
             eval_splits["general"] = data["general"][:limit]
         study = _study_description(target, gold, tokenizer, data, grid, settings)
         study["settings"]["num_threads"] = threads
+        # the instruction set orders CPU sums as the thread count does: a study resumes on the same kind
+        study["host"] = host_description(next(target.parameters()).device)
         os.makedirs(out_dir, exist_ok=True)
         results = ResultsFile(os.path.join(out_dir, RESULTS_NAME), study)
         eval_kw = {

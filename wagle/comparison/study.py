@@ -27,6 +27,7 @@ import torch
 
 from wagle.errors import UserError
 from wagle.files import atomic_write_text, replace_folder, temporary_folder
+from wagle.host import host_description
 from wagle.models.tiny import TinyRecipe, qa_corpus
 
 from .results import data_digest, model_digest, tokenizer_digest
@@ -234,6 +235,7 @@ def build_study_models(
             "workers": workers,
             "torch": torch.__version__,
             "num_threads": TRAIN_THREADS,
+            "host": host_description("cpu"),
         }
         atomic_write_text(
             os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True) + "\n"

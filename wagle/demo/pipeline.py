@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from wagle.errors import UserError
+from wagle.host import host_description
 
 from .pool import PinnedPool, cpu_seconds, default_workers
 
@@ -321,6 +322,7 @@ def run(
     report = {
         "config": asdict(config),
         "device": str(device),
+        "host": host_description(device),
         "torch_threads": config.num_threads,
         "workers": workers,
         "table": comparison["table"],
